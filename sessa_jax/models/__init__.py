@@ -1,0 +1,1 @@
+"""sessa_jax.models."""

@@ -1,0 +1,146 @@
+"""ModelConfig: the one description of a model that every module is built from."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+MIXERS = ("sessa", "attention", "mamba2")
+BLOCKS = ("gated", "prenorm_mlp")
+GAMMA_FORMS = ("tanh_bias", "tanh")
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyperparameters of a language model and of each of its blocks.
+
+  Attributes:
+    mixer: sequence mixer inside every block: one of `MIXERS`.
+    block: `gated` (the Sessa paper's macro-block, DESIGN §2) or `prenorm_mlp`
+      (pre-norm mixer sublayer followed by a pre-norm MLP sublayer).
+    vocab_size: number of token ids.
+    d_model: residual width D.
+    n_layers: number of blocks.
+    n_heads: query heads H of the attention branch.
+    n_kv_heads: key/value heads (GQA); None means `n_heads`.
+    mlp_ratio: hidden width of the MLP sublayer as a multiple of D (prenorm_mlp).
+    tie_embeddings: share the token embedding with the output head.
+    rope_base: RoPE base frequency.
+    gamma_max: upper bound of Sessa's feedback gain, in (0, 1).
+    gamma_form: `tanh_bias` (gamma_max * tanh(bias + a.w), the official code)
+      or `tanh` (plain tanh(a.w), the paper's text).
+    feedback: False drops Sessa's feedback branch (the paper's ablation).
+    feedback_dim: width of the feedback query/key; None means D (official).
+    feedback_impl: implementation of the feedback solve (see
+      `sessa_jax.kernels.feedback_solve`).
+    feedback_chunk: chunk size of the blocked feedback solve.
+    attention_impl: `auto`, `xla` or `cudnn` for `jax.nn.dot_product_attention`.
+    ssm_expand: Mamba-2 inner width as a multiple of D.
+    ssm_head_dim: Mamba-2 head size P.
+    ssm_state: Mamba-2 state size N.
+    ssm_conv: Mamba-2 causal depthwise convolution width.
+    ssm_chunk: Mamba-2 chunk length of the SSD scan.
+    dtype: compute dtype of activations.
+    param_dtype: dtype parameters are stored in.
+  """
+
+  mixer: str = "sessa"
+  block: str = "gated"
+  vocab_size: int = 256
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int | None = None
+  mlp_ratio: int = 4
+  tie_embeddings: bool = True
+  rope_base: float = 10000.0
+  gamma_max: float = 0.999
+  gamma_form: str = "tanh_bias"
+  feedback: bool = True
+  feedback_dim: int | None = None
+  feedback_impl: str = "auto"
+  feedback_chunk: int = 128
+  attention_impl: str = "auto"
+  ssm_expand: int = 2
+  ssm_head_dim: int = 64
+  ssm_state: int = 64
+  ssm_conv: int = 4
+  ssm_chunk: int = 64
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    self.validate()
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def fb_dim(self) -> int:
+    return self.d_model if self.feedback_dim is None else self.feedback_dim
+
+  @property
+  def ssm_inner(self) -> int:
+    return self.ssm_expand * self.d_model
+
+  def validate(self) -> None:
+    """Raises ValueError naming the offending `model.<key>`."""
+    _choice("mixer", self.mixer, MIXERS)
+    _choice("block", self.block, BLOCKS)
+    _choice("gamma_form", self.gamma_form, GAMMA_FORMS)
+    _choice("dtype", self.dtype, DTYPES)
+    _choice("param_dtype", self.param_dtype, DTYPES)
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio",
+                "feedback_chunk", "ssm_expand", "ssm_head_dim", "ssm_state",
+                "ssm_conv", "ssm_chunk"):
+      if getattr(self, key) < 1:
+        raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+    if self.mixer in ("sessa", "attention"):
+      if self.d_model % self.n_heads:
+        raise ValueError(
+            f"model.d_model={self.d_model} is not divisible by "
+            f"model.n_heads={self.n_heads}")
+      if self.head_dim % 2:
+        raise ValueError(
+            f"model.n_heads={self.n_heads} gives an odd head dimension "
+            f"{self.head_dim} (d_model={self.d_model}); RoPE needs it even")
+      if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+        raise ValueError(
+            f"model.n_heads={self.n_heads} is not divisible by "
+            f"model.n_kv_heads={self.kv_heads}")
+    if self.mixer == "sessa":
+      if not 0.0 < self.gamma_max < 1.0:
+        raise ValueError(
+            f"model.gamma_max must lie in (0, 1), got {self.gamma_max}")
+      if self.feedback_dim is not None and self.feedback_dim < 1:
+        raise ValueError(
+            f"model.feedback_dim must be >= 1, got {self.feedback_dim}")
+    if self.mixer == "mamba2" and self.ssm_inner % self.ssm_head_dim:
+      raise ValueError(
+          f"model.ssm_head_dim={self.ssm_head_dim} does not divide the inner "
+          f"width ssm_expand*d_model={self.ssm_inner}")
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> "ModelConfig":
+    """Builds a config from a dict or ConfigDict; unknown keys are errors."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(
+          f"unknown key model.{unknown[0]}; known keys: {', '.join(sorted(known))}")
+    return cls(**dict(values))
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(
+        f"model.{key}={value!r} is not one of: {', '.join(choices)}")
