@@ -30,6 +30,7 @@ def feedback_solve(q_b: jax.Array, k_b: jax.Array, gamma: jax.Array,
     s (B, T, D) in the dtype of `f`.
   """
   del chunk  # The dense oracle has no chunking.
+  impl = "dense" if impl == "auto" else impl  # Only the dense oracle so far.
   if impl not in IMPLS:
     raise ValueError(f"feedback_solve impl={impl!r} is not one of: {', '.join(IMPLS)}")
   return feedback_ref.feedback_solve_dense(q_b, k_b, gamma, f, scale=scale)
