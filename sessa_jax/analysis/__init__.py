@@ -1,1 +1,1 @@
-"""sessa_jax.analysis."""
+"""Memory-influence measurements (Jacobian norms and impulse responses vs lag)."""
