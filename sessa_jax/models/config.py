@@ -9,6 +9,8 @@ MIXERS = ("sessa", "attention", "mamba2")
 BLOCKS = ("gated", "prenorm_mlp")
 GAMMA_FORMS = ("tanh_bias", "tanh")
 DTYPES = ("float32", "bfloat16", "float64")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+FEEDBACK_IMPLS = ("auto", "dense", "chunked", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +33,15 @@ class ModelConfig:
     gamma_form: `tanh_bias` (gamma_max * tanh(bias + a.w), the official code)
       or `tanh` (plain tanh(a.w), the paper's text).
     feedback: False drops Sessa's feedback branch (the paper's ablation).
-    feedback_dim: width of the feedback query/key; None means D (official).
+    feedback_dim: width K of the feedback query/key; None means D (official).
+      Feedback logits are scaled by K^-1/2, which is the official D^-1/2 when
+      K = D.
     feedback_impl: implementation of the feedback solve (see
       `sessa_jax.kernels.feedback_solve`).
     feedback_chunk: chunk size of the blocked feedback solve.
-    attention_impl: `auto`, `xla` or `cudnn` for `jax.nn.dot_product_attention`.
+    attention_impl: `auto`, `xla` or `cudnn` for `jax.nn.dot_product_attention`;
+      `auto` picks cuDNN on GPU for bfloat16 and XLA otherwise. float64 always
+      takes the plain einsum path.
     ssm_expand: Mamba-2 inner width as a multiple of D.
     ssm_head_dim: Mamba-2 head size P.
     ssm_state: Mamba-2 state size N.
@@ -96,6 +102,8 @@ class ModelConfig:
     _choice("gamma_form", self.gamma_form, GAMMA_FORMS)
     _choice("dtype", self.dtype, DTYPES)
     _choice("param_dtype", self.param_dtype, DTYPES)
+    _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _choice("feedback_impl", self.feedback_impl, FEEDBACK_IMPLS)
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio",
                 "feedback_chunk", "ssm_expand", "ssm_head_dim", "ssm_state",
                 "ssm_conv", "ssm_chunk"):

@@ -1,0 +1,147 @@
+"""LanguageModel: token embedding -> N MixerBlocks -> LayerNorm -> head."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sessa_jax.models.block import MixerBlock
+from sessa_jax.models.config import ModelConfig
+from sessa_jax.models.layers import Linear, param
+from sessa_jax.models.norms import LayerNorm
+
+
+class LanguageModel(nnx.Module):
+  """Causal language model over any mixer.
+
+  Parameters are stored in `cfg.param_dtype`, activations run in `cfg.dtype`,
+  logits are float32 (float64 for float64 models). The embedding is
+  N(0, 1/D) so tied logits start with unit scale; an untied head is a Linear
+  D -> V without bias.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    cfg.validate()
+    self.cfg = cfg
+    d, v = cfg.d_model, cfg.vocab_size
+    param_dtype = jnp.dtype(cfg.param_dtype)
+    self.embedding = param(rngs, jax.nn.initializers.normal(d ** -0.5),
+                           (v, d), ("vocab", "embed"), param_dtype)
+    self.blocks = nnx.List([MixerBlock(cfg, rngs=rngs)
+                            for _ in range(cfg.n_layers)])
+    self.final_norm = LayerNorm(d, rngs=rngs, param_dtype=param_dtype)
+    self.head = (None if cfg.tie_embeddings else
+                 Linear(d, v, rngs=rngs, use_bias=False, axes=("embed", "vocab"),
+                        dtype=jnp.dtype(cfg.dtype), param_dtype=param_dtype))
+
+  @property
+  def _dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.cfg.dtype)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """Token ids (...) -> embeddings (..., D) in `cfg.dtype`."""
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self._dtype)
+
+  def hidden(self, x_btd: jax.Array) -> jax.Array:
+    """All blocks and the final norm: (B, T, D) -> (B, T, D)."""
+    for block in self.blocks:
+      x_btd = block(x_btd)
+    return self.final_norm(x_btd)
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """Final hidden states (..., D) -> logits (..., V) in float32 or wider."""
+    out = jnp.promote_types(self._dtype, jnp.float32)
+    w_dv = (self.embedding[...].T if self.head is None
+            else self.head.kernel[...])
+    return jnp.dot(h.astype(self._dtype), w_dv.astype(self._dtype),
+                   preferred_element_type=out)
+
+  def __call__(self, tokens_bt: jax.Array) -> jax.Array:
+    """Token ids (B, T) -> next-token logits (B, T, V)."""
+    return self.logits(self.hidden(self.embed(tokens_bt)))
+
+  def prefill(self, tokens_bt: jax.Array, max_len: int):
+    """Runs a prompt; returns (logits_btv, cache) with room for max_len tokens."""
+    x = self.embed(tokens_bt)
+    caches = []
+    for block in self.blocks:
+      x, cache = block.prefill(x, max_len)
+      caches.append(cache)
+    return self.logits(self.final_norm(x)), caches
+
+  def decode_step(self, tokens_b: jax.Array, cache: list):
+    """One token per sequence (B,) -> (logits_bv, cache)."""
+    x = self.embed(tokens_b)
+    new_caches = []
+    for block, block_cache in zip(self.blocks, cache):
+      x, block_cache = block.decode_step(x, block_cache)
+      new_caches.append(block_cache)
+    return self.logits(self.final_norm(x)), new_caches
+
+  def generate(self, prompt_bt: jax.Array, num_steps: int, *,
+               rng: jax.Array | None = None, temperature: float = 0.0,
+               top_k: int | None = None) -> jax.Array:
+    """Extends a prompt by `num_steps` tokens (compiled prefill + lax.scan).
+
+    Args:
+      prompt_bt: prompt token ids (B, P), P >= 1.
+      num_steps: number of tokens to generate.
+      rng: PRNG key; required when sampling (temperature > 0).
+      temperature: 0 decodes greedily; otherwise samples softmax(logits / T).
+      top_k: sample only among the k most likely tokens.
+
+    Returns:
+      Token ids (B, P + num_steps): the prompt followed by the new tokens.
+    """
+    if temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature > 0 and rng is None:
+      raise ValueError("sampling (temperature > 0) needs an rng key")
+    if top_k is not None and not 1 <= top_k <= self.cfg.vocab_size:
+      raise ValueError(f"top_k must lie in [1, {self.cfg.vocab_size}], got {top_k}")
+    if num_steps < 1:
+      return jnp.asarray(prompt_bt)
+    rng = jax.random.key(0) if rng is None else rng
+    graphdef, state = nnx.split(self)
+    return _generate(graphdef, state, jnp.asarray(prompt_bt), rng,
+                     num_steps=num_steps, temperature=float(temperature),
+                     top_k=top_k)
+
+
+def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> LanguageModel:
+  """The model described by `cfg` (a LanguageModel over `cfg.mixer`)."""
+  return LanguageModel(cfg, rngs=rngs)
+
+
+def _pick(logits_bv: jax.Array, key: jax.Array, temperature: float,
+          top_k: int | None) -> jax.Array:
+  if temperature == 0:
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  logits_bv = logits_bv / temperature
+  if top_k is not None:
+    kth = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
+    logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
+  return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("num_steps", "temperature", "top_k"))
+def _generate(graphdef, state, prompt_bt, rng, *, num_steps, temperature,
+              top_k):
+  model = nnx.merge(graphdef, state)
+  keys = jax.random.split(rng, num_steps)
+  logits, cache = model.prefill(prompt_bt, prompt_bt.shape[1] + num_steps)
+  first = _pick(logits[:, -1], keys[0], temperature, top_k)
+
+  def step(carry, key):
+    token, cache = carry
+    logits_bv, cache = model.decode_step(token, cache)
+    nxt = _pick(logits_bv, key, temperature, top_k)
+    return (nxt, cache), nxt
+
+  _, rest = jax.lax.scan(step, (first, cache), keys[1:])
+  new = jnp.concatenate([first[:, None], rest.T], axis=1)
+  return jnp.concatenate([prompt_bt.astype(jnp.int32), new], axis=1)
