@@ -1,0 +1,291 @@
+"""Experiment configuration: defaults and validation of the `train` and `mesh` sections.
+
+An experiment config is an `ml_collections.ConfigDict` with four sections:
+`model` (fields of `sessa_jax.models.config.ModelConfig`), `data` (read by
+`sessa_jax.data.get_task`), `train` (`TrainConfig`) and `mesh` (`MeshConfig`).
+Every key is checked at start; an unknown key fails with the list of known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import ml_collections
+
+from sessa_jax import data as data_lib
+from sessa_jax.models.config import MIXERS, ModelConfig
+
+SECTIONS = ("model", "data", "train", "mesh")
+# Model sizes shared by the configs: width, depth, heads, Mamba-2 head/state.
+MODEL_SIZES: Mapping[str, Mapping[str, int]] = {
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, ssm_head_dim=16,
+                 ssm_state=16),
+    "small": dict(d_model=128, n_layers=4, n_heads=4, ssm_head_dim=32,
+                  ssm_state=32),
+    "base": dict(d_model=256, n_layers=6, n_heads=8, ssm_head_dim=64,
+                 ssm_state=64),
+}
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation, evaluation, logging and checkpointing.
+
+  Attributes:
+    steps: optimizer steps in the whole run.
+    batch_size: global batch size (sequences per optimizer step, all hosts).
+    lr: peak learning rate.
+    min_lr_ratio: final learning rate of the cosine decay, as a fraction of lr.
+    warmup_steps: linear warmup from 0 to lr.
+    weight_decay: decoupled AdamW weight decay (matrices only; see
+      `optimizer.decay_mask`).
+    b1: AdamW first-moment decay.
+    b2: AdamW second-moment decay.
+    grad_clip: clip the global gradient norm to this value (0 disables).
+    grad_accum: micro-batches per optimizer step; batch_size must divide by it.
+    dtype: compute dtype of activations (parameters stay float32).
+    eval_every: evaluate on the validation split every this many steps
+      (0: only at the end).
+    eval_batches: validation batches per evaluation (0: the whole split).
+    test_batches: test batches of the final evaluation (0: the whole split).
+    checkpoint_every: save a checkpoint every this many steps.
+    keep_checkpoints: how many recent checkpoints to keep.
+    log_every: write train metrics every this many steps.
+    seed: seed of parameter initialisation and of the data order.
+  """
+
+  steps: int = 1000
+  batch_size: int = 32
+  lr: float = 1e-3
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 100
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  grad_accum: int = 1
+  dtype: str = "float32"
+  eval_every: int = 500
+  eval_batches: int = 20
+  test_batches: int = 0
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  log_every: int = 50
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"train.dtype={self.dtype!r} is not one of: "
+                       f"{', '.join(COMPUTE_DTYPES)}")
+    for key in ("steps", "batch_size", "grad_accum", "checkpoint_every",
+                "keep_checkpoints", "log_every"):
+      if getattr(self, key) < 1:
+        raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+    for key in ("warmup_steps", "eval_every", "eval_batches", "test_batches",
+                "weight_decay", "grad_clip", "lr"):
+      if getattr(self, key) < 0:
+        raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+    if self.batch_size % self.grad_accum:
+      raise ValueError(f"train.batch_size={self.batch_size} is not divisible "
+                       f"by train.grad_accum={self.grad_accum}")
+    if not 0.0 <= self.min_lr_ratio <= 1.0:
+      raise ValueError(
+          f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh ('data', 'fsdp', 'tensor'); one axis may be -1 (the rest).
+
+  Attributes:
+    data: data-parallel replicas (parameters replicated).
+    fsdp: data-parallel shards over which parameters are split along 'embed'.
+    tensor: tensor-parallel shards ('hidden' and 'vocab' dimensions).
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    sizes = dataclasses.astuple(self)
+    if sizes.count(-1) > 1:
+      raise ValueError(f"at most one of mesh.data/fsdp/tensor may be -1, "
+                       f"got {dataclasses.asdict(self)}")
+    for key, size in dataclasses.asdict(self).items():
+      if size != -1 and size < 1:
+        raise ValueError(f"mesh.{key} must be >= 1 or -1, got {size}")
+
+
+def default_train() -> ml_collections.ConfigDict:
+  """The `train` section with every key at its default."""
+  return ml_collections.ConfigDict(dataclasses.asdict(TrainConfig()))
+
+
+def default_mesh() -> ml_collections.ConfigDict:
+  """The `mesh` section with every key at its default."""
+  return ml_collections.ConfigDict(dataclasses.asdict(MeshConfig()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A validated experiment config.
+
+  Attributes:
+    model: the `model` section (vocab_size 0 or absent: the task's).
+    data: the `data` section as a plain dict, for `sessa_jax.data.get_task`.
+    train: optimisation and bookkeeping.
+    mesh: device mesh shape.
+    raw: the whole config as a plain dict (written to `config.json`).
+  """
+
+  model: Mapping[str, Any]
+  data: Mapping[str, Any]
+  train: TrainConfig
+  mesh: MeshConfig
+  raw: Mapping[str, Any]
+
+  def model_config(self, vocab_size: int) -> ModelConfig:
+    """The ModelConfig with the task's vocabulary and the train dtype.
+
+    Args:
+      vocab_size: the task's vocabulary size; `model.vocab_size` may be 0
+        (or absent) for exactly this, or at least this.
+
+    Returns:
+      The validated ModelConfig (float32 parameters, `train.dtype` compute).
+    """
+    values = dict(self.model)
+    values["vocab_size"] = values.get("vocab_size") or vocab_size
+    if values["vocab_size"] < vocab_size:
+      raise ValueError(f"model.vocab_size={values['vocab_size']} is smaller "
+                       f"than the task's vocabulary ({vocab_size})")
+    values["dtype"] = self.train.dtype
+    values["param_dtype"] = "float32"
+    return ModelConfig.from_mapping(values)
+
+
+def _section(config: Mapping[str, Any], name: str, cls) -> Any:
+  values = dict(config.get(name) or {})
+  known = [f.name for f in dataclasses.fields(cls)]
+  for key in values:
+    if key not in known:
+      raise ValueError(
+          f"unknown key {name}.{key}; known keys: {', '.join(known)}")
+  return cls(**values)
+
+
+def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Experiment:
+  """Checks every section and key of an experiment config.
+
+  Args:
+    config: the experiment ConfigDict (or nested dict).
+
+  Returns:
+    The validated `Experiment`.
+
+  Raises:
+    ValueError: naming the offending key and the allowed choices.
+  """
+  raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else (
+      dict(config))
+  for name in raw:
+    if name not in SECTIONS:
+      raise ValueError(
+          f"unknown config section {name!r}; known sections: {', '.join(SECTIONS)}")
+  model = dict(raw.get("model") or {})
+  if model.get("dtype", "float32") not in ("float32", raw.get("train", {}).get(
+      "dtype", "float32")):
+    raise ValueError("set the compute dtype with train.dtype, not model.dtype")
+  model.pop("dtype", None)
+  if model.pop("param_dtype", "float32") != "float32":
+    raise ValueError("model.param_dtype must be float32 for training "
+                     "(train.dtype sets the compute dtype)")
+  # Validates model keys and values now (vocab_size is filled from the task).
+  ModelConfig.from_mapping({**model, "vocab_size": model.get("vocab_size") or 1})
+  if "task" not in (raw.get("data") or {}):
+    raise ValueError("data.task is missing")
+  return Experiment(
+      model=model,
+      data=dict(raw["data"]),
+      train=_section(raw, "train", TrainConfig),
+      mesh=_section(raw, "mesh", MeshConfig),
+      raw=raw)
+
+
+def _field_reference(field: dataclasses.Field) -> Any:
+  """A ConfigDict value for a dataclass field; None defaults keep their type."""
+  if field.default is not None:
+    return field.default
+  kinds = [t for t in (int, float, str) if t.__name__ in str(field.type)]
+  return ml_collections.FieldReference(None, field_type=kinds[0]) if kinds else None
+
+
+def base_config(*, model: Mapping[str, Any], data: Mapping[str, Any],
+                train: Mapping[str, Any],
+                mesh: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """A full experiment config: every key present, so any can be overridden.
+
+  Args:
+    model: ModelConfig fields that differ from the defaults.
+    data: `task` plus task knobs that differ from the task's defaults.
+    train: TrainConfig fields that differ from the defaults.
+    mesh: MeshConfig fields that differ from the defaults.
+
+  Returns:
+    ConfigDict with sections model (vocab_size 0: the task's), data, train,
+    mesh.
+  """
+  model_section = {f.name: _field_reference(f)
+                   for f in dataclasses.fields(ModelConfig)
+                   if f.name not in ("dtype", "param_dtype")}
+  model_section["vocab_size"] = 0
+  task = data["task"]
+  if task not in data_lib.TASKS:
+    raise ValueError(f"unknown data.task {task!r}; choices: "
+                     f"{', '.join(sorted(data_lib.TASKS))}")
+  data_section = {"task": task, "num_workers": 0}
+  data_section.update(
+      {f.name: _field_reference(f)
+       for f in dataclasses.fields(data_lib.TASKS[task].Config)})
+  config = ml_collections.ConfigDict({
+      "model": model_section, "data": data_section, "train": default_train(),
+      "mesh": default_mesh()})
+  for name, values in (("model", model), ("data", data), ("train", train),
+                       ("mesh", mesh or {})):
+    for key, value in values.items():
+      if key not in config[name]:
+        raise ValueError(f"unknown key {name}.{key}; known keys: "
+                         f"{', '.join(sorted(config[name]))}")
+      config[name][key] = value
+  return config
+
+
+def parse_arg(arg: str | None, sizes: Mapping[str, Mapping[str, Any]],
+              default_size: str) -> tuple[str, str]:
+  """Reads a config argument like 'sessa', 'mamba2,tiny' or 'tiny'.
+
+  Args:
+    arg: comma-separated mixer and/or size names (None: the defaults).
+    sizes: the config's size presets.
+    default_size: the size when none is given.
+
+  Returns:
+    (mixer, size); the mixer defaults to 'sessa'.
+
+  Raises:
+    ValueError: on a word that is neither a mixer nor a size, listing both.
+  """
+  mixer, size = "sessa", default_size
+  for word in filter(None, (arg or "").split(",")):
+    if word in MIXERS:
+      mixer = word
+    elif word in sizes:
+      size = word
+    else:
+      raise ValueError(
+          f"config argument {word!r} is neither a mixer ({', '.join(MIXERS)}) "
+          f"nor a size ({', '.join(sizes)})")
+  return mixer, size

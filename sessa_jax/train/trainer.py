@@ -1,0 +1,443 @@
+"""The train loop: state creation, the jitted step, and a run from config to summary.
+
+A run (`train`) validates the config, builds the task, mesh, model and
+optimizer, resumes from the newest readable checkpoint in the workdir, then
+loops: next batch -> jitted step -> metrics -> periodic eval and checkpoint.
+It stops at `train.steps` (then evaluates on val and test and writes
+`summary.json`), on SIGTERM (after saving a checkpoint), or on a non-finite
+loss (raising, with the last good checkpoint left as it was).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import signal
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from sessa_jax import budget
+from sessa_jax import data as data_lib
+from sessa_jax import models
+from sessa_jax.models.config import ModelConfig
+from sessa_jax.train import checkpoint as checkpoint_lib
+from sessa_jax.train import config as config_lib
+from sessa_jax.train import evaluate as evaluate_lib
+from sessa_jax.train import metrics as metrics_lib
+from sessa_jax.train import optimizer as optimizer_lib
+from sessa_jax.train import sharding as sharding_lib
+from sessa_jax.train.config import TrainConfig
+
+# Sections of config.json that must match to resume in the same workdir.
+RESUME_KEYS = ("model", "data")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """Everything the step needs besides the batch, and its layout.
+
+  Attributes:
+    graphdef: the model's structure (static).
+    abstract: pytree of `jax.ShapeDtypeStruct` (with shardings) of the state
+      dict {'params', 'opt_state', 'step', 'rng'}; the restore target.
+    shardings: the same tree of NamedShardings.
+    tx: the optimizer.
+    init: jitted () -> a fresh state, created directly in its shardings.
+  """
+
+  graphdef: nnx.GraphDef
+  abstract: Any
+  shardings: Any
+  tx: optax.GradientTransformation
+  init: Callable[[], Any]
+
+
+def create_layout(model_cfg: ModelConfig, tc: TrainConfig,
+                  mesh: jax.sharding.Mesh,
+                  model_fn: Callable[..., nnx.Module] | None = None
+                 ) -> TrainState:
+  """Shapes, shardings and the initialiser of the train state.
+
+  The state is the dict {'params': pure dict of arrays, 'opt_state',
+  'step': int32 scalar, 'rng': uint32 key data}.
+
+  Args:
+    model_cfg: the model.
+    tc: the train config (seed, optimizer).
+    mesh: the device mesh.
+    model_fn: `(cfg, *, rngs) -> nnx.Module`; default `models.build_model`.
+
+  Returns:
+    The layout; nothing is allocated until `layout.init()`.
+  """
+  model_fn = model_fn or models.build_model
+  tx = optimizer_lib.make_optimizer(tc)
+
+  def init_model():
+    return model_fn(model_cfg, rngs=nnx.Rngs(tc.seed))
+
+  with nnx.use_eager_sharding(False):
+    graphdef, abstract_params, rest = nnx.split(
+        nnx.eval_shape(init_model), nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError("the trainer supports models whose state is all "
+                     f"nnx.Param; found other state: {rest}")
+  param_shardings = sharding_lib.state_shardings(abstract_params, mesh)
+  replicated = sharding_lib.replicated(mesh)
+
+  def init():
+    with nnx.use_eager_sharding(False):
+      params = nnx.to_pure_dict(nnx.state(init_model(), nnx.Param))
+    return {"params": params, "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(tc.seed))}
+
+  abstract = jax.eval_shape(init)
+  shardings = {
+      "params": param_shardings,
+      "opt_state": optax.tree_map_params(
+          tx, lambda _, s: s, abstract["opt_state"], param_shardings,
+          transform_non_params=lambda _: replicated),
+      "step": replicated,
+      "rng": replicated,
+  }
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, shardings)
+  return TrainState(graphdef, abstract, shardings, tx,
+                    jax.jit(init, out_shardings=shardings))
+
+
+def make_train_step(layout: TrainState, tc: TrainConfig, mesh: jax.sharding.Mesh
+                   ) -> Callable:
+  """The jitted step: (state, batch) -> (state, metrics).
+
+  The global batch splits into `tc.grad_accum` micro-batches whose summed
+  gradients are divided by the total number of loss tokens, so accumulation
+  gives the gradient of the mean token loss over the whole batch.
+
+  Args:
+    layout: from `create_layout`.
+    tc: the train config.
+    mesh: the device mesh.
+
+  Returns:
+    The jitted step; metrics are replicated float32 scalars `loss`,
+    `accuracy`, `grad_norm`, `lr`.
+  """
+  schedule = optimizer_lib.learning_rate_schedule(tc)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  micro_sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
+
+  def loss_fn(params, batch):
+    logits_btv = nnx.merge(layout.graphdef, params)(batch["inputs"])
+    stats = evaluate_lib.token_stats(logits_btv, batch)
+    return stats["loss_sum"], stats
+
+  def train_step(state, batch):
+    params = state["params"]
+
+    def split(x_b):  # (B, ...) -> (accum, B / accum, ...), rows strided.
+      x = x_b.reshape(x_b.shape[0] // tc.grad_accum, tc.grad_accum,
+                      *x_b.shape[1:]).swapaxes(0, 1)
+      return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+    def micro_step(carry, micro_batch):
+      grads, totals = carry
+      (_, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, micro_batch)
+      return (jax.tree.map(jnp.add, grads, g),
+              jax.tree.map(jnp.add, totals, stats)), None
+
+    micro_batches = {k: split(v) for k, v in batch.items()
+                     if k in ("inputs", "targets", "loss_mask")}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    zero_stats = {k: jnp.zeros((), jnp.float32)
+                  for k in ("loss_sum", "count", "correct")}
+    (grads, totals), _ = jax.lax.scan(
+        micro_step, (zeros, zero_stats), micro_batches)
+    count = jnp.maximum(totals["count"], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = layout.tx.update(grads, state["opt_state"], params)
+    new_state = {
+        "params": optax.apply_updates(params, updates),
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+    }
+    metrics = {
+        "loss": totals["loss_sum"] / count,
+        "accuracy": totals["correct"] / count,
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state["step"]),
+    }
+    return new_state, metrics
+
+  return jax.jit(
+      train_step,
+      in_shardings=(layout.shardings, batch_sharding),
+      out_shardings=(layout.shardings, sharding_lib.replicated(mesh)),
+      donate_argnums=0)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls (all processes agree on it)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint after this step")
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_resume(workdir: pathlib.Path, raw: Mapping[str, Any], force: bool
+                 ) -> None:
+  """Refuses a workdir whose config.json differs in model or data (unless forced)."""
+  path = workdir / "config.json"
+  if not path.exists():
+    return
+  old = json.loads(path.read_text())
+  new = json.loads(json.dumps(raw))
+  diffs = [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> "
+           f"{new.get(section, {}).get(key)!r}"
+           for section in RESUME_KEYS
+           for key in sorted(set(old.get(section, {})) | set(new.get(section, {})))
+           if old.get(section, {}).get(key) != new.get(section, {}).get(key)]
+  if diffs and not force:
+    raise ValueError(
+        f"{path} differs from the given config in {', '.join(RESUME_KEYS)} "
+        f"({'; '.join(diffs)}); use another --workdir, or pass --force to "
+        "resume with the new config")
+
+
+class Run:
+  """One experiment in one workdir: task, mesh, state, iterators, writers.
+
+  Args:
+    config: the experiment ConfigDict.
+    workdir: the run directory.
+    force: resume even if config.json differs in model or data.
+  """
+
+  def __init__(self, config, workdir: str | pathlib.Path, *, force: bool = False):
+    self.exp = config_lib.validate(config)
+    self.tc = self.exp.train
+    self.workdir = pathlib.Path(workdir)
+    self.task = data_lib.get_task(self.exp.data)
+    self.model_cfg = self.exp.model_config(self.task.vocab_size)
+    self.mesh = sharding_lib.make_mesh(self.exp.mesh)
+    batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    micro = self.tc.batch_size // self.tc.grad_accum
+    if micro % batch_shards or self.tc.batch_size % jax.process_count():
+      raise ValueError(
+          f"train.batch_size={self.tc.batch_size} / train.grad_accum="
+          f"{self.tc.grad_accum} must be divisible by mesh data*fsdp="
+          f"{batch_shards}, and batch_size by the {jax.process_count()} processes")
+    _check_resume(self.workdir, self.exp.raw, force)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+      (self.workdir / "config.json").write_text(
+          json.dumps(self.exp.raw, indent=2, sort_keys=True) + "\n")
+    self.layout = create_layout(self.model_cfg, self.tc, self.mesh)
+    self.state = None
+    self.checkpointer = checkpoint_lib.Checkpointer(
+        self.workdir / "checkpoints", keep=self.tc.keep_checkpoints)
+    self.eval_step = evaluate_lib.make_eval_step(
+        self.layout.graphdef, self.layout.shardings["params"], self.mesh)
+
+  def iterator(self, split: str, *, train: bool):
+    return data_lib.make_iterator(
+        self.task, split, batch_size=self.tc.batch_size, seed=self.tc.seed,
+        shuffle=train, num_epochs=None if train else 1,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_workers=self.exp.data.get("num_workers", 0))
+
+  def restore(self, data_iter) -> int:
+    """Loads the newest readable checkpoint (or a fresh state); returns its step."""
+    if not self.checkpointer.all_steps():
+      self.state = self.layout.init()
+      return 0
+    restored = self.checkpointer.restore(self.layout.abstract, data_iter)
+    if restored is None:
+      raise RuntimeError(
+          f"no checkpoint in {self.checkpointer.directory} can be restored (see "
+          "the warnings above); move that directory away to start over")
+    step, self.state = restored
+    logging.info("resumed from %s at step %d", self.checkpointer.directory, step)
+    return step
+
+  def evaluate(self, split: str, prefix: str, max_batches: int) -> dict[str, Any]:
+    return evaluate_lib.evaluate(
+        self.eval_step, self.state["params"], self.iterator(split, train=False),
+        max_batches=max_batches, mesh=self.mesh,
+        task=self.task, prefix=prefix)
+
+  def summary(self, steps: int, wall_time_s: float, results: Mapping[str, Any]
+             ) -> dict[str, Any]:
+    """Writes summary.json (process 0) and returns it."""
+    out = {
+        **results,
+        "params": int(sum(np.prod(x.shape) for x in
+                          jax.tree.leaves(self.layout.abstract["params"]))),
+        "flops_per_token": float(budget.flops_per_token(
+            self.model_cfg, self.task.seq_len)),
+        "steps": int(steps),
+        "wall_time_s": float(wall_time_s),
+        "model": self.model_cfg.mixer,
+        "task": self.task.name,
+    }
+    if jax.process_index() == 0:
+      (self.workdir / "summary.json").write_text(
+          json.dumps(out, indent=2, sort_keys=True) + "\n")
+    return out
+
+  def close(self):
+    self.checkpointer.close()
+
+
+def _scalars(results: Mapping[str, Any]) -> dict[str, float]:
+  return {k: v for k, v in results.items() if isinstance(v, (int, float))}
+
+
+def train(config, workdir: str | pathlib.Path, *, force: bool = False,
+          stop_at: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the experiment in `workdir`.
+
+  Args:
+    config: the experiment ConfigDict.
+    workdir: the run directory (created; resumed when it holds checkpoints).
+    force: resume even if config.json differs in model or data.
+    stop_at: stop after this step as if preempted (checkpoint, no final
+      evaluation); None runs to `train.steps`.
+
+  Returns:
+    The summary (also in summary.json); when stopped early, a dict with
+    `preempted: True` and `step`.
+
+  Raises:
+    FloatingPointError: on a non-finite loss (no checkpoint is written for it).
+  """
+  start_time = time.time()
+  run = Run(config, workdir, force=force)
+  tc = run.tc
+  train_iter = run.iterator("train", train=True)
+  step = run.restore(train_iter)
+  train_step = make_train_step(run.layout, tc, run.mesh)
+  writer = metrics_lib.MetricWriter(run.workdir, resume_step=step)
+  preemption = _Preemption()
+  tokens_per_step = tc.batch_size * run.task.seq_len
+  train_flops = 3 * budget.flops_per_token(run.model_cfg, run.task.seq_len)
+  peak = metrics_lib.peak_flops(dtype=tc.dtype) * jax.device_count()
+  progress = _progress_bar(step, tc.steps)
+  results: dict[str, Any] = {}
+  window_start, window_steps = None, 0
+  try:
+    while step < tc.steps:
+      batch = sharding_lib.global_batch(next(train_iter), run.mesh)
+      run.state, metrics = train_step(run.state, batch)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      step += 1
+      if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(
+            f"non-finite training loss ({metrics['loss']}) at step {step}; "
+            f"stopped without saving. The last good checkpoint is step "
+            f"{run.checkpointer.latest_step()} in {run.checkpointer.directory}; "
+            "lower train.lr or raise train.warmup_steps and relaunch")
+      if window_start is None:  # The first step compiles; time from here.
+        window_start = time.time()
+      else:
+        window_steps += 1
+      if progress is not None:
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['loss']:.3f}",
+                             acc=f"{metrics['accuracy']:.3f}", refresh=False)
+      if step % tc.log_every == 0 or step == tc.steps:
+        scalars = {f"train/{k}": v for k, v in metrics.items()}
+        if window_steps:
+          seconds = (time.time() - window_start) / window_steps
+          tokens_per_s = tokens_per_step / seconds
+          scalars.update({"train/step_time_s": seconds,
+                          "train/tokens_per_s": tokens_per_s,
+                          "train/mfu": train_flops * tokens_per_s / peak})
+          window_start, window_steps = time.time(), 0
+        writer.write(step, scalars)
+      if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+        results = run.evaluate("val", "eval", tc.eval_batches)
+        writer.write(step, _scalars(results))
+        window_start, window_steps = time.time(), 0
+      stop = preemption.reached(step) or step == stop_at
+      if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
+        run.checkpointer.save(step, run.state, train_iter)
+      if stop and step < tc.steps:
+        run.checkpointer.wait()
+        logging.warning("stopped at step %d; checkpoint saved in %s; relaunch "
+                        "with the same --workdir to resume", step,
+                        run.checkpointer.directory)
+        return {"preempted": True, "step": step}
+    if progress is not None:
+      progress.close()
+    results = run.evaluate("val", "eval", tc.eval_batches)
+    results.update(run.evaluate("test", "test", tc.test_batches))
+    writer.write(step, _scalars(results))
+    return run.summary(step, time.time() - start_time, results)
+  finally:
+    preemption.restore()
+    writer.close()
+    run.close()
+
+
+def evaluate(config, workdir: str | pathlib.Path, *, force: bool = False
+            ) -> dict[str, Any]:
+  """Evaluates the newest checkpoint in `workdir` on val and test.
+
+  Args:
+    config: the experiment ConfigDict (model and data must match config.json).
+    workdir: the run directory holding checkpoints.
+    force: evaluate even if config.json differs in model or data.
+
+  Returns:
+    The summary (also written to summary.json).
+  """
+  start_time = time.time()
+  run = Run(config, workdir, force=force)
+  try:
+    step = run.restore(run.iterator("train", train=True))
+    if step == 0:
+      raise FileNotFoundError(f"no checkpoint in {run.checkpointer.directory}")
+    results = run.evaluate("val", "eval", run.tc.eval_batches)
+    results.update(run.evaluate("test", "test", run.tc.test_batches))
+    return run.summary(step, time.time() - start_time, results)
+  finally:
+    run.close()
+
+
+def _progress_bar(step: int, total: int):
+  if jax.process_index() != 0:
+    return None
+  import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
+                   mininterval=1.0)
