@@ -11,11 +11,13 @@ from typing import Any, Mapping
 
 from sessa_jax.data import base
 from sessa_jax.data import mqar
+from sessa_jax.data import symbol_soup
 from sessa_jax.data.base import SPLITS, Task
 from sessa_jax.data.pipeline import make_iterator
 
 TASKS: Mapping[str, type[Task]] = {
     "mqar": mqar.MQAR,
+    "symbol_soup": symbol_soup.SymbolSoup,
 }
 
 
