@@ -9,6 +9,8 @@ Every key is checked at start; an unknown key fails with the list of known ones.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
 from typing import Any, Mapping
 
 import ml_collections
@@ -289,3 +291,53 @@ def parse_arg(arg: str | None, sizes: Mapping[str, Mapping[str, Any]],
           f"config argument {word!r} is neither a mixer ({', '.join(MIXERS)}) "
           f"nor a size ({', '.join(sizes)})")
   return mixer, size
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads 'path/to/config.py[:arg]' by calling its `get_config(arg)`.
+
+  Args:
+    spec: the config file, optionally followed by ':' and its argument.
+
+  Returns:
+    The ConfigDict.
+  """
+  path, _, arg = spec.partition(":")
+  if not pathlib.Path(path).is_file():
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location(
+      f"_config_{pathlib.Path(path).stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys ('train.lr': 1e-3) on a copy of `config`.
+
+  Args:
+    config: the base config.
+    overrides: dotted key -> value.
+
+  Returns:
+    The updated copy.
+
+  Raises:
+    ValueError: on a key the config does not have, listing its section's keys.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+      if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+        raise ValueError(f"unknown config key {dotted!r}; known: "
+                         f"{', '.join(sorted(node))}")
+      node = node[name]
+    if leaf not in node:
+      section = ".".join(parents)
+      raise ValueError(f"unknown config key {dotted!r}; known keys of "
+                       f"{section or 'the config'}: {', '.join(sorted(node))}")
+    node[leaf] = value
+  return config
