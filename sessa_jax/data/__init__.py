@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from sessa_jax.data import base
+from sessa_jax.data import diffuse_mqar
 from sessa_jax.data import mqar
 from sessa_jax.data import symbol_soup
 from sessa_jax.data.base import SPLITS, Task
 from sessa_jax.data.pipeline import make_iterator
 
 TASKS: Mapping[str, type[Task]] = {
+    "diffuse_mqar": diffuse_mqar.DiffuseMQAR,
     "mqar": mqar.MQAR,
     "symbol_soup": symbol_soup.SymbolSoup,
 }
