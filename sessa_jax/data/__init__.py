@@ -13,6 +13,7 @@ from sessa_jax.data import base
 from sessa_jax.data import diffuse_mqar
 from sessa_jax.data import mqar
 from sessa_jax.data import symbol_soup
+from sessa_jax.data import text
 from sessa_jax.data.base import SPLITS, Task
 from sessa_jax.data.pipeline import make_iterator
 
@@ -20,16 +21,18 @@ TASKS: Mapping[str, type[Task]] = {
     "diffuse_mqar": diffuse_mqar.DiffuseMQAR,
     "mqar": mqar.MQAR,
     "symbol_soup": symbol_soup.SymbolSoup,
+    "text": text.Text,
 }
 
 
-def get_task(data_cfg: Mapping[str, Any], **kwargs) -> Task:
+def get_task(data_cfg: Mapping[str, Any], *, workdir: str | None = None) -> Task:
   """Builds the task named by `data.task` from the `data` config section.
 
   Args:
     data_cfg: a mapping (or ml_collections ConfigDict) with `task` and the
       task's keys; missing keys take the task's defaults.
-    **kwargs: passed to the task's constructor (e.g. `workdir` for text).
+    workdir: the experiment's directory; tasks that cache derived files
+      (the text task's tokeniser and token streams) keep them under it.
 
   Returns:
     The task.
@@ -44,7 +47,8 @@ def get_task(data_cfg: Mapping[str, Any], **kwargs) -> Task:
     raise ValueError(
         f"unknown data.task {name!r}; choices: {', '.join(sorted(TASKS))}")
   cls = TASKS[name]
-  return cls(cls.Config.from_mapping(name, data_cfg), **kwargs)
+  cfg = cls.Config.from_mapping(name, data_cfg)
+  return cls(cfg, workdir=workdir) if cls.uses_workdir else cls(cfg)
 
 
 __all__ = ["SPLITS", "TASKS", "Task", "base", "get_task", "make_iterator"]

@@ -101,12 +101,14 @@ class Task(abc.ABC):
     metrics: metrics the trainer reports on masked positions.
     bytes_per_token: UTF-8 bytes per token (text only, for bits per byte).
     special_tokens: token name -> id for tokens with a role in the format.
+    uses_workdir: whether the constructor takes `workdir` (a cache location).
   """
 
   name: ClassVar[str]
   Config: ClassVar[type[TaskConfig]]
   metrics: tuple[str, ...] = ("accuracy",)
   bytes_per_token: float | None = None
+  uses_workdir: ClassVar[bool] = False
 
   def __init__(self, cfg: TaskConfig):
     check_positive("seq_len", cfg.seq_len)
