@@ -1,5 +1,10 @@
 """Tests of the task registry, config validation and the grain pipeline."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -132,3 +137,38 @@ def test_bad_pipeline_arguments(task):
     data.make_iterator(task, "dev", batch_size=8, seed=0)
   with pytest.raises(ValueError, match="fewer than one batch"):
     data.make_iterator(task, "val", batch_size=32, seed=0)
+
+
+WORKER_SCRIPT = """
+import numpy as np
+from sessa_jax import data
+
+def main():
+  task = data.get_task({"task": "symbol_soup", "num_train": 200})
+  ref = data.make_iterator(task, "train", batch_size=8, seed=0)
+  it = data.make_iterator(task, "train", batch_size=8, seed=0, num_workers=2)
+  expected = [next(ref) for _ in range(6)]
+  got = [next(it) for _ in range(3)]
+  state = it.get_state()
+  got += [next(it) for _ in range(3)]
+  it.set_state(state)
+  again = [next(it) for _ in range(3)]
+  it.close()
+  same = lambda xs, ys: all(np.array_equal(x["inputs"], y["inputs"])
+                            for x, y in zip(xs, ys))
+  print(same(expected, got), same(got[3:], again))
+
+if __name__ == "__main__":
+  main()
+"""
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_stream(tmp_path):
+  script = tmp_path / "workers.py"
+  script.write_text(WORKER_SCRIPT)
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, PYTHONPATH=str(repo))
+  out = subprocess.run([sys.executable, str(script)], cwd=repo, env=env,
+                       check=True, capture_output=True, text=True, timeout=300)
+  assert out.stdout.split() == ["True", "True"]

@@ -14,6 +14,7 @@ hosts. Shuffling happens before `repeat`, so every epoch has its own order.
 
 from __future__ import annotations
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -70,6 +71,7 @@ def make_iterator(
     process_count: number of hosts P; must divide B.
     num_workers: worker processes producing batches; 0 works in-process. With
       workers the calling program needs an `if __name__ == "__main__":` guard.
+      The stream is the same as with 0 workers.
     prefetch: batches prepared ahead in a background thread (0: none).
 
   Returns:
@@ -110,6 +112,10 @@ def make_iterator(
       num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
   it_ds = ds.to_iter_dataset(read_options)
   if num_workers:
+    # grain reads its absl flags when it starts workers; a program that did
+    # not parse flags (no absl.app) gets their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(it_ds)
