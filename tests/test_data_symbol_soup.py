@@ -4,6 +4,7 @@ import collections
 import csv
 import os
 import pathlib
+import random
 import subprocess
 import sys
 
@@ -40,7 +41,6 @@ def test_styles_follow_the_published_seeds():
   left, right = ss.styles()
   assert len(left) == 4 and len(right) == 5
   # Each style shuffles a fresh copy of the alphabet with one shared Random.
-  import random  # pylint: disable=g-import-not-at-top
   rng = random.Random(456)
   for style in right:
     order = list(range(16))
