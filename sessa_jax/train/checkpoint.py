@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import time
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class Checkpointer:
@@ -43,7 +46,7 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def save(self, step: int, state: Any, data_iter: Any) -> None:
-    """Saves at `step` unless that step is already saved (all processes call).
+    """Saves (asynchronously) at `step`; all processes call this.
 
     Args:
       step: the number of optimizer updates applied to `state`.
@@ -51,8 +54,6 @@ class Checkpointer:
       data_iter: the grain DatasetIterator positioned after the last batch
         consumed by `state`.
     """
-    if step in self._manager.all_steps():
-      return
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
@@ -67,8 +68,11 @@ class Checkpointer:
       data_iter: the grain iterator, whose position is set in place.
 
     Returns:
-      (step, state), or None when no checkpoint can be read.
+      (step, state), or None when no checkpoint can be read. Unreadable
+      checkpoints newer than the restored one are moved to
+      `<directory>.unreadable/` so that training can save those steps again.
     """
+    unreadable = []
     for step in reversed(self.all_steps()):
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -78,9 +82,24 @@ class Checkpointer:
         logging.warning("checkpoint %s/%d cannot be restored (%s: %s); "
                         "falling back to an earlier one", self.directory, step,
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        unreadable.append(step)
         continue
+      self._set_aside(unreadable)
       return step, restored["state"]
     return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    if not steps:
+      return
+    aside = self.directory.with_name(self.directory.name + ".unreadable")
+    if jax.process_index() == 0:
+      aside.mkdir(exist_ok=True)
+      for step in steps:
+        target = aside / f"{step}-{int(time.time())}"
+        (self.directory / str(step)).rename(target)
+        logging.warning("moved unreadable checkpoint %d to %s", step, target)
+    multihost_utils.sync_global_devices("checkpoints set aside")
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""

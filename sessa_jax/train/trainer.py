@@ -178,7 +178,7 @@ def make_train_step(layout: TrainState, tc: TrainConfig, mesh: jax.sharding.Mesh
     metrics = {
         "loss": totals["loss_sum"] / count,
         "accuracy": totals["correct"] / count,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state["step"]),
     }
     return new_state, metrics
