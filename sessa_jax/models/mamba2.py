@@ -125,8 +125,12 @@ class Mamba2Mixer(nnx.Module):
     return jnp.promote_types(self._dtype, jnp.float32)
 
   def _project(self, x: jax.Array):
-    """Input projections: (..., D) -> pre-conv x (..., E), BC (..., 2N),
-    dt (..., H) and the gate z (..., E) or None."""
+    """Input projections of x (..., D).
+
+    Returns:
+      Pre-conv x (..., E), pre-conv B|C (..., 2N), raw dt (..., H) and the
+      gate z (..., E), or None without the gate.
+    """
     x = x.astype(self._dtype)
     z = self.z_proj(x) if self.use_gate else None
     return self.x_proj(x), self.bc_proj(x), self.dt_proj(x), z
