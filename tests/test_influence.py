@@ -147,3 +147,14 @@ def test_fit_and_grid_validation():
     influence.influence_vs_lag(lambda x: x, jnp.ones((1, 8, 2)), lags=[10])
   with pytest.raises(ValueError, match="mode="):
     influence.influence_vs_lag(lambda x: x, jnp.ones((1, 8, 2)), mode="jvp")
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_gaussian_probes_estimate_the_norm(mode):
+  fn = _random_causal_fn(jax.random.key(7))
+  x = jax.random.normal(jax.random.key(8), (4, 12, 3))
+  sources, lags = [0, 1, 2, 3], [1, 4, 8]
+  curve = influence.influence_vs_lag(fn, x, sources=sources, lags=lags,
+                                     mode=mode, probes=64)
+  np.testing.assert_allclose(curve.influence,
+                             _brute_force(fn, x, sources, lags), rtol=0.15)

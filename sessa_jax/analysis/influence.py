@@ -127,7 +127,8 @@ def influence_vs_lag(fn: Callable[[jax.Array], jax.Array], x_btd: jax.Array,
                      *, sources: Sequence[int] | None = None,
                      lags: Sequence[int] | None = None,
                      window: tuple[int, int] | None = None,
-                     mode: str = "auto", chunk: int = 16) -> InfluenceCurve:
+                     mode: str = "auto", probes: int | None = None,
+                     seed: int = 0, chunk: int = 16) -> InfluenceCurve:
   """Mean ||d y_{tau+l} / d x_tau||_F against lag l, with its log-log slope.
 
   Args:
@@ -140,6 +141,11 @@ def influence_vs_lag(fn: Callable[[jax.Array], jax.Array], x_btd: jax.Array,
     window: inclusive lag range of the slope fit; defaults to the top decade.
     mode: `forward` (JVPs per source), `reverse` (VJPs per output position)
       or `auto` (the cheaper one that `fn` supports).
+    probes: None takes the norm exactly (one tangent per input channel, or
+      cotangent per output channel); an integer estimates its square with
+      that many Gaussian probes instead (E||J v||^2 = ||J||_F^2 for
+      v ~ N(0, I)), unbiased and cheaper when D is large.
+    seed: seed of the probes.
     chunk: tangents pushed through `fn` at once.
 
   Returns:
@@ -153,13 +159,16 @@ def influence_vs_lag(fn: Callable[[jax.Array], jax.Array], x_btd: jax.Array,
   if mode == "auto":
     d_out = jax.eval_shape(fn, x_btd).shape[-1]
     forward_ok = not _has_custom_vjp(jax.make_jaxpr(fn)(x_btd).jaxpr)
-    cheaper = len(sources) * d_in <= len(outputs) * d_out
+    per_source, per_output = probes or d_in, probes or d_out
+    cheaper = len(sources) * per_source <= len(outputs) * per_output
     mode = "forward" if forward_ok and cheaper else "reverse"
+  key = jax.random.key(seed)
   if mode == "forward":
-    sq_sbt = _forward_sq_norms(fn, x_btd, jnp.asarray(sources), chunk)
+    sq_sbt = _forward_sq_norms(fn, x_btd, jnp.asarray(sources), chunk, probes,
+                               key)
   else:
     sq_sbo = _reverse_sq_norms(fn, x_btd, jnp.asarray(sources),
-                               jnp.asarray(outputs), chunk)
+                               jnp.asarray(outputs), chunk, probes, key)
     sq_sbt = np.full(sq_sbo.shape[:2] + (t,), np.nan)
     sq_sbt[:, :, outputs] = np.asarray(sq_sbo)
   return _curve(np.sqrt(np.asarray(sq_sbt, np.float64)), sources, lags, window)
@@ -295,47 +304,68 @@ def _curve(values_sbt: np.ndarray, sources: np.ndarray, lags: np.ndarray,
                         intercept=intercept, window=window)
 
 
-def _forward_sq_norms(fn, x_btd, sources, chunk):
+def _directions(n: int, b: int, d: int, probes: int | None, key):
+  """Unit-channel (exact) or Gaussian (estimate) directions, (n, m, B, d).
+
+  Summing ||J v||^2 over the m directions times the returned weight gives
+  ||J||_F^2 exactly (one-hots) or in expectation (Gaussian probes).
+  """
+  if probes is None:
+    eye = jnp.broadcast_to(jnp.eye(d)[:, None, :], (d, b, d))
+    return jnp.broadcast_to(eye, (n, d, b, d)), 1.0
+  return jax.random.normal(key, (n, probes, b, d)), 1.0 / probes
+
+
+def _forward_sq_norms(fn, x_btd, sources, chunk, probes, key):
   """sum_{i,j} (d y_{b,t,i} / d x_{b,tau_s,j})^2 as (S, B, T), by JVPs."""
-  d_in = x_btd.shape[-1]
+  b, _, d_in = x_btd.shape
 
   @jax.jit
-  def run(x_btd, sources):
+  def run(x_btd, sources, key):
     _, push = jax.linearize(fn, x_btd)
+    dirs, weight = _directions(len(sources), b, d_in, probes, key)
+    m = dirs.shape[1]
 
-    def per_tangent(sj):
-      tangent = jnp.zeros_like(x_btd).at[:, sj[0], sj[1]].set(1.0)
+    def per_tangent(src_dir):
+      src, direction_bd = src_dir
+      tangent = jnp.zeros_like(x_btd).at[:, src].set(
+          direction_bd.astype(x_btd.dtype))
       return jnp.sum(jnp.square(push(tangent).astype(jnp.float32)), axis=-1)
 
-    s_idx, j_idx = jnp.meshgrid(sources, jnp.arange(d_in), indexing="ij")
-    sq = jax.lax.map(per_tangent, (s_idx.ravel(), j_idx.ravel()),
-                     batch_size=chunk)
-    return sq.reshape(len(sources), d_in, *sq.shape[1:]).sum(axis=1)
+    srcs = jnp.repeat(sources, m)
+    sq = jax.lax.map(per_tangent, (srcs, dirs.reshape(-1, b, d_in)),
+                     batch_size=chunk)  # (S * m, B, T)
+    return weight * sq.reshape(len(sources), m, *sq.shape[1:]).sum(axis=1)
 
-  return run(x_btd, sources)
+  return run(x_btd, sources, key)
 
 
-def _reverse_sq_norms(fn, x_btd, sources, outputs, chunk):
+def _reverse_sq_norms(fn, x_btd, sources, outputs, chunk, probes, key):
   """sum_{i,j} (d y_{b,o,i} / d x_{b,tau_s,j})^2 as (S, B, O), by VJPs."""
+  b = x_btd.shape[0]
 
   @jax.jit
-  def run(x_btd, sources, outputs):
+  def run(x_btd, sources, outputs, key):
     y_btd, pull = jax.vjp(fn, x_btd)
     d_out = y_btd.shape[-1]
+    dirs, weight = _directions(len(outputs), b, d_out, probes, key)
+    m = dirs.shape[1]
 
-    def per_cotangent(oi):
-      cotangent = jnp.zeros_like(y_btd).at[:, oi[0], oi[1]].set(1.0)
+    def per_cotangent(out_dir):
+      out, direction_bd = out_dir
+      cotangent = jnp.zeros_like(y_btd).at[:, out].set(
+          direction_bd.astype(y_btd.dtype))
       (grad_btd,) = pull(cotangent)
       grad_bsd = grad_btd[:, sources].astype(jnp.float32)
       return jnp.sum(jnp.square(grad_bsd), axis=-1).T  # (S, B)
 
-    o_idx, i_idx = jnp.meshgrid(outputs, jnp.arange(d_out), indexing="ij")
-    sq = jax.lax.map(per_cotangent, (o_idx.ravel(), i_idx.ravel()),
-                     batch_size=chunk)  # (O * D_out, S, B)
-    sq = sq.reshape(len(outputs), d_out, *sq.shape[1:]).sum(axis=1)
+    outs = jnp.repeat(outputs, m)
+    sq = jax.lax.map(per_cotangent, (outs, dirs.reshape(-1, b, d_out)),
+                     batch_size=chunk)  # (O * m, S, B)
+    sq = weight * sq.reshape(len(outputs), m, *sq.shape[1:]).sum(axis=1)
     return sq.transpose(1, 2, 0)
 
-  return run(x_btd, sources, outputs)
+  return run(x_btd, sources, outputs, key)
 
 
 def _has_custom_vjp(jaxpr) -> bool:

@@ -1,0 +1,244 @@
+r"""Memory tails: influence of an old token against lag, per mixer, on one plot.
+
+Trained runs (a workdir each, e.g. from the matched-budget sweep):
+
+  python experiments/memory_tail.py --out=experiments/results/memory_tail \
+      --workdir=sessa=/path/run_a --workdir=attention=/path/run_b \
+      --workdir=mamba2=/path/run_c
+
+Fresh initialisation (same width for every mixer, random tokens):
+
+  python experiments/memory_tail.py --out=/tmp/memory_tail_init --seq_len=1024
+
+For each model the influence ||d h_{tau+l} / d x_tau||_F of the embedding at
+an early source tau on the final hidden state at tau + l is averaged over
+four sources and the batch (`sessa_jax.analysis.influence`), with its fitted
+log-log slope. For Sessa every layer's feedback solve is also driven by a
+unit impulse with the routing and gains recorded on the same batch, and the
+fitted exponent is set beside the paper's 1 - gamma_max * c2. Writes
+PREFIX.png and PREFIX.json.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Mapping, Sequence
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+from flax import nnx
+
+from sessa_jax import data as data_lib
+from sessa_jax import models
+from sessa_jax.analysis import influence
+from sessa_jax.models.config import ModelConfig
+
+_WORKDIRS = flags.DEFINE_multi_string(
+    "workdir", [], "LABEL=DIR of a trained run (config.json + checkpoints/).")
+_OUT = flags.DEFINE_string("out", "memory_tail", "Output prefix (.png, .json).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Fresh models: tokens.")
+_D_MODEL = flags.DEFINE_integer("d_model", 64, "Fresh models: width.")
+_N_LAYERS = flags.DEFINE_integer("n_layers", 2, "Fresh models: depth.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 64, "Fresh models: vocabulary.")
+_BATCH = flags.DEFINE_integer("batch_size", 2, "Sequences averaged over.")
+_SEED = flags.DEFINE_integer("seed", 0, "Initialisation and token seed.")
+
+MIXERS = ("sessa", "attention", "mamba2")
+
+
+def fresh_model(cfg: ModelConfig, seed: int = 0) -> models.LanguageModel:
+  """A freshly initialised model, its feedback solve switched to `dense`.
+
+  The dense solve is the one with a forward-mode derivative, so the
+  influence can be taken with one JVP per source instead of one VJP per
+  output position; the parameters and the function are unchanged.
+  """
+  if cfg.mixer == "sessa":
+    cfg = cfg.replace(feedback_impl="dense")
+  return models.build_model(cfg, rngs=nnx.Rngs(seed))
+
+
+def model_from_workdir(workdir: str | pathlib.Path
+                      ) -> tuple[models.LanguageModel, Mapping[str, Any]]:
+  """The newest checkpoint of a trained run as a single-host model.
+
+  Args:
+    workdir: a run directory written by `launch.py` (config.json,
+      checkpoints/).
+
+  Returns:
+    (model with the trained parameters, the run's config as a dict).
+  """
+  from sessa_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir)
+  config = json.loads((workdir / "config.json").read_text())
+  run = trainer.Run(config, workdir)
+  try:
+    if run.restore(run.iterator("train", train=True)) == 0:
+      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    params = jax.device_get(run.state["params"])
+    model = fresh_model(run.model_cfg)
+  finally:
+    run.close()
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  return model, config
+
+
+def task_tokens(data_cfg: Mapping[str, Any], batch_size: int) -> np.ndarray:
+  """The first `batch_size` validation inputs of a run's task, (B, T)."""
+  task = data_lib.get_task(data_cfg)
+  return np.stack([task.example("val", i)["inputs"]
+                   for i in range(batch_size)])
+
+
+def sessa_routing(model: models.LanguageModel, tokens_bt: jax.Array,
+                  layer: int):
+  """Feedback queries, keys, gains and logit scale of one Sessa layer.
+
+  Replays the forward pass up to `layer` and reads the mixer's routing inputs
+  exactly as its own forward computes them.
+
+  Returns:
+    (q_b (B, T, K), k_b (B, T, K), gamma (B, T), scale).
+  """
+  x = model.embed(tokens_bt)
+  for block in model.blocks[:layer]:
+    x = block(x)
+  block = model.blocks[layer]
+  a, _ = block._mixer_input(x.astype(jnp.dtype(block.cfg.dtype)))  # pylint: disable=protected-access
+  q_b, k_b, gamma = block.mixer._feedback_inputs(a)  # pylint: disable=protected-access
+  return q_b, k_b, gamma, block.mixer.fb_scale
+
+
+def measure(model: models.LanguageModel, tokens_bt: np.ndarray, *,
+            window: tuple[int, int] | None = None,
+            probes: int = 16) -> dict[str, Any]:
+  """Influence against lag (and, for Sessa, impulse responses per layer).
+
+  Args:
+    model: the language model.
+    tokens_bt: the batch (B, T).
+    window: lag window of the slope fits; default the top decade of lags.
+    probes: Gaussian probes per source for the Jacobian norm (an unbiased
+      estimate of its square; see `influence.influence_vs_lag`).
+
+  Returns:
+    {'influence': curve dict, 'layers': [per-layer impulse curve and bound
+    check dicts] (Sessa with feedback only), 'bound': layer 0's check}.
+  """
+  tokens_bt = jnp.asarray(tokens_bt)
+  x_btd = model.embed(tokens_bt)
+  curve = influence.influence_vs_lag(model.hidden, x_btd, window=window,
+                                     probes=probes, chunk=probes)
+  result: dict[str, Any] = {"influence": curve.to_dict(), "layers": []}
+  cfg = model.cfg
+  if cfg.mixer == "sessa" and cfg.feedback:
+    for layer in range(cfg.n_layers):
+      q_b, k_b, gamma, scale = sessa_routing(model, tokens_bt, layer)
+      impulse, check = influence.bound_check(
+          q_b, k_b, gamma, cfg.gamma_max, window=curve.window, scale=scale)
+      result["layers"].append({"impulse": impulse.to_dict(),
+                               "bound": check.to_dict()})
+    result["bound"] = result["layers"][0]["bound"]
+  return result
+
+
+def plot(results: Mapping[str, Mapping[str, Any]], path: pathlib.Path,
+         title: str) -> None:
+  """One log-log figure: influence per model with its fit; Sessa impulses."""
+  fig, ax = plt.subplots(figsize=(7, 4.6))
+  for i, (label, result) in enumerate(results.items()):
+    color = f"C{i}"
+    curve = result["influence"]
+    lags = np.asarray(curve["lags"])
+    ax.loglog(lags, curve["influence"], color=color, marker=".",
+              label=f"{label}: slope {curve['slope']:.2f}")
+    lo, hi = curve["window"]
+    fit = lags[(lags >= lo) & (lags <= hi)]
+    if fit.size and np.isfinite(curve["slope"]):
+      ax.loglog(fit, np.exp(curve["intercept"]) * fit ** curve["slope"],
+                color=color, ls="--", lw=1)
+    for layer, entry in enumerate(result.get("layers", [])):
+      impulse = entry["impulse"]
+      ax.loglog(impulse["lags"], impulse["influence"], color=color, ls=":",
+                alpha=0.7,
+                label=(f"{label} feedback impulse, layer {layer}: exponent "
+                       f"{entry['bound']['fitted_exponent']:.2f} "
+                       f"(1-γmax·c₂ = {entry['bound']['paper_exponent']:.2f})"))
+  ax.set_xlabel("lag ℓ (tokens)")
+  ax.set_ylabel("‖∂h[τ+ℓ] / ∂x[τ]‖  (mean over τ, batch)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def measure_workdirs(workdirs: Mapping[str, str | pathlib.Path], *,
+                     prefix: pathlib.Path, title: str, batch_size: int = 2
+                    ) -> dict[str, dict[str, Any]]:
+  """Measures trained runs on their own validation batch; writes PNG + JSON."""
+  results = {}
+  for label, workdir in workdirs.items():
+    model, config = model_from_workdir(workdir)
+    results[label] = measure(model, task_tokens(config["data"], batch_size))
+  _write(results, prefix, title)
+  return results
+
+
+def measure_fresh(mixers: Sequence[str], *, seq_len: int, d_model: int,
+                  n_layers: int, vocab_size: int, batch_size: int, seed: int,
+                  prefix: pathlib.Path) -> dict[str, dict[str, Any]]:
+  """Measures freshly initialised models on random tokens; writes PNG + JSON."""
+  tokens = np.asarray(jax.random.randint(
+      jax.random.key(seed), (batch_size, seq_len), 0, vocab_size))
+  results = {}
+  for mixer in mixers:
+    cfg = ModelConfig(mixer=mixer, d_model=d_model, n_layers=n_layers,
+                      vocab_size=vocab_size, n_heads=max(1, d_model // 32),
+                      ssm_head_dim=min(64, d_model // 2), ssm_state=16)
+    results[mixer] = measure(fresh_model(cfg, seed), tokens)
+  _write(results, prefix,
+         f"memory tail at initialisation (D={d_model}, {n_layers} layers)")
+  return results
+
+
+def _write(results, prefix: pathlib.Path, title: str) -> None:
+  prefix.parent.mkdir(parents=True, exist_ok=True)
+  plot(results, prefix.with_suffix(".png"), title)
+  prefix.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+  for label, result in results.items():
+    line = f"{label:>10}: influence slope {result['influence']['slope']:+.3f}"
+    if "bound" in result:
+      b = result["bound"]
+      line += (f"; layer-0 feedback impulse exponent {b['fitted_exponent']:.3f}"
+               f" vs 1-γmax·c₂ = {b['paper_exponent']:.3f} (c₂ = {b['c2']:.3g})")
+    print(line)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  prefix = pathlib.Path(_OUT.value)
+  if _WORKDIRS.value:
+    workdirs = dict(item.split("=", 1) for item in _WORKDIRS.value)
+    measure_workdirs(workdirs, prefix=prefix, batch_size=_BATCH.value,
+                     title="memory tail of trained models")
+  else:
+    measure_fresh(MIXERS, seq_len=_SEQ_LEN.value, d_model=_D_MODEL.value,
+                  n_layers=_N_LAYERS.value, vocab_size=_VOCAB.value,
+                  batch_size=_BATCH.value, seed=_SEED.value, prefix=prefix)
+
+
+if __name__ == "__main__":
+  app.run(main)
