@@ -97,13 +97,21 @@ def width_step(cfg: ModelConfig) -> int:
   return 2 * cfg.n_heads
 
 
+# A second, finer knob per mixer for when no width alone lands within tol: the
+# parameter count is affine in each of these (proj_fb is D x 2K; B and C are
+# D x N each), so one more exact count solves for it.
+FINE_KNOBS = {"sessa": "feedback_dim", "mamba2": "ssm_state"}
+
+
 def match(cfg: ModelConfig, target_params: int, tol: float = 0.02
           ) -> ModelConfig:
   """Picks d_model so the model has `target_params` parameters within `tol`.
 
-  Only d_model changes; it stays a multiple of `width_step(cfg)`. The count
-  is a quadratic in d_model, so three exact counts locate the solution and
-  the nearest valid widths are then counted exactly.
+  d_model stays a multiple of `width_step(cfg)`. The count is a quadratic in
+  d_model, so three exact counts locate the solution and the nearest valid
+  widths are then counted exactly. Small models step by more than `tol` from
+  one width to the next; there the mixer's fine knob (`FINE_KNOBS`: Sessa's
+  feedback width, Mamba-2's state size) is solved for at the nearest widths.
 
   Args:
     cfg: the model to resize.
@@ -111,7 +119,7 @@ def match(cfg: ModelConfig, target_params: int, tol: float = 0.02
     tol: allowed relative error.
 
   Returns:
-    `cfg` with the chosen d_model.
+    `cfg` with the chosen d_model (and fine knob, where it was needed).
 
   Raises:
     ValueError: when no valid width lands within `tol` of the target.
@@ -135,12 +143,29 @@ def match(cfg: ModelConfig, target_params: int, tol: float = 0.02
   base = max(int(math.floor(k_star)), 1)
   candidates = sorted({max(k, 1) for k in range(base - 1, base + 3)})
   err = {k: count(k) / target_params - 1 for k in candidates}
-  best = min(candidates, key=lambda k: abs(err[k]))
-  if abs(err[best]) > tol:
-    near = ", ".join(f"d_model={k * step} -> {count(k):,} ({err[k]:+.1%})"
-                     for k in candidates)
-    raise ValueError(
-        f"budget.match: no model.d_model (a multiple of {step} for "
-        f"mixer={cfg.mixer!r}) gives {target_params:,} params within "
-        f"{tol:.1%}; nearest: {near}")
-  return cfg.replace(d_model=best * step)
+  by_error = sorted(candidates, key=lambda k: abs(err[k]))
+  if abs(err[by_error[0]]) <= tol:
+    return cfg.replace(d_model=by_error[0] * step)
+  for k in by_error:
+    tuned = _solve_fine_knob(cfg.replace(d_model=k * step), target_params)
+    if tuned is not None and abs(count_params(tuned) / target_params - 1) <= tol:
+      return tuned
+  near = ", ".join(f"d_model={k * step} -> {count(k):,} ({err[k]:+.1%})"
+                   for k in candidates)
+  raise ValueError(
+      f"budget.match: no model.d_model (a multiple of {step} for "
+      f"mixer={cfg.mixer!r}) gives {target_params:,} params within "
+      f"{tol:.1%}; nearest: {near}")
+
+
+def _solve_fine_knob(cfg: ModelConfig, target_params: int
+                     ) -> ModelConfig | None:
+  """Sets the mixer's fine knob so the count is nearest the target, or None."""
+  knob = FINE_KNOBS.get(cfg.mixer)
+  if knob is None:
+    return None
+  start = cfg.fb_dim if knob == "feedback_dim" else getattr(cfg, knob)
+  c0 = count_params(cfg.replace(**{knob: start}))
+  slope = count_params(cfg.replace(**{knob: start + 1})) - c0
+  value = start + round((target_params - c0) / slope)
+  return cfg.replace(**{knob: value}) if value >= 1 else None

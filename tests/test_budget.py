@@ -87,8 +87,23 @@ def test_width_step():
       ModelConfig(mixer="mamba2", ssm_head_dim=8, ssm_expand=3)) == 8
 
 
+@pytest.mark.parametrize("mixer", ("sessa", "mamba2"))
+def test_match_small_models_use_the_fine_knob(mixer):
+  # Near 140k parameters neighbouring widths are >2% apart; the feedback width
+  # (Sessa) or state size (Mamba-2) closes the gap.
+  target = budget.count_params(
+      ModelConfig(mixer="attention", d_model=96, n_layers=2, n_heads=2,
+                  vocab_size=64))
+  cfg = ModelConfig(mixer=mixer, n_layers=2, n_heads=2, vocab_size=64,
+                    ssm_head_dim=16, ssm_state=16)
+  for tgt in (target, int(target * 1.07), int(target * 0.93)):
+    matched = budget.match(cfg, tgt)
+    assert abs(budget.count_params(matched) / tgt - 1) <= 0.02
+    assert matched.d_model % budget.width_step(cfg) == 0
+
+
 def test_match_explains_an_impossible_target():
-  cfg = ModelConfig(mixer="sessa", n_layers=2, n_heads=4)
+  cfg = ModelConfig(mixer="attention", n_layers=2, n_heads=4)
   with pytest.raises(ValueError, match=r"no model\.d_model \(a multiple of 8"):
     budget.match(cfg, 100_000)  # widths 8 apart differ by ~10% here
   with pytest.raises(ValueError, match="target_params"):
