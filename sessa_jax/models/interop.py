@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -72,7 +73,8 @@ def sessa_block_from_torch(state: Mapping[str, Any], *, n_heads: int,
   cfg = ModelConfig(mixer="sessa", block="gated", d_model=d_model,
                     n_heads=n_heads, n_kv_heads=n_kv_heads, gamma_max=gamma_max,
                     dtype="float32", param_dtype="float32")
-  block = MixerBlock(cfg, rngs=nnx.Rngs(0))
+  # Built abstractly: every parameter is then filled from `state`.
+  block = nnx.eval_shape(lambda: MixerBlock(cfg, rngs=nnx.Rngs(0)))
   table = _targets(block)
   unknown = sorted(k for k in state if k not in table
                    and not k.startswith(_BUFFER_PREFIXES))
@@ -90,7 +92,7 @@ def sessa_block_from_torch(state: Mapping[str, Any], *, n_heads: int,
           f"(expects {convert(np.zeros(target.shape)).shape} in the official "
           f"layout for d_model={d_model}, n_heads={n_heads}, "
           f"n_kv_heads={cfg.kv_heads})")
-    target[...] = value
+    target.set_value(jnp.asarray(value))
   if "mixer.rope_inv_freq" in state:
     given = np.asarray(state["mixer.rope_inv_freq"], np.float32)
     ours = np.asarray(rope.inv_frequencies(cfg.head_dim, cfg.rope_base))
