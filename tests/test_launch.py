@@ -1,0 +1,89 @@
+"""launch.py as a user runs it: SIGTERM and resume, CLI errors.
+
+Helpers here are shared with test_launch_multiprocess.py.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from test_train_loop import train_losses
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = [
+    "--config=configs/mqar.py:tiny", "--config.model.d_model=16",
+    "--config.model.n_layers=1", "--config.model.n_heads=2",
+    "--config.data.seq_len=16", "--config.data.vocab_size=16",
+    "--config.data.num_kv_pairs=2", "--config.data.num_train=512",
+    "--config.data.num_val=32", "--config.data.num_test=32",
+    "--config.train.batch_size=8", "--config.train.lr=0.01",
+    "--config.train.warmup_steps=1", "--config.train.eval_every=0",
+    "--config.train.eval_batches=2", "--config.train.test_batches=2",
+    "--config.train.log_every=1",
+]
+
+
+def launch_env(devices: int) -> dict[str, str]:
+  env = dict(os.environ)
+  env.update(
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=str(
+          pathlib.Path(tempfile.gettempdir()) / "sessa_jax_test_xla"),
+      PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+  return env
+
+
+def launch(*args, devices=1, **kwargs) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args],
+                          cwd=ROOT, env=launch_env(devices), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def test_sigterm_saves_a_checkpoint_that_training_resumes_from(tmp_path):
+  args = [*TINY, "--config.train.checkpoint_every=1000", f"--workdir={tmp_path}"]
+  proc = launch(*args, "--config.train.steps=100000")
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 180
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    assert time.time() < deadline, "training did not start"
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out = finish(proc)
+  assert '"preempted": true' in out
+  saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
+  assert len(saved) == 1 and saved[0] >= 3
+  stopped_at = saved[0]
+  finish(launch(*args, f"--config.train.steps={stopped_at + 2}"))
+  assert [s for s, _ in train_losses(tmp_path)] == list(range(1, stopped_at + 3))
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["steps"] == stopped_at + 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/mqar.py:rwkv"],
+     "neither a mixer (sessa, attention, mamba2) nor a size"),
+    (["--config=configs/mqar.py", "--config.model.mixer=rwkv"],
+     "model.mixer='rwkv' is not one of: sessa, attention, mamba2"),
+    (["--config=configs/mqar.py", "--config.data.task=wiki"],
+     "unknown data.task 'wiki'; choices:"),
+])
+def test_bad_config_fails_at_start_naming_the_choices(tmp_path, args, message):
+  proc = launch(*args, f"--workdir={tmp_path}")
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0
+  assert message in out, out[-3000:]
