@@ -106,9 +106,11 @@ class LanguageModel(nnx.Module):
       return jnp.asarray(prompt_bt)
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(self)
+    k = self.cfg.vocab_size if top_k is None else top_k
     return _generate(graphdef, state, jnp.asarray(prompt_bt), rng,
-                     num_steps=num_steps, temperature=float(temperature),
-                     top_k=top_k)
+                     jnp.asarray(temperature, jnp.float32),
+                     jnp.asarray(k, jnp.int32), num_steps=num_steps,
+                     greedy=temperature == 0)
 
 
 def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> LanguageModel:
@@ -116,30 +118,32 @@ def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> LanguageModel:
   return LanguageModel(cfg, rngs=rngs)
 
 
-def _pick(logits_bv: jax.Array, key: jax.Array, temperature: float,
-          top_k: int | None) -> jax.Array:
-  if temperature == 0:
+def _pick(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array,
+          top_k: jax.Array, greedy: bool) -> jax.Array:
+  """Next tokens: argmax, or a sample from the top_k logits / temperature."""
+  if greedy:
     return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
   logits_bv = logits_bv / temperature
-  if top_k is not None:
-    kth = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
-    logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
+  kth = jnp.take(jnp.sort(logits_bv, axis=-1), logits_bv.shape[-1] - top_k,
+                 axis=-1)
+  logits_bv = jnp.where(logits_bv < kth[:, None], -jnp.inf, logits_bv)
   return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("num_steps", "temperature", "top_k"))
-def _generate(graphdef, state, prompt_bt, rng, *, num_steps, temperature,
-              top_k):
+                   static_argnames=("num_steps", "greedy"))
+def _generate(graphdef, state, prompt_bt, rng, temperature, top_k, *,
+              num_steps, greedy):
+  """Prefill, pick the first new token, then scan decode steps."""
   model = nnx.merge(graphdef, state)
   keys = jax.random.split(rng, num_steps)
   logits, cache = model.prefill(prompt_bt, prompt_bt.shape[1] + num_steps)
-  first = _pick(logits[:, -1], keys[0], temperature, top_k)
+  first = _pick(logits[:, -1], keys[0], temperature, top_k, greedy)
 
   def step(carry, key):
     token, cache = carry
     logits_bv, cache = model.decode_step(token, cache)
-    nxt = _pick(logits_bv, key, temperature, top_k)
+    nxt = _pick(logits_bv, key, temperature, top_k, greedy)
     return (nxt, cache), nxt
 
   _, rest = jax.lax.scan(step, (first, cache), keys[1:])
