@@ -25,8 +25,8 @@ import json
 import pathlib
 from typing import Any, Mapping, Sequence
 
-from absl import app
-from absl import flags
+import argparse
+
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -39,16 +39,6 @@ from sessa_jax import data as data_lib
 from sessa_jax import models
 from sessa_jax.analysis import influence
 from sessa_jax.models.config import ModelConfig
-
-_WORKDIRS = flags.DEFINE_multi_string(
-    "workdir", [], "LABEL=DIR of a trained run (config.json + checkpoints/).")
-_OUT = flags.DEFINE_string("out", "memory_tail", "Output prefix (.png, .json).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Fresh models: tokens.")
-_D_MODEL = flags.DEFINE_integer("d_model", 64, "Fresh models: width.")
-_N_LAYERS = flags.DEFINE_integer("n_layers", 2, "Fresh models: depth.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 64, "Fresh models: vocabulary.")
-_BATCH = flags.DEFINE_integer("batch_size", 2, "Sequences averaged over.")
-_SEED = flags.DEFINE_integer("seed", 0, "Initialisation and token seed.")
 
 MIXERS = ("sessa", "attention", "mamba2")
 
@@ -226,19 +216,33 @@ def _write(results, prefix: pathlib.Path, title: str) -> None:
     print(line)
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  prefix = pathlib.Path(_OUT.value)
-  if _WORKDIRS.value:
-    workdirs = dict(item.split("=", 1) for item in _WORKDIRS.value)
-    measure_workdirs(workdirs, prefix=prefix, batch_size=_BATCH.value,
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", action="append", default=[],
+                      help="LABEL=DIR of a trained run (repeatable); none: "
+                      "fresh models")
+  parser.add_argument("--out", type=pathlib.Path, default="memory_tail",
+                      help="output prefix (.png, .json)")
+  parser.add_argument("--seq_len", type=int, default=1024)
+  parser.add_argument("--d_model", type=int, default=64)
+  parser.add_argument("--n_layers", type=int, default=2)
+  parser.add_argument("--vocab_size", type=int, default=64)
+  parser.add_argument("--batch_size", type=int, default=2,
+                      help="sequences averaged over")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  if args.workdir:
+    bad = [w for w in args.workdir if "=" not in w]
+    if bad:
+      parser.error(f"--workdir expects LABEL=DIR, got {bad[0]!r}")
+    measure_workdirs(dict(w.split("=", 1) for w in args.workdir),
+                     prefix=args.out, batch_size=args.batch_size,
                      title="memory tail of trained models")
   else:
-    measure_fresh(MIXERS, seq_len=_SEQ_LEN.value, d_model=_D_MODEL.value,
-                  n_layers=_N_LAYERS.value, vocab_size=_VOCAB.value,
-                  batch_size=_BATCH.value, seed=_SEED.value, prefix=prefix)
+    measure_fresh(MIXERS, seq_len=args.seq_len, d_model=args.d_model,
+                  n_layers=args.n_layers, vocab_size=args.vocab_size,
+                  batch_size=args.batch_size, seed=args.seed, prefix=args.out)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()
