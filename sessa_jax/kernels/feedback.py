@@ -1,21 +1,85 @@
-"""The public feedback-solve op: one signature, several implementations."""
+"""The public feedback-solve op: one signature, several implementations.
+
+`feedback_solve` solves Sessa's feedback system (DESIGN §4)
+
+  s_t = f_t + gamma_t * sum_{j<t} A_tj s_j,   A = strictly causal softmax(q k^T)
+
+with one of `IMPLS`:
+
+* `dense`: materialise A and call a triangular solve; the test oracle.
+* `chunked`: blocked forward substitution in plain JAX with an O(T·D)-memory
+  custom VJP; the CPU default.
+* `pallas`: the same algorithm with its O(T²) parts as Pallas kernels (Mosaic
+  on TPU, Triton on GPU, interpret mode on CPU).
+* `auto`: `chunked` on CPU, `pallas` on TPU and GPU.
+
+Sharding: the op is independent per sequence, so under a mesh it runs per
+batch shard through `jax.shard_map` over the mesh's batch axes ('data' and
+'fsdp', whichever exist), needing no communication. The mesh is the `mesh=`
+argument when given, else the mesh set by `jax.set_mesh` (the abstract mesh
+seen while tracing). Axes already manual (inside another shard_map) are left
+alone; a batch that does not divide the shard count runs unsharded.
+"""
 
 from __future__ import annotations
 
 import jax
+from jax.sharding import PartitionSpec as P
 
+from sessa_jax.kernels import feedback_chunked
 from sessa_jax.kernels import feedback_ref
 
-IMPLS = ("dense",)
+IMPLS = ("auto", "dense", "chunked", "pallas")
+BATCH_AXES = ("data", "fsdp")
+
+
+def resolve_impl(impl: str) -> str:
+  """Maps `auto` to the implementation used on the default backend."""
+  if impl not in IMPLS:
+    raise ValueError(
+        f"feedback_solve impl={impl!r} is not one of: {', '.join(IMPLS)}")
+  if impl != "auto":
+    return impl
+  return "chunked" if jax.default_backend() == "cpu" else "pallas"
+
+
+def _solve_local(q_b, k_b, gamma, f, *, impl, chunk, scale):
+  if impl == "dense":
+    return feedback_ref.feedback_solve_dense(q_b, k_b, gamma, f, scale=scale)
+  if impl == "chunked":
+    return feedback_chunked.feedback_solve_chunked(
+        q_b, k_b, gamma, f, chunk=chunk, scale=scale)
+  # Imported lazily: Pallas pulls in backend-specific lowering modules.
+  from sessa_jax.kernels import feedback_pallas  # pylint: disable=g-import-not-at-top
+  return feedback_pallas.feedback_solve_pallas(
+      q_b, k_b, gamma, f, chunk=chunk, scale=scale)
+
+
+def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
+  """Mesh axes to shard the batch over; empty when there is nothing to do."""
+  if mesh is None or mesh.empty:
+    return ()
+  manual = set(getattr(mesh, "manual_axes", ()))
+  axes = tuple(a for a in BATCH_AXES
+               if a in mesh.axis_names and a not in manual
+               and mesh.shape[a] > 1)
+  shards = 1
+  for a in axes:
+    shards *= mesh.shape[a]
+  return axes if axes and batch % shards == 0 else ()
 
 
 def feedback_solve(q_b: jax.Array, k_b: jax.Array, gamma: jax.Array,
-                   f: jax.Array, *, impl: str = "dense",
+                   f: jax.Array, *, impl: str = "auto",
                    chunk: int | None = None,
-                   scale: float | None = None) -> jax.Array:
+                   scale: float | None = None,
+                   mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None
+                   = None) -> jax.Array:
   """Solves Sessa's feedback system s_t = f_t + gamma_t sum_{j<t} A_tj s_j.
 
   A is the strictly causal softmax of scale * q_b k_b^T (row 0 all zeros).
+  Computation is in float32 (float64 for float64 inputs); bfloat16 inputs
+  give a bfloat16 result.
 
   Args:
     q_b: feedback queries (B, T, K).
@@ -23,14 +87,31 @@ def feedback_solve(q_b: jax.Array, k_b: jax.Array, gamma: jax.Array,
     gamma: gains (B, T).
     f: right-hand side (B, T, D).
     impl: implementation name, one of `IMPLS`.
-    chunk: chunk size for blocked implementations.
+    chunk: chunk size of the blocked implementations (None: their default).
     scale: logit scale; defaults to K ** -0.5.
+    mesh: mesh whose batch axes ('data', 'fsdp') shard the batch; defaults
+      to the mesh set with `jax.set_mesh`, if any.
 
   Returns:
     s (B, T, D) in the dtype of `f`.
   """
-  del chunk  # The dense oracle has no chunking.
-  impl = "dense" if impl == "auto" else impl  # Only the dense oracle so far.
-  if impl not in IMPLS:
-    raise ValueError(f"feedback_solve impl={impl!r} is not one of: {', '.join(IMPLS)}")
-  return feedback_ref.feedback_solve_dense(q_b, k_b, gamma, f, scale=scale)
+  impl = resolve_impl(impl)
+  if q_b.ndim != 3 or k_b.shape != q_b.shape or gamma.shape != q_b.shape[:2] \
+      or f.shape[:2] != q_b.shape[:2] or f.ndim != 3:
+    raise ValueError(
+        "feedback_solve expects q_b, k_b (B, T, K), gamma (B, T), f (B, T, D);"
+        f" got {q_b.shape}, {k_b.shape}, {gamma.shape}, {f.shape}")
+  if scale is None:
+    scale = q_b.shape[-1] ** -0.5
+
+  def local(q_b, k_b, gamma, f):
+    return _solve_local(q_b, k_b, gamma, f, impl=impl, chunk=chunk,
+                        scale=scale)
+
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  axes = _batch_axes(mesh, q_b.shape[0])
+  if not axes:
+    return local(q_b, k_b, gamma, f)
+  spec = P(axes)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4,
+                       out_specs=spec, check_vma=False)(q_b, k_b, gamma, f)

@@ -1,0 +1,247 @@
+"""Blocked feedback solve in plain JAX: O(T·D) memory, all large matmuls.
+
+Solves s = (I - diag(gamma) A)^{-1} f, A the strictly causal softmax of
+scale * q k^T (DESIGN §4), chunk by chunk in time order. For chunk i (rows
+[lo, hi)) one (C, hi) logits block against every key up to hi gives the row
+log-sum-exp and the contribution of all earlier chunks in a single pass:
+
+  rhs_i = f_i + gamma_i * (A_{i,<i} s_{<i}),   s_i = (I - gamma_i A_ii)^{-1} rhs_i
+
+where the C x C unit lower-triangular system is inverted by blocked
+recursion (matmuls only; XLA's triangular solve is slow on CPU). The loop
+over chunks is unrolled in Python, so every block has a static shape, the
+last chunk may be shorter than the others (no padding), and causal work is
+never wasted on masked blocks.
+
+The backward pass (a `jax.custom_vjp`) solves the adjoint u = (I - M)^{-T} g
+in reverse time, one key chunk at a time. For key chunk j it rebuilds the
+(T - hi, C) block of A below the diagonal from the saved log-sum-exp and
+gathers everything that block feeds in one go: the adjoint contribution
+A^T (gamma u), and the flash-attention style logit gradient
+dlogit_tj = gamma_t A_tj (u_t·s_j - u_t·ctx_t) for dq and dk. Residuals are
+q, k, gamma, s, ctx = A s and the log-sum-exp: O(T·D); no T x T array exists.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_CHUNK = 256
+
+
+def _strict_lower(n: int) -> jax.Array:
+  return jnp.tril(jnp.ones((n, n), dtype=bool), k=-1)
+
+
+_LEAF = 16  # Blocks this small are inverted by repeated squaring.
+
+
+def _unit_lower_inverse(n_bcc: jax.Array) -> jax.Array:
+  """(I - N)^{-1} for strictly lower-triangular N, batched, all matmuls.
+
+  Blocks of up to `_LEAF` rows use (I - N)^{-1} = (I + N)(I + N^2)(I + N^4)...
+  Larger ones are padded to a power of two and split in halves, whose
+  inverses are found together in one batched recursive call:
+  [[X11, 0], [X22 N21 X11, X22]].
+
+  Args:
+    n_bcc: strictly lower-triangular matrices (..., C, C).
+
+  Returns:
+    The inverses (..., C, C).
+  """
+  c = n_bcc.shape[-1]
+  if c <= _LEAF:
+    x = jnp.eye(c, dtype=n_bcc.dtype) + n_bcc
+    power, reach = n_bcc, 2
+    while reach < c:
+      power = power @ power
+      x = x + x @ power
+      reach *= 2
+    return x
+  padded = 1 << (c - 1).bit_length()
+  if padded != c:
+    pad = [(0, 0)] * (n_bcc.ndim - 2) + [(0, padded - c)] * 2
+    return _unit_lower_inverse(jnp.pad(n_bcc, pad))[..., :c, :c]
+  h = c // 2
+  x_both = _unit_lower_inverse(
+      jnp.stack([n_bcc[..., :h, :h], n_bcc[..., h:, h:]]))
+  x11, x22 = x_both[0], x_both[1]
+  x21 = x22 @ n_bcc[..., h:, :h] @ x11
+  top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
+  return jnp.concatenate([top, jnp.concatenate([x21, x22], axis=-1)], axis=-2)
+
+
+def _unit_lower_solve(a_bcc, gamma_bc, rhs_bcd, *, transpose: bool):
+  """Solves (I - diag(gamma) A) x = rhs, or its transpose, per batch row."""
+  inv = _unit_lower_inverse(gamma_bc[..., None] * a_bcc)
+  return jnp.einsum("bsc,bsd->bcd" if transpose else "bcs,bsd->bcd",
+                    inv, rhs_bcd)
+
+
+def _slice(x, i, c):
+  return jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
+
+
+def _put(x, value, i, c):
+  return jax.lax.dynamic_update_slice_in_dim(x, value, i * c, axis=1)
+
+
+def _forward(q_btk, k_btk, gamma_bt, f_btd, chunk, scale):
+  """Returns s, ctx = A s and the row log-sum-exp (0 for row 0).
+
+  T must be a multiple of `chunk`.
+  """
+  b, t, _ = q_btk.shape
+  c, d = chunk, f_btd.shape[-1]
+  dtype = f_btd.dtype
+  mask = _strict_lower(c)
+
+  def chunk_step(i, carry):
+    s_all, ctx_all, lse_all = carry
+    q_i = _slice(q_btk, i, c)
+
+    def key_step(j, acc):
+      # Online softmax over the earlier chunk j: running max, sum, A s.
+      m, l, ctx = acc
+      logits = jnp.einsum("bck,bsk->bcs", q_i, _slice(k_btk, j, c)) * scale
+      m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+      p = jnp.exp(logits - m_new[..., None])
+      rescale = jnp.exp(m - m_new)
+      l = l * rescale + jnp.sum(p, axis=-1)
+      ctx = ctx * rescale[..., None] + jnp.einsum(
+          "bcs,bsd->bcd", p, _slice(s_all, j, c))
+      return m_new, l, ctx
+
+    logits = jnp.einsum("bck,bsk->bcs", q_i, _slice(k_btk, i, c)) * scale
+    logits = jnp.where(mask, logits, -jnp.inf)
+    init = (jnp.max(logits, axis=-1), jnp.zeros((b, c), dtype),
+            jnp.zeros((b, c, d), dtype))
+    m, l, ctx_prev = jax.lax.fori_loop(0, i, key_step, init)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # Row 0 sees no keys at all.
+    p_diag = jnp.exp(logits - m[..., None])
+    l = l + jnp.sum(p_diag, axis=-1)
+    l = jnp.where(l > 0, l, 1.0)
+    a_diag = p_diag / l[..., None]
+    ctx_prev = ctx_prev / l[..., None]
+    gamma_i = _slice(gamma_bt, i, c)
+    rhs = _slice(f_btd, i, c) + gamma_i[..., None] * ctx_prev
+    s_i = _unit_lower_solve(a_diag, gamma_i, rhs, transpose=False)
+    ctx_i = ctx_prev + jnp.einsum("bcs,bsd->bcd", a_diag, s_i)
+    return (_put(s_all, s_i, i, c), _put(ctx_all, ctx_i, i, c),
+            _put(lse_all, m + jnp.log(l), i, c))
+
+  init = (jnp.zeros_like(f_btd), jnp.zeros_like(f_btd),
+          jnp.zeros((b, t), dtype))
+  return jax.lax.fori_loop(0, t // c, chunk_step, init)
+
+
+def _backward(chunk, scale, res, g_btd):
+  """Cotangents of (q, k, gamma, f) from the adjoint recurrence.
+
+  Key chunks are visited last to first. Chunk j first gathers what the rows
+  of every later chunk read from its keys (a flash-attention backward over
+  row chunks), which completes the adjoint right-hand side, then solves its
+  own transposed diagonal block.
+  """
+  q_btk, k_btk, gamma_bt, s_btd, ctx_btd, lse_bt = res
+  b, t, _ = q_btk.shape
+  c = chunk
+  n = t // c
+  mask = _strict_lower(c)
+
+  def chunk_step(step, carry):
+    u_all, w_all, delta_all, dq_all, dk_all = carry
+    j = n - 1 - step
+    k_j, s_j = _slice(k_btk, j, c), _slice(s_btd, j, c)
+
+    def row_step(i, acc):
+      # Row chunk i > j: its logits against keys j give A, dA and dlogits.
+      rhs, dk, dq_all = acc
+      q_i = _slice(q_btk, i, c)
+      w_i = _slice(w_all, i, c)
+      logits = jnp.einsum("bck,bsk->bcs", q_i, k_j) * scale
+      p = jnp.exp(logits - _slice(lse_bt, i, c)[..., None])
+      rhs = rhs + jnp.einsum("bcs,bcd->bsd", p, w_i)
+      ds = p * (jnp.einsum("bcd,bsd->bcs", w_i, s_j)
+                - _slice(delta_all, i, c)[..., None])
+      dk = dk + jnp.einsum("bcs,bck->bsk", ds, q_i)
+      dq_i = _slice(dq_all, i, c) + jnp.einsum("bcs,bsk->bck", ds, k_j)
+      return rhs, dk, _put(dq_all, dq_i, i, c)
+
+    init = (_slice(g_btd, j, c), jnp.zeros_like(k_j), dq_all)
+    rhs, dk_j, dq_all = jax.lax.fori_loop(j + 1, n, row_step, init)
+    q_j, gamma_j = _slice(q_btk, j, c), _slice(gamma_bt, j, c)
+    logits = jnp.einsum("bck,bsk->bcs", q_j, k_j) * scale
+    a_diag = jnp.where(
+        mask, jnp.exp(logits - _slice(lse_bt, j, c)[..., None]), 0.0)
+    u_j = _unit_lower_solve(a_diag, gamma_j, rhs, transpose=True)
+    w_j = gamma_j[..., None] * u_j
+    delta_j = gamma_j * jnp.sum(u_j * _slice(ctx_btd, j, c), axis=-1)
+    ds = a_diag * (jnp.einsum("bcd,bsd->bcs", w_j, s_j) - delta_j[..., None])
+    dk_j = dk_j + jnp.einsum("bcs,bck->bsk", ds, q_j)
+    dq_j = _slice(dq_all, j, c) + jnp.einsum("bcs,bsk->bck", ds, k_j)
+    return (_put(u_all, u_j, j, c), _put(w_all, w_j, j, c),
+            _put(delta_all, delta_j, j, c), _put(dq_all, dq_j, j, c),
+            _put(dk_all, dk_j, j, c))
+
+  init = (jnp.zeros_like(g_btd), jnp.zeros_like(g_btd),
+          jnp.zeros((b, t), g_btd.dtype), jnp.zeros_like(q_btk),
+          jnp.zeros_like(k_btk))
+  u, _, _, dq, dk = jax.lax.fori_loop(0, n, chunk_step, init)
+  dgamma = jnp.sum(u * ctx_btd, axis=-1)
+  return dq * scale, dk * scale, dgamma, u
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _solve(q_btk, k_btk, gamma_bt, f_btd, chunk, scale):
+  return _forward(q_btk, k_btk, gamma_bt, f_btd, chunk, scale)[0]
+
+
+def _solve_fwd(q_btk, k_btk, gamma_bt, f_btd, chunk, scale):
+  s, ctx, lse = _forward(q_btk, k_btk, gamma_bt, f_btd, chunk, scale)
+  return s, (q_btk, k_btk, gamma_bt, s, ctx, lse)
+
+
+_solve.defvjp(_solve_fwd, _backward)
+
+
+def feedback_solve_chunked(q_btk: jax.Array, k_btk: jax.Array,
+                           gamma_bt: jax.Array, f_btd: jax.Array, *,
+                           chunk: int | None = None,
+                           scale: float | None = None) -> jax.Array:
+  """Blocked feedback solve with an O(T·D)-memory custom VJP.
+
+  Computes in float32 (float64 when any input is float64) and returns the
+  dtype of `f_btd`; gradients come back in each input's dtype.
+
+  Args:
+    q_btk: feedback queries (B, T, K).
+    k_btk: feedback keys (B, T, K).
+    gamma_bt: per-token gains (B, T).
+    f_btd: right-hand side (B, T, D).
+    chunk: rows solved per block; defaults to `DEFAULT_CHUNK`. T need not be
+      a multiple of it.
+    scale: logit scale; defaults to K ** -0.5.
+
+  Returns:
+    s (B, T, D) with s_t = f_t + gamma_t * sum_{j<t} A_tj s_j.
+  """
+  chunk = DEFAULT_CHUNK if chunk is None else int(chunk)
+  if chunk < 1:
+    raise ValueError(f"feedback_solve chunk must be >= 1, got {chunk}")
+  if scale is None:
+    scale = q_btk.shape[-1] ** -0.5
+  compute = jnp.result_type(q_btk, k_btk, gamma_bt, f_btd, jnp.float32)
+  t = q_btk.shape[1]
+  chunk = min(chunk, t)
+  pad = -t % chunk
+  # Padding goes after the last row; causality keeps it out of real rows.
+  time_pad = lambda x: jnp.pad(
+      x.astype(compute), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  s = _solve(time_pad(q_btk), time_pad(k_btk), time_pad(gamma_bt),
+             time_pad(f_btd), chunk, float(scale))
+  return s[:, :t].astype(f_btd.dtype)
