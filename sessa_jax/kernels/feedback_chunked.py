@@ -39,7 +39,7 @@ def _strict_lower(n: int) -> jax.Array:
 _LEAF = 16  # Blocks this small are inverted by repeated squaring.
 
 
-def _unit_lower_inverse(n_bcc: jax.Array) -> jax.Array:
+def unit_lower_inverse(n_bcc: jax.Array) -> jax.Array:
   """(I - N)^{-1} for strictly lower-triangular N, batched, all matmuls.
 
   Blocks of up to `_LEAF` rows use (I - N)^{-1} = (I + N)(I + N^2)(I + N^4)...
@@ -65,9 +65,9 @@ def _unit_lower_inverse(n_bcc: jax.Array) -> jax.Array:
   padded = 1 << (c - 1).bit_length()
   if padded != c:
     pad = [(0, 0)] * (n_bcc.ndim - 2) + [(0, padded - c)] * 2
-    return _unit_lower_inverse(jnp.pad(n_bcc, pad))[..., :c, :c]
+    return unit_lower_inverse(jnp.pad(n_bcc, pad))[..., :c, :c]
   h = c // 2
-  x_both = _unit_lower_inverse(
+  x_both = unit_lower_inverse(
       jnp.stack([n_bcc[..., :h, :h], n_bcc[..., h:, h:]]))
   x11, x22 = x_both[0], x_both[1]
   x21 = x22 @ n_bcc[..., h:, :h] @ x11
@@ -77,7 +77,7 @@ def _unit_lower_inverse(n_bcc: jax.Array) -> jax.Array:
 
 def _unit_lower_solve(a_bcc, gamma_bc, rhs_bcd, *, transpose: bool):
   """Solves (I - diag(gamma) A) x = rhs, or its transpose, per batch row."""
-  inv = _unit_lower_inverse(gamma_bc[..., None] * a_bcc)
+  inv = unit_lower_inverse(gamma_bc[..., None] * a_bcc)
   return jnp.einsum("bsc,bsd->bcd" if transpose else "bcs,bsd->bcd",
                     inv, rhs_bcd)
 

@@ -1,0 +1,242 @@
+"""Feedback solve with its O(T²) passes as Pallas kernels (TPU and GPU).
+
+The algorithm of `feedback_chunked` (DESIGN §4), arranged for accelerators:
+
+1. `row_stats`: every row's log-sum-exp over the key chunks before its own
+   (a parallel flash-style pass), merged with the diagonal chunk's in JAX.
+   With exact log-sum-exps, A = exp(logits - lse) blocks from different
+   passes simply add.
+2. The diagonal C x C blocks of all chunks at once (batched, O(T·C)): A_ii
+   and the inverses (I - gamma_i A_ii)^{-1} by blocked recursion.
+3. Forward substitution as a divide-and-conquer over chunks: solve the left
+   half, let the right half's rows read it in one parallel `row_apply`
+   rectangle, solve the right half. Every rectangle is a full-width kernel
+   launch, so the sequential depth is the number of chunks while the work
+   in each launch parallelises over all its rows.
+4. Backward: the adjoint u = (I - M)^{-T} g by the mirrored recursion (right
+   half first; `col_apply` rectangles give the left keys both their adjoint
+   contribution A^T (gamma u) and their dk), then one parallel `row_grad`
+   pass for dq, plus the diagonal blocks in JAX.
+
+Kernels come from `feedback_pallas_tpu` (Mosaic, sequential reduction axis
+with VMEM scratch) or `feedback_pallas_gpu` (Triton, in-kernel loops). On
+CPU they run in interpret mode, which is how the tests check them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sessa_jax.kernels import feedback_chunked
+from sessa_jax.kernels import feedback_pallas_gpu
+from sessa_jax.kernels import feedback_pallas_tpu
+
+BACKENDS = {"tpu": feedback_pallas_tpu, "gpu": feedback_pallas_gpu}
+DEFAULT_CHUNK = {"tpu": 128, "gpu": 64}
+
+
+class _Setup(NamedTuple):
+  """Static (hashable) settings of one solve."""
+  backend: str
+  interpret: bool
+  chunk: int
+  scale: float
+  mm_dtype: jnp.dtype
+
+  def op(self, name):
+    """Kernel `name` of this backend, with the chunk as its tile height."""
+    return functools.partial(getattr(BACKENDS[self.backend], name),
+                             block=self.chunk, scale=self.scale,
+                             interpret=self.interpret)
+
+
+def _default_backend() -> str:
+  return "gpu" if jax.default_backend() == "gpu" else "tpu"
+
+
+def _chunked(x, chunk):
+  """(B, T, ...) -> (B, T // chunk, chunk, ...)."""
+  return x.reshape(x.shape[0], -1, chunk, *x.shape[2:])
+
+
+def _unchunked(x):
+  return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _diagonal(q_btk, k_btk, lse_bt, chunk, scale):
+  """A_ii of every chunk, (B, N, C, C), from the full-row log-sum-exp."""
+  q, k = _chunked(q_btk, chunk), _chunked(k_btk, chunk)
+  logits = jnp.einsum("bnck,bnsk->bncs", q, k) * scale
+  mask = jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)
+  lse = _chunked(lse_bt, chunk)[..., None]
+  return logits, jnp.where(mask, jnp.exp(logits - lse), 0.0)
+
+
+def _row_lse(q_btk, k_btk, setup):
+  """Log-sum-exp over all earlier keys per row (0 for row 0)."""
+  chunk, scale = setup.chunk, setup.scale
+  lse_off = setup.op("row_stats")(q_btk, k_btk, causal=True)
+  q, k = _chunked(q_btk, chunk), _chunked(k_btk, chunk)
+  logits = jnp.einsum("bnck,bnsk->bncs", q, k) * scale
+  mask = jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)
+  lse_diag = jax.nn.logsumexp(jnp.where(mask, logits, -jnp.inf), axis=-1)
+  lse = jnp.logaddexp(lse_off, _unchunked(lse_diag))
+  return jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+
+def _forward(q_btk, k_btk, gamma_bt, f_btd, setup):
+  chunk, scale, mm_dtype = setup.chunk, setup.scale, setup.mm_dtype
+  n = q_btk.shape[1] // chunk
+  lse = _row_lse(q_btk.astype(mm_dtype), k_btk.astype(mm_dtype), setup)
+  _, a_diag = _diagonal(q_btk, k_btk, lse, chunk, scale)
+  gamma = _chunked(gamma_bt, chunk)
+  inv = feedback_chunked.unit_lower_inverse(gamma[..., None] * a_diag)
+  f = _chunked(f_btd, chunk)
+  s = [None] * n
+  ctx_off = [jnp.zeros_like(f[:, 0])] * n
+  rows = lambda x, lo, hi: x[:, lo * chunk:hi * chunk].astype(mm_dtype)
+
+  def solve(lo, hi):
+    if hi - lo == 1:
+      rhs = f[:, lo] + gamma[:, lo, :, None] * ctx_off[lo]
+      s[lo] = jnp.einsum("bcs,bsd->bcd", inv[:, lo], rhs)
+      return
+    mid = (lo + hi) // 2
+    solve(lo, mid)
+    read = setup.op("row_apply")(
+        rows(q_btk, mid, hi), rows(k_btk, lo, mid),
+        jnp.concatenate(s[lo:mid], axis=1).astype(mm_dtype),
+        lse[:, mid * chunk:hi * chunk], causal=False)
+    for i in range(mid, hi):
+      ctx_off[i] = ctx_off[i] + read[:, (i - mid) * chunk:(i - mid + 1) * chunk]
+    solve(mid, hi)
+
+  solve(0, n)
+  s_bnd = jnp.stack(s, axis=1)
+  ctx = jnp.stack(ctx_off, axis=1) + jnp.einsum("bncs,bnsd->bncd", a_diag,
+                                                s_bnd)
+  return _unchunked(s_bnd), _unchunked(ctx), lse
+
+
+def _backward(setup, res, g_btd):
+  chunk, scale, mm_dtype = setup.chunk, setup.scale, setup.mm_dtype
+  q_btk, k_btk, gamma_bt, s_btd, ctx_btd, lse = res
+  n = q_btk.shape[1] // chunk
+  _, a_diag = _diagonal(q_btk, k_btk, lse, chunk, scale)
+  gamma = _chunked(gamma_bt, chunk)
+  inv = feedback_chunked.unit_lower_inverse(gamma[..., None] * a_diag)
+  ctx = _chunked(ctx_btd, chunk)
+  rhs = [g for g in jnp.moveaxis(_chunked(g_btd, chunk), 1, 0)]
+  dk_off = [jnp.zeros_like(k_btk[:, :chunk])] * n
+  u, w, delta = [None] * n, [None] * n, [None] * n
+  rows = lambda x, lo, hi: x[:, lo * chunk:hi * chunk]
+
+  def adjoint(lo, hi):
+    if hi - lo == 1:
+      u[lo] = jnp.einsum("bsc,bsd->bcd", inv[:, lo], rhs[lo])
+      w[lo] = gamma[:, lo, :, None] * u[lo]
+      delta[lo] = gamma[:, lo] * jnp.sum(u[lo] * ctx[:, lo], axis=-1)
+      return
+    mid = (lo + hi) // 2
+    adjoint(mid, hi)
+    dv, dk = setup.op("col_apply")(
+        rows(q_btk, mid, hi).astype(mm_dtype),
+        rows(k_btk, lo, mid).astype(mm_dtype),
+        jnp.concatenate(w[mid:hi], axis=1).astype(mm_dtype),
+        rows(s_btd, lo, mid).astype(mm_dtype),
+        jnp.concatenate(delta[mid:hi], axis=1), rows(lse, mid, hi),
+        causal=False)
+    for j in range(lo, mid):
+      part = slice((j - lo) * chunk, (j - lo + 1) * chunk)
+      rhs[j] = rhs[j] + dv[:, part]
+      dk_off[j] = dk_off[j] + dk[:, part]
+    adjoint(lo, mid)
+
+  adjoint(0, n)
+  u_btd = jnp.concatenate(u, axis=1)
+  w_btd = jnp.concatenate(w, axis=1)
+  delta_bt = jnp.concatenate(delta, axis=1)
+  dq = setup.op("row_grad")(
+      q_btk.astype(mm_dtype), k_btk.astype(mm_dtype), s_btd.astype(mm_dtype),
+      w_btd.astype(mm_dtype), delta_bt, lse, causal=True)
+  # The diagonal blocks' share of the logit gradient.
+  w_c, s_c = _chunked(w_btd, chunk), _chunked(s_btd, chunk)
+  ds = a_diag * (jnp.einsum("bncd,bnsd->bncs", w_c, s_c)
+                 - _chunked(delta_bt, chunk)[..., None])
+  dq = dq + _unchunked(jnp.einsum("bncs,bnsk->bnck", ds,
+                                  _chunked(k_btk, chunk)))
+  dk = jnp.concatenate(dk_off, axis=1) + _unchunked(
+      jnp.einsum("bncs,bnck->bnsk", ds, _chunked(q_btk, chunk)))
+  dgamma = jnp.sum(u_btd * ctx_btd, axis=-1)
+  return dq * scale, dk * scale, dgamma, u_btd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _solve(q_btk, k_btk, gamma_bt, f_btd, setup):
+  return _forward(q_btk, k_btk, gamma_bt, f_btd, setup)[0]
+
+
+def _solve_fwd(q_btk, k_btk, gamma_bt, f_btd, setup):
+  s, ctx, lse = _forward(q_btk, k_btk, gamma_bt, f_btd, setup)
+  return s, (q_btk, k_btk, gamma_bt, s, ctx, lse)
+
+
+_solve.defvjp(_solve_fwd, _backward)
+
+
+def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
+                          gamma_bt: jax.Array, f_btd: jax.Array, *,
+                          chunk: int | None = None,
+                          scale: float | None = None,
+                          backend: str | None = None,
+                          interpret: bool | None = None) -> jax.Array:
+  """Feedback solve whose O(T²) passes are Pallas kernels.
+
+  Args:
+    q_btk: feedback queries (B, T, K).
+    k_btk: feedback keys (B, T, K).
+    gamma_bt: per-token gains (B, T).
+    f_btd: right-hand side (B, T, D).
+    chunk: rows per block (the kernels' tile height); a multiple of 8 on TPU,
+      a power of two on GPU. Defaults per backend (`DEFAULT_CHUNK`). T is
+      padded up to a multiple of it.
+    scale: logit scale; defaults to K ** -0.5.
+    backend: `tpu` or `gpu` kernels; defaults to the platform's (TPU kernels
+      when running on CPU).
+    interpret: run the kernels in interpret mode; defaults to True on CPU.
+
+  Returns:
+    s (B, T, D) in the dtype of `f_btd`. Solves accumulate in float32
+    (float64 inputs compute in float64); bfloat16 inputs feed the kernels'
+    matmuls as bfloat16.
+  """
+  backend = _default_backend() if backend is None else backend
+  if backend not in BACKENDS:
+    raise ValueError(f"feedback_solve_pallas backend={backend!r} is not one "
+                     f"of: {', '.join(BACKENDS)}")
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  chunk = DEFAULT_CHUNK[backend] if chunk is None else int(chunk)
+  if backend == "tpu" and chunk % 8:
+    raise ValueError(f"feedback_solve chunk must be a multiple of 8 for the "
+                     f"TPU kernels, got {chunk}")
+  if backend == "gpu" and chunk & (chunk - 1):
+    raise ValueError(f"feedback_solve chunk must be a power of two for the "
+                     f"GPU kernels, got {chunk}")
+  if scale is None:
+    scale = q_btk.shape[-1] ** -0.5
+  compute = jnp.result_type(q_btk, k_btk, gamma_bt, f_btd, jnp.float32)
+  mm_dtype = jnp.bfloat16 if q_btk.dtype == jnp.bfloat16 else compute
+  t = q_btk.shape[1]
+  pad = -t % chunk
+  time_pad = lambda x: jnp.pad(
+      x.astype(compute), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  setup = _Setup(backend, bool(interpret), chunk, float(scale),
+                 jnp.dtype(mm_dtype))
+  s = _solve(time_pad(q_btk), time_pad(k_btk), time_pad(gamma_bt),
+             time_pad(f_btd), setup)
+  return s[:, :t].astype(f_btd.dtype)

@@ -1,0 +1,236 @@
+"""Mosaic TPU kernels for the O(T²) passes of the feedback solve.
+
+Four flash-attention style passes over (row block, key block) pairs, each a
+`pallas_call` with grid (B, outer blocks, inner blocks): the inner axis is
+the reduction, marked "arbitrary" so it runs in order, and its running state
+lives in VMEM scratch. Blocks are (C, K) and (C, D) tiles, C a multiple of 8
+(128 in practice) and K, D the full feature widths; per-row scalars travel as
+(B, T, 1) arrays so their (C, 1) tiles are legal too. `causal=True` keeps
+only pairs whose key block precedes the row block (the diagonal blocks are
+handled outside, in plain JAX); `causal=False` is for rectangles where every
+key precedes every row.
+
+Logits use log-sum-exps `lse` computed by `row_stats`, so A = exp(l - lse)
+needs no rescaling and contributions from different calls simply add.
+Matmul operands keep their input dtype (bfloat16 feeds the MXU directly);
+accumulation and every output are float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+
+
+def _acc_dtype(x):
+  """Accumulation dtype: float32, or float64 for float64 inputs."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _visible(r, c, causal):
+  """Whether key block c feeds row block r."""
+  return c < r if causal else c >= 0
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret):
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, scratch_shapes=scratch,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=pltpu.InterpretParams() if interpret else False)
+
+
+def _key_index(causal):
+  """Index map of a key-side block in a (b, row, key) grid.
+
+  Under `causal` the blocks past the diagonal are skipped; pointing them at
+  the last useful block means they are never fetched.
+  """
+  if not causal:
+    return lambda b, r, c: (b, c, 0)
+  return lambda b, r, c: (b, jnp.minimum(c, jnp.maximum(r - 1, 0)), 0)
+
+
+def _logits(q_ref, k_ref, scale):
+  return pl.dot(q_ref[...], k_ref[...], trans_b=True) * scale
+
+
+# Row log-sum-exp over visible key blocks.
+
+
+def _stats_kernel(q_ref, k_ref, lse_ref, m_sc, l_sc, *, scale, causal):
+  r, c = pl.program_id(1), pl.program_id(2)
+
+  @pl.when(c == 0)
+  def _():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, m_sc.dtype)
+    l_sc[...] = jnp.zeros(l_sc.shape, l_sc.dtype)
+
+  @pl.when(_visible(r, c, causal))
+  def _():
+    logits = _logits(q_ref, k_ref, scale)
+    m_prev = m_sc[...]
+    m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
+    l_sc[...] = l_sc[...] * jnp.exp(m_prev - m_new) + jnp.sum(
+        jnp.exp(logits - m_new), axis=1, keepdims=True)
+    m_sc[...] = m_new
+
+  @pl.when(c == pl.num_programs(2) - 1)
+  def _():
+    l = l_sc[...]
+    lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(l), -jnp.inf)
+
+
+def row_stats(q_btk, k_btk, *, block, scale, causal, interpret):
+  """Log-sum-exp over visible keys per row, -inf where none: (B, T)."""
+  acc = _acc_dtype(q_btk)
+  b, t, kd = q_btk.shape
+  n_rows, n_keys = t // block, k_btk.shape[1] // block
+  lse = _call(
+      functools.partial(_stats_kernel, scale=scale, causal=causal),
+      (b, n_rows, n_keys),
+      [pl.BlockSpec((None, block, kd), lambda b, r, c: (b, r, 0)),
+       pl.BlockSpec((None, block, kd), _key_index(causal))],
+      pl.BlockSpec((None, block, 1), lambda b, r, c: (b, r, 0)),
+      jax.ShapeDtypeStruct((b, t, 1), acc),
+      [pltpu.VMEM((block, 1), acc), pltpu.VMEM((block, 1), acc)],
+      interpret)(q_btk, k_btk)
+  return lse[..., 0]
+
+
+# Rows read values: out_t = sum_j A_tj v_j.
+
+
+def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, acc_sc, *, scale,
+                  causal):
+  r, c = pl.program_id(1), pl.program_id(2)
+
+  @pl.when(c == 0)
+  def _():
+    acc_sc[...] = jnp.zeros(acc_sc.shape, acc_sc.dtype)
+
+  @pl.when(_visible(r, c, causal))
+  def _():
+    p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])
+    acc_sc[...] += pl.dot(p.astype(v_ref.dtype), v_ref[...])
+
+  @pl.when(c == pl.num_programs(2) - 1)
+  def _():
+    out_ref[...] = acc_sc[...]
+
+
+def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, causal, interpret):
+  """sum_j exp(q_t.k_j * scale - lse_t) v_j over visible keys: (B, T, D)."""
+  acc = _acc_dtype(q_btk)
+  b, t, kd = q_btk.shape
+  d = v_btd.shape[-1]
+  n_rows, n_keys = t // block, k_btk.shape[1] // block
+  row = lambda width: pl.BlockSpec((None, block, width),
+                                   lambda b, r, c: (b, r, 0))
+  key = lambda width: pl.BlockSpec((None, block, width), _key_index(causal))
+  return _call(
+      functools.partial(_apply_kernel, scale=scale, causal=causal),
+      (b, n_rows, n_keys), [row(kd), key(kd), key(d), row(1)], row(d),
+      jax.ShapeDtypeStruct((b, t, d), acc), [pltpu.VMEM((block, d), acc)],
+      interpret)(q_btk, k_btk, v_btd, lse_bt[..., None])
+
+
+# Keys gather from rows: dv_j = sum_t A_tj w_t and dk_j = sum_t dlogit_tj q_t.
+
+
+def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
+                dk_ref, dv_sc, dk_sc, *, scale, causal):
+  c, r = pl.program_id(1), pl.program_id(2)
+
+  @pl.when(r == 0)
+  def _():
+    dv_sc[...] = jnp.zeros(dv_sc.shape, dv_sc.dtype)
+    dk_sc[...] = jnp.zeros(dk_sc.shape, dk_sc.dtype)
+
+  @pl.when(_visible(r, c, causal))
+  def _():
+    p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])  # (rows, keys)
+    w = w_ref[...]
+    dv_sc[...] += pl.dot(p.astype(w.dtype), w, trans_a=True)
+    dp = pl.dot(w, s_ref[...], trans_b=True)
+    ds = p * (dp - delta_ref[...])
+    dk_sc[...] += pl.dot(ds.astype(q_ref.dtype), q_ref[...], trans_a=True)
+
+  @pl.when(r == pl.num_programs(2) - 1)
+  def _():
+    dv_ref[...] = dv_sc[...]
+    dk_ref[...] = dk_sc[...]
+
+
+def col_apply(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, *, block, scale,
+              causal, interpret):
+  """Per key j: (sum_t A_tj w_t, sum_t dlogit_tj q_t), dlogit unscaled."""
+  acc = _acc_dtype(q_btk)
+  b, t_rows, kd = q_btk.shape
+  t_keys, d = k_btk.shape[1], w_btd.shape[-1]
+  n_rows, n_keys = t_rows // block, t_keys // block
+  if causal:  # Row blocks up to the diagonal are skipped: reuse the next one.
+    row_map = lambda b, c, r: (b, jnp.maximum(r, jnp.minimum(c + 1, n_rows - 1)),
+                               0)
+  else:
+    row_map = lambda b, c, r: (b, r, 0)
+  row = lambda width: pl.BlockSpec((None, block, width), row_map)
+  key = lambda width: pl.BlockSpec((None, block, width),
+                                   lambda b, c, r: (b, c, 0))
+  return _call(
+      functools.partial(_col_kernel, scale=scale, causal=causal),
+      (b, n_keys, n_rows),
+      [row(kd), key(kd), row(d), key(d), row(1), row(1)], [key(d), key(kd)],
+      [jax.ShapeDtypeStruct((b, t_keys, d), acc),
+       jax.ShapeDtypeStruct((b, t_keys, kd), acc)],
+      [pltpu.VMEM((block, d), acc), pltpu.VMEM((block, kd), acc)],
+      interpret)(q_btk, k_btk, w_btd, s_btd, delta_bt[..., None],
+                 lse_bt[..., None])
+
+
+# Rows gather from keys: dq_t = sum_j dlogit_tj k_j.
+
+
+def _grad_kernel(q_ref, k_ref, s_ref, w_ref, delta_ref, lse_ref, dq_ref,
+                 dq_sc, *, scale, causal):
+  r, c = pl.program_id(1), pl.program_id(2)
+
+  @pl.when(c == 0)
+  def _():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, dq_sc.dtype)
+
+  @pl.when(_visible(r, c, causal))
+  def _():
+    p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])
+    dp = pl.dot(w_ref[...], s_ref[...], trans_b=True)
+    ds = p * (dp - delta_ref[...])
+    dq_sc[...] += pl.dot(ds.astype(k_ref.dtype), k_ref[...])
+
+  @pl.when(c == pl.num_programs(2) - 1)
+  def _():
+    dq_ref[...] = dq_sc[...]
+
+
+def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, scale,
+             causal, interpret):
+  """Per row t: sum_j dlogit_tj k_j over visible keys, dlogit unscaled."""
+  acc = _acc_dtype(q_btk)
+  b, t, kd = q_btk.shape
+  d = s_btd.shape[-1]
+  n_rows, n_keys = t // block, k_btk.shape[1] // block
+  row = lambda width: pl.BlockSpec((None, block, width),
+                                   lambda b, r, c: (b, r, 0))
+  key = lambda width: pl.BlockSpec((None, block, width), _key_index(causal))
+  return _call(
+      functools.partial(_grad_kernel, scale=scale, causal=causal),
+      (b, n_rows, n_keys), [row(kd), key(kd), key(d), row(d), row(1), row(1)],
+      row(kd), jax.ShapeDtypeStruct((b, t, kd), acc),
+      [pltpu.VMEM((block, kd), acc)],
+      interpret)(q_btk, k_btk, s_btd, w_btd, delta_bt[..., None],
+                 lse_bt[..., None])
