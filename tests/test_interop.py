@@ -56,6 +56,8 @@ def test_golden_official_layer(assets_dir):
   for case, state, heads, kv_heads, arrays in _golden_cases(assets_dir):
     block = interop.sessa_block_from_torch(state, n_heads=heads,
                                            n_kv_heads=kv_heads)
+    assert all(isinstance(v, jax.Array)
+               for v in jax.tree.leaves(nnx.state(block, nnx.Param)))
     y = _forward(block, jnp.asarray(arrays["x"]))
     assert _rel(y, arrays["y"]) < 1e-5, case
     assert _rel(_decode_all(block, jnp.asarray(arrays["x"])), arrays["y_decode"]) < 1e-5, case
@@ -115,7 +117,6 @@ def _reference_layer(state, x, heads, kv_heads, gamma_max=0.999):
   for head in range(heads):
     kvh = head // (heads // kv_heads)
     for i in range(t):
-      logits = q[:, i, head] @ k[:, : i + 1, kvh].transpose(0, 2, 1) / np.sqrt(hd)
       logits = np.einsum("bd,bsd->bs", q[:, i, head], k[:, : i + 1, kvh]) / np.sqrt(hd)
       w = np.exp(logits - logits.max(-1, keepdims=True))
       w /= w.sum(-1, keepdims=True)
@@ -151,6 +152,18 @@ def test_matches_independent_numpy_reference(d, heads, kv_heads, t):
                                          n_kv_heads=kv_heads)
   assert _rel(_forward(block, jnp.asarray(x)), want) < 1e-5
   assert _rel(_decode_all(block, jnp.asarray(x)), want) < 1e-5
+
+
+def test_reference_comparison_detects_layout_errors():
+  """Swapping the a/g halves of W_in (a classic porting bug) is caught."""
+  rng = np.random.default_rng(1)
+  state = _random_state(rng, 16, 2, 2)
+  x = rng.standard_normal((2, 6, 16)).astype(np.float32)
+  want = _reference_layer(state, x, 2, 2)
+  for name in ("W_in.weight", "W_in.bias"):
+    state[name] = np.concatenate([state[name][16:], state[name][:16]])
+  block = interop.sessa_block_from_torch(state, n_heads=2)
+  assert _rel(_forward(block, jnp.asarray(x)), want) > 1e-2
 
 
 def test_gamma_max_is_used():
