@@ -42,7 +42,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret):
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+      compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=2),
       interpret=interpret)
 
 

@@ -1,0 +1,329 @@
+"""CPU benchmark of the feedback solve and of whole layers (`make bench`).
+
+One run measures, each case in its own process so peak memory is its own:
+
+* the machine's float32 matmul rate (a jitted 2048^3 product);
+* `chunked` vs `dense` feedback solve, forward and forward+backward, for
+  T = 512 ... 16384 (B = 2, K = D = 256): median wall time, peak resident
+  memory above the process's baseline, achieved GFLOP/s;
+* one MixerBlock (sessa, attention, mamba2; D = 256, 4 heads) forward+backward
+  tokens/s and GFLOP/s against the matmul rate.
+
+FLOPs follow DESIGN §7 (a multiply-add is 2 FLOPs, causal products count the
+half they compute; backward = 2x forward). Cases whose estimated memory does
+not fit are reported as skipped; a case that fails (a missing mixer, out of
+memory) is reported with its error. Prints a table and writes
+experiments/results/bench_cpu.json.
+
+Usage: python experiments/bench.py [--quick] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "experiments" / "results" / "bench_cpu.json"
+B, D, HEADS = 2, 256, 4
+SOLVE_T = (512, 1024, 2048, 4096, 8192, 16384)
+LAYER_T = (2048, 4096)
+MIXERS = ("sessa", "attention", "mamba2")
+# The official PyTorch Sessa layer on this machine (stated by the project's
+# issue 3, not re-measured here): forward+backward tokens/s, B = 2, D = 256.
+TORCH_REFERENCE_TOK_S = {2048: 3300.0, 4096: 1600.0}
+# The feedback chunk the layers run with: the chunked solve's default, the
+# fastest of 128/256/512 at T = 4096 on this machine.
+LAYER_FEEDBACK_CHUNK = 256
+DENSE_ARRAYS = 6  # T x T float32 arrays the dense backward keeps alive.
+
+
+def _peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _proc_status_bytes(field: str) -> int | None:
+  """A memory field (VmRSS, VmHWM) of /proc/self/status, in bytes."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def _reset_peak() -> int | None:
+  """Resets the kernel's peak-RSS mark (Linux); returns the current RSS."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    return None
+  return _proc_status_bytes("VmRSS")
+
+
+def _time(fn, args, *, min_runs=3, budget_s=40.0):
+  """Times jitted fn(*args): median wall time and memory.
+
+  Returns a dict: `seconds` (median after a warm-up call), `compile_s`,
+  `runs`, `xla_temp_bytes` (scratch the compiled program allocates) and
+  `run_peak_bytes` (peak RSS during the timed runs above the RSS after
+  compiling; freed compiler memory the allocator reuses can hide some).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  fn = fn.lower(*args).compile()
+  jax.block_until_ready(fn(*args))
+  compile_s = time.perf_counter() - start
+  stats = fn.memory_analysis()
+  rss_after_compile = _reset_peak()
+  times = []
+  while len(times) < min_runs and (not times or sum(times) < budget_s):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  times.sort()
+  hwm = _proc_status_bytes("VmHWM")
+  return {"seconds": times[len(times) // 2], "compile_s": compile_s,
+          "runs": len(times),
+          "xla_temp_bytes": getattr(stats, "temp_size_in_bytes", None),
+          "run_peak_bytes": (hwm - rss_after_compile
+                             if hwm and rss_after_compile else None)}
+
+
+def _child_matmul(spec):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  n = spec["n"]
+  a = jnp.ones((n, n), jnp.float32) * 0.5
+  timed = _time(jax.jit(lambda x, y: x @ y), (a, a), min_runs=5)
+  return {"gflops": 2 * n ** 3 / timed["seconds"] / 1e9, **timed}
+
+
+def _child_solve(spec):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sessa_jax.kernels import feedback_solve  # pylint: disable=g-import-not-at-top
+  t, impl = spec["t"], spec["impl"]
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (B, t, D), jnp.float32)
+  k = jax.random.normal(keys[1], (B, t, D), jnp.float32)
+  gamma = 0.999 * jnp.tanh(jax.random.normal(keys[2], (B, t), jnp.float32))
+  f = jax.random.normal(keys[3], (B, t, D), jnp.float32)
+  jax.block_until_ready((q, k, gamma, f))
+  baseline = _peak_rss_bytes()
+  solve = lambda *a: feedback_solve(*a, impl=impl, chunk=spec.get("chunk"))
+  if spec["mode"] == "fwd":
+    fn = jax.jit(solve)
+  else:
+    fn = jax.jit(jax.grad(lambda *a: jnp.sum(solve(*a) ** 2),
+                          argnums=(0, 1, 2, 3)))
+  timed = _time(fn, (q, k, gamma, f))
+  return {**timed, "peak_bytes": _peak_rss_bytes() - baseline}
+
+
+def _layer_flops(cfg, t):
+  """Forward FLOPs per token of one block (budget.flops_per_token, DESIGN §7)."""
+  from sessa_jax import budget  # pylint: disable=g-import-not-at-top
+  one = cfg.replace(n_layers=1)
+  return budget.flops_per_token(one, t) - 2.0 * cfg.d_model * cfg.vocab_size
+
+
+def _child_layer(spec):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sessa_jax.models import MixerBlock, ModelConfig  # pylint: disable=g-import-not-at-top
+  t = spec["t"]
+  cfg = ModelConfig(mixer=spec["mixer"], d_model=D, n_heads=HEADS,
+                    n_layers=1, feedback_impl="auto")
+  if spec.get("chunk"):
+    cfg = cfg.replace(feedback_chunk=spec["chunk"])
+  block = MixerBlock(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(block)
+  x = jax.random.normal(jax.random.key(1), (B, t, D), jnp.float32)
+  jax.block_until_ready(x)
+  baseline = _peak_rss_bytes()
+
+  @jax.jit
+  def step(params, x):
+    loss = lambda p, x: jnp.mean(nnx.merge(graphdef, p)(x) ** 2)
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  timed = _time(step, (params, x))
+  flops = 3 * _layer_flops(cfg, t) * B * t
+  return {**timed, "tokens_per_s": B * t / timed["seconds"],
+          "gflops": flops / timed["seconds"] / 1e9,
+          "peak_bytes": _peak_rss_bytes() - baseline}
+
+
+CHILDREN = {"matmul": _child_matmul, "solve": _child_solve,
+            "layer": _child_layer}
+
+
+def _run_child(spec, timeout_s):
+  """Runs one case in a fresh process; returns its result dict."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  env.pop("XLA_FLAGS", None)  # One real CPU device.
+  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child",
+         json.dumps(spec)]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          timeout=timeout_s, check=False)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout_s} s"}
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+  killed = proc.returncode in (-9, 137)
+  return {"error": "killed (out of memory?)" if killed else tail[0][:300]}
+
+
+def _available_bytes() -> int:
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 8 << 30
+
+
+def _solve_flops(t):
+  """Forward FLOPs of one solve: two causal products (logits, A s)."""
+  return 2 * (2.0 * B * t * t / 2 * D)
+
+
+def _fmt(x, spec="{:.3f}"):
+  return "-" if x is None else spec.format(x)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--child", help=argparse.SUPPRESS)
+  parser.add_argument("--out", default=str(DEFAULT_OUT))
+  parser.add_argument("--quick", action="store_true",
+                      help="T up to 2048 only (a smoke run)")
+  args = parser.parse_args(argv)
+  if args.child:
+    spec = json.loads(args.child)
+    print("RESULT " + json.dumps(CHILDREN[spec["kind"]](spec)), flush=True)
+    return
+
+  solve_ts = [t for t in SOLVE_T if not args.quick or t <= 2048]
+  layer_ts = [t for t in LAYER_T if not args.quick or t <= 2048]
+  started = time.time()
+  mm = _run_child({"kind": "matmul", "n": 2048}, 300)
+  rate = mm.get("gflops")
+  print(f"float32 matmul (2048^3, jitted): {_fmt(rate, '{:.1f}')} GFLOP/s")
+
+  solves = []
+  for t in solve_ts:
+    for impl in ("chunked", "dense"):
+      for mode in ("fwd", "fwd_bwd"):
+        row = {"t": t, "impl": impl, "mode": mode}
+        need = DENSE_ARRAYS * B * t * t * 4 if impl == "dense" else 0
+        if need > 0.6 * _available_bytes():
+          row["skipped"] = (f"needs ~{need / 2**30:.0f} GiB for T x T arrays, "
+                            f"{_available_bytes() / 2**30:.0f} GiB available")
+        else:
+          row.update(_run_child({"kind": "solve", "t": t, "impl": impl,
+                                 "mode": mode}, 900))
+        if "seconds" in row:
+          flops = _solve_flops(t) * (1 if mode == "fwd" else 3)
+          row["gflops"] = flops / row["seconds"] / 1e9
+        solves.append(row)
+        print(f"  solve T={t:5d} {impl:7s} {mode:7s} "
+              f"{_fmt(row.get('seconds'))} s  "
+              f"{_fmt(row.get('peak_bytes') and row['peak_bytes'] / 2**20, '{:.0f}')} MiB "
+              f"{row.get('skipped', row.get('error', ''))}", flush=True)
+
+  layers = []
+  for t in layer_ts:
+    for mixer in MIXERS:
+      row = {"t": t, "mixer": mixer}
+      row.update(_run_child({"kind": "layer", "t": t, "mixer": mixer,
+                             "chunk": LAYER_FEEDBACK_CHUNK}, 900))
+      if rate and "gflops" in row:
+        row["fraction_of_matmul_rate"] = row["gflops"] / rate
+      layers.append(row)
+      print(f"  layer T={t:5d} {mixer:9s} {_fmt(row.get('tokens_per_s'), '{:.0f}')}"
+            f" tok/s {row.get('error', '')}", flush=True)
+
+  by = {(r["t"], r["impl"], r["mode"]): r for r in solves}
+  print("\nFeedback solve, float32, B=2, K=D=256: median seconds; memory = "
+        "peak RSS in MiB above the\nprocess baseline, compilation included "
+        "(XLA's scratch for the compiled program in brackets);\n"
+        "ratio = chunked/dense")
+  print(f"{'T':>6} | {'fwd chunked':>11} {'dense':>8} {'ratio':>6} | "
+        f"{'f+b chunked':>11} {'dense':>8} {'ratio':>6} | "
+        f"{'MiB chunked':>12} {'dense':>12} {'ratio':>6} | {'GFLOP/s':>7}")
+  for t in solve_ts:
+    cells = []
+    for mode in ("fwd", "fwd_bwd"):
+      c, d = by[(t, "chunked", mode)], by[(t, "dense", mode)]
+      cs, ds = c.get("seconds"), d.get("seconds")
+      cells += [_fmt(cs), _fmt(ds), _fmt(cs / ds if cs and ds else None,
+                                          "{:.2f}")]
+    c, d = by[(t, "chunked", "fwd_bwd")], by[(t, "dense", "fwd_bwd")]
+    cm, dm = c.get("peak_bytes"), d.get("peak_bytes")
+    mib = lambda r: (f"{r['peak_bytes'] / 2**20:.0f}"
+                     f"({r['xla_temp_bytes'] / 2**20:.0f})"
+                     if r.get("peak_bytes") else "-")
+    cells += [mib(c), mib(d), _fmt(cm / dm if cm and dm else None, "{:.2f}"),
+              _fmt(c.get("gflops"), "{:.1f}")]
+    print(f"{t:>6} | {cells[0]:>11} {cells[1]:>8} {cells[2]:>6} | "
+          f"{cells[3]:>11} {cells[4]:>8} {cells[5]:>6} | "
+          f"{cells[6]:>12} {cells[7]:>12} {cells[8]:>6} | {cells[9]:>7}")
+
+  print(f"\nOne MixerBlock forward+backward, float32, B=2, D=256, 4 heads "
+        f"(matmul rate {_fmt(rate, '{:.1f}')} GFLOP/s)")
+  print(f"{'T':>6} {'mixer':>9} {'tok/s':>8} {'GFLOP/s':>8} {'of matmul':>9} "
+        f"{'MiB':>6} {'vs torch (stated)':>18}")
+  for r in layers:
+    ref = TORCH_REFERENCE_TOK_S.get(r["t"]) if r["mixer"] == "sessa" else None
+    tok = r.get("tokens_per_s")
+    print(f"{r['t']:>6} {r['mixer']:>9} {_fmt(tok, '{:.0f}'):>8} "
+          f"{_fmt(r.get('gflops'), '{:.1f}'):>8} "
+          f"{_fmt(r.get('fraction_of_matmul_rate'), '{:.0%}'):>9} "
+          f"{_fmt(r.get('peak_bytes') and r['peak_bytes'] / 2**20, '{:.0f}'):>6} "
+          f"{_fmt(tok / ref if tok and ref else None, '{:.2f}x'):>18}"
+          f"  {r.get('error', '')}")
+
+  result = {
+      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                  "load_avg_at_start": os.getloadavg()},
+      "config": {"batch": B, "d_model": D, "feedback_dim": D, "heads": HEADS,
+                 "dtype": "float32", "solve_chunk": "default (256)",
+                 "layer_feedback_chunk": LAYER_FEEDBACK_CHUNK},
+      "matmul_gflops": rate,
+      "flop_convention": "DESIGN §7: multiply-add = 2 FLOPs, causal products "
+                         "count half; backward = 2x forward",
+      "solve": solves,
+      "layer": layers,
+      "torch_reference_tokens_per_s": {
+          "note": "official PyTorch Sessa layer fwd+bwd on this machine as "
+                  "stated in issue 3 (baseline, not measured by this script)",
+          **{str(t): v for t, v in TORCH_REFERENCE_TOK_S.items()}},
+      "wall_s": time.time() - started,
+  }
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=1) + "\n")
+  print(f"\nwrote {out} in {result['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,26 @@
+"""The feedback benchmark scripts run end to end (GPU check as a CPU dry run)."""
+
+import json
+import subprocess
+import sys
+
+from experiments import bench
+
+
+def test_gpu_check_dry_run_writes_json(tmp_path):
+  out = tmp_path / "gpu_check.json"
+  subprocess.run(
+      [sys.executable, "experiments/gpu_check.py", "--dry_run",
+       "--lengths=32", f"--out={out}"], check=True, capture_output=True,
+      timeout=300)
+  result = json.loads(out.read_text())
+  assert result["dry_run"] and result["correctness"]["ok"]
+  assert max(result["correctness"]["rel_max_error"].values()) < 1e-4
+  impls = {row["impl"]: row for row in result["timings"]}
+  assert impls["pallas"]["seconds"] > 0 and impls["dense"]["seconds"] > 0
+  assert "skipped" in impls["cudnn_attention"]
+
+
+def test_bench_flop_convention():
+  # Two causal products of T*D/2 multiply-adds per token, 2 FLOPs each.
+  assert bench._solve_flops(1024) == 2 * 2 * bench.B * 1024 * 1024 / 2 * 256
