@@ -27,13 +27,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run (or sweep) directory.",
                                required=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                          "train (resumes if possible) or eval (newest checkpoint).")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval"],
+    "train (resumes if possible) or eval (newest checkpoint).")
 _SWEEP = flags.DEFINE_string(
     "sweep", None, "Sweep file experiments/<file>.py[:preset]; each point "
     "runs in WORKDIR/<point name>.")
 _FORCE = flags.DEFINE_bool(
-    "force", False, "Resume even if WORKDIR/config.json differs in model or data.")
+    "force", False,
+    "Resume even if WORKDIR/config.json differs in model or data.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
@@ -59,9 +61,11 @@ def main(argv):
     raise app.UsageError("pass --config=configs/<file>.py[:arg] (or --sweep)")
   run = trainer.train if _MODE.value == "train" else trainer.evaluate
   summary = run(_CONFIG.value, _WORKDIR.value, force=_FORCE.value)
-  logging.info("summary: %s", json.dumps(summary, sort_keys=True))
   print(json.dumps(summary, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
+  # Library INFO logs (orbax, absl) would bury the progress bar; --verbosity=0
+  # brings them back.
+  flags.FLAGS.set_default("verbosity", logging.WARNING)
   app.run(main)

@@ -247,7 +247,7 @@ class Run:
     self.exp = config_lib.validate(config)
     self.tc = self.exp.train
     self.workdir = pathlib.Path(workdir)
-    self.task = data_lib.get_task(self.exp.data)
+    self.task = data_lib.get_task(self.exp.data, workdir=str(self.workdir))
     self.model_cfg = self.exp.model_config(self.task.vocab_size)
     self.mesh = sharding_lib.make_mesh(self.exp.mesh)
     batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -259,6 +259,7 @@ class Run:
           f"{batch_shards}, and batch_size by the {jax.process_count()} processes")
     _check_resume(self.workdir, self.exp.raw, force)
     self.workdir.mkdir(parents=True, exist_ok=True)
+    multihost_utils.sync_global_devices("config.json checked")
     if jax.process_index() == 0:
       (self.workdir / "config.json").write_text(
           json.dumps(self.exp.raw, indent=2, sort_keys=True) + "\n")
@@ -287,7 +288,7 @@ class Run:
           f"no checkpoint in {self.checkpointer.directory} can be restored (see "
           "the warnings above); move that directory away to start over")
     step, self.state = restored
-    logging.info("resumed from %s at step %d", self.checkpointer.directory, step)
+    logging.warning("resuming from %s/%d", self.checkpointer.directory, step)
     return step
 
   def evaluate(self, split: str, prefix: str, max_batches: int) -> dict[str, Any]:
