@@ -68,3 +68,14 @@ def test_gradient_accumulation_matches_the_full_batch():
                                      grad_accum=4)
   np.testing.assert_allclose(losses_acc, losses_full, rtol=1e-5)
   _assert_close(state_acc["params"], state_full["params"], atol=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  devices = jax.devices()[:1]
+  _, losses_f32 = _two_steps(config_lib.MeshConfig(1, 1, 1), devices)
+  state, losses_bf16 = _two_steps(config_lib.MeshConfig(1, 1, 1), devices,
+                                  dtype="bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(state["params"])} == {np.dtype("float32")}
+  assert {x.dtype for x in jax.tree.leaves(state["opt_state"])
+          if x.ndim} == {np.dtype("float32")}
+  np.testing.assert_allclose(losses_bf16, losses_f32, rtol=3e-2)

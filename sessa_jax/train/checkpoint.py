@@ -79,9 +79,10 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iter)))
       except Exception as e:  # pylint: disable=broad-except
+        first_line = str(e).splitlines()[0] if str(e) else ""
         logging.warning("checkpoint %s/%d cannot be restored (%s: %s); "
                         "falling back to an earlier one", self.directory, step,
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                        type(e).__name__, first_line)
         unreadable.append(step)
         continue
       self._set_aside(unreadable)

@@ -1,4 +1,4 @@
-"""Experiment configuration: defaults and validation of the `train` and `mesh` sections.
+"""Experiment configs: sections, defaults, validation, loading, overrides.
 
 An experiment config is an `ml_collections.ConfigDict` with four sections:
 `model` (fields of `sessa_jax.models.config.ModelConfig`), `data` (read by
@@ -179,7 +179,8 @@ def _section(config: Mapping[str, Any], name: str, cls) -> Any:
   return cls(**values)
 
 
-def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Experiment:
+def validate(config: ml_collections.ConfigDict | Mapping[str, Any]
+            ) -> Experiment:
   """Checks every section and key of an experiment config.
 
   Args:
@@ -196,7 +197,8 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Experimen
   for name in raw:
     if name not in SECTIONS:
       raise ValueError(
-          f"unknown config section {name!r}; known sections: {', '.join(SECTIONS)}")
+          f"unknown config section {name!r}; known sections: "
+          f"{', '.join(SECTIONS)}")
   model = dict(raw.get("model") or {})
   if model.get("dtype", "float32") not in ("float32", raw.get("train", {}).get(
       "dtype", "float32")):
@@ -222,12 +224,15 @@ def _field_reference(field: dataclasses.Field) -> Any:
   if field.default is not None:
     return field.default
   kinds = [t for t in (int, float, str) if t.__name__ in str(field.type)]
-  return ml_collections.FieldReference(None, field_type=kinds[0]) if kinds else None
+  if not kinds:
+    return None
+  return ml_collections.FieldReference(None, field_type=kinds[0])
 
 
 def base_config(*, model: Mapping[str, Any], data: Mapping[str, Any],
                 train: Mapping[str, Any],
-                mesh: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+                mesh: Mapping[str, Any] | None = None
+               ) -> ml_collections.ConfigDict:
   """A full experiment config: every key present, so any can be overridden.
 
   Args:
@@ -331,7 +336,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
     *parents, leaf = dotted.split(".")
     node = config
     for name in parents:
-      if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+      if not isinstance(node.get(name), ml_collections.ConfigDict):
         raise ValueError(f"unknown config key {dotted!r}; known: "
                          f"{', '.join(sorted(node))}")
       node = node[name]

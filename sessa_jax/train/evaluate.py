@@ -57,9 +57,10 @@ def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any,
   def eval_step(params, batch):
     logits_btv = nnx.merge(graphdef, params)(batch["inputs"])
     return token_stats(logits_btv, batch)
-  return jax.jit(eval_step,
-                 in_shardings=(param_shardings, sharding_lib.batch_sharding(mesh)),
-                 out_shardings=sharding_lib.replicated(mesh))
+  return jax.jit(
+      eval_step,
+      in_shardings=(param_shardings, sharding_lib.batch_sharding(mesh)),
+      out_shardings=sharding_lib.replicated(mesh))
 
 
 def evaluate(eval_step: Callable, params: Any, batches, *, max_batches: int,

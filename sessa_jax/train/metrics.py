@@ -22,7 +22,8 @@ _PEAK_BF16 = (
 _CPU_CORE_F32 = 2 * 16 * 2 * 2.5e9
 
 
-def peak_flops(device: jax.Device | None = None, dtype: str = "bfloat16") -> float:
+def peak_flops(device: jax.Device | None = None,
+               dtype: str = "bfloat16") -> float:
   """Rough peak FLOP/s of one device, for MFU.
 
   Args:

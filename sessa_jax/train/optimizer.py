@@ -1,4 +1,4 @@
-"""AdamW with linear warmup, cosine decay, global-norm clipping and a decay mask."""
+"""AdamW with warmup + cosine decay, gradient clipping and a decay mask."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from sessa_jax.train.config import TrainConfig
 
 
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
-  """Linear warmup from 0 to `tc.lr`, then cosine decay to `tc.min_lr_ratio * lr`.
+  """Linear warmup from 0 to `tc.lr`, then cosine decay to min_lr_ratio * lr.
 
   Args:
     tc: the train config.

@@ -82,8 +82,9 @@ def mesh_shape(mc: MeshConfig, num_devices: int) -> tuple[int, int, int]:
                        f"are not divisible by the fixed axes ({known})")
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"mesh {dataclasses.asdict(mc)} needs {int(np.prod(sizes))} "
-                     f"devices, but {num_devices} are available")
+    raise ValueError(f"mesh {dataclasses.asdict(mc)} needs "
+                     f"{int(np.prod(sizes))} devices, but {num_devices} are "
+                     "available")
   return tuple(sizes)
 
 
@@ -114,7 +115,8 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int],
   if not names:
     return P()
   if len(names) != len(shape):
-    raise ValueError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
+    raise ValueError(
+        f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
   spec = []
   used = set()
   for name, size in zip(names, shape):

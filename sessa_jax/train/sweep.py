@@ -3,7 +3,8 @@
 A sweep file (`experiments/<name>.py`) defines
 
   def sweep(preset: str | None) -> dict[str, dict]:
-    return {"sessa_lr1e-3": {"config": "configs/mqar.py:sessa", "train.lr": 1e-3},
+    return {"sessa_lr1e-3": {"config": "configs/mqar.py:sessa",
+                             "train.lr": 1e-3},
             ...}
 
 Each point trains in `DIR/<point name>` (resuming whatever is there; a point
@@ -119,8 +120,9 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 
   rows = [[name, r["status"], *(cell(r.get(c)) for c in columns)]
           for name, r in results.items()]
-  widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-  lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in [header, *rows]]
+  table = [header, *rows]
+  widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+  lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table]
   lines.insert(1, "  ".join("-" * w for w in widths))
   failed = [f"{name}: {r['error']}" for name, r in results.items()
             if r["status"] == "failed"]

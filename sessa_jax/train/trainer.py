@@ -1,4 +1,4 @@
-"""The train loop: state creation, the jitted step, and a run from config to summary.
+"""The train loop: state layout, the jitted step, a run from config to summary.
 
 A run (`train`) validates the config, builds the task, mesh, model and
 optimizer, resumes from the newest readable checkpoint in the workdir, then
@@ -216,17 +216,18 @@ class _Preemption:
 
 def _check_resume(workdir: pathlib.Path, raw: Mapping[str, Any], force: bool
                  ) -> None:
-  """Refuses a workdir whose config.json differs in model or data (unless forced)."""
+  """Refuses a workdir whose config.json differs in model or data."""
   path = workdir / "config.json"
   if not path.exists():
     return
   old = json.loads(path.read_text())
   new = json.loads(json.dumps(raw))
-  diffs = [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> "
-           f"{new.get(section, {}).get(key)!r}"
-           for section in RESUME_KEYS
-           for key in sorted(set(old.get(section, {})) | set(new.get(section, {})))
-           if old.get(section, {}).get(key) != new.get(section, {}).get(key)]
+  diffs = []
+  for section in RESUME_KEYS:
+    before, after = old.get(section, {}), new.get(section, {})
+    diffs += [f"{section}.{key}: {before.get(key)!r} -> {after.get(key)!r}"
+              for key in sorted(set(before) | set(after))
+              if before.get(key) != after.get(key)]
   if diffs and not force:
     raise ValueError(
         f"{path} differs from the given config in {', '.join(RESUME_KEYS)} "
@@ -243,7 +244,8 @@ class Run:
     force: resume even if config.json differs in model or data.
   """
 
-  def __init__(self, config, workdir: str | pathlib.Path, *, force: bool = False):
+  def __init__(self, config, workdir: str | pathlib.Path, *,
+               force: bool = False):
     self.exp = config_lib.validate(config)
     self.tc = self.exp.train
     self.workdir = pathlib.Path(workdir)
@@ -256,7 +258,8 @@ class Run:
       raise ValueError(
           f"train.batch_size={self.tc.batch_size} / train.grad_accum="
           f"{self.tc.grad_accum} must be divisible by mesh data*fsdp="
-          f"{batch_shards}, and batch_size by the {jax.process_count()} processes")
+          f"{batch_shards}, and batch_size by the {jax.process_count()} "
+          "processes")
     _check_resume(self.workdir, self.exp.raw, force)
     self.workdir.mkdir(parents=True, exist_ok=True)
     multihost_utils.sync_global_devices("config.json checked")
@@ -278,7 +281,11 @@ class Run:
         num_workers=self.exp.data.get("num_workers", 0))
 
   def restore(self, data_iter) -> int:
-    """Loads the newest readable checkpoint (or a fresh state); returns its step."""
+    """Loads the newest readable checkpoint (else a fresh state).
+
+    Returns:
+      The step of the loaded state.
+    """
     if not self.checkpointer.all_steps():
       self.state = self.layout.init()
       return 0
@@ -291,7 +298,8 @@ class Run:
     logging.warning("resuming from %s/%d", self.checkpointer.directory, step)
     return step
 
-  def evaluate(self, split: str, prefix: str, max_batches: int) -> dict[str, Any]:
+  def evaluate(self, split: str, prefix: str, max_batches: int
+              ) -> dict[str, Any]:
     return evaluate_lib.evaluate(
         self.eval_step, self.state["params"], self.iterator(split, train=False),
         max_batches=max_batches, mesh=self.mesh,
