@@ -50,6 +50,10 @@ _DISTRIBUTED = flags.DEFINE_bool(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Library INFO logs (orbax, XLA) would bury the progress bar;
+    # --verbosity=0 brings them back.
+    logging.set_verbosity(logging.WARNING)
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, auto=_DISTRIBUTED.value)
   if _SWEEP.value:
@@ -65,7 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Library INFO logs (orbax, absl) would bury the progress bar; --verbosity=0
-  # brings them back.
-  flags.FLAGS.set_default("verbosity", logging.WARNING)
   app.run(main)
