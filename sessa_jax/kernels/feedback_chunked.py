@@ -1,25 +1,27 @@
 """Blocked feedback solve in plain JAX: O(T·D) memory, all large matmuls.
 
 Solves s = (I - diag(gamma) A)^{-1} f, A the strictly causal softmax of
-scale * q k^T (DESIGN §4), chunk by chunk in time order. For chunk i (rows
-[lo, hi)) one (C, hi) logits block against every key up to hi gives the row
-log-sum-exp and the contribution of all earlier chunks in a single pass:
+scale * q k^T (DESIGN §4), chunk by chunk in time order (`lax.fori_loop`,
+so the program size does not grow with T). Chunk i (C rows) walks the
+earlier key chunks with an online softmax (flash-attention style: running
+max, sum and A s), which yields the row log-sum-exp and the earlier chunks'
+contribution in a single pass over the logits:
 
   rhs_i = f_i + gamma_i * (A_{i,<i} s_{<i}),   s_i = (I - gamma_i A_ii)^{-1} rhs_i
 
-where the C x C unit lower-triangular system is inverted by blocked
-recursion (matmuls only; XLA's triangular solve is slow on CPU). The loop
-over chunks is unrolled in Python, so every block has a static shape, the
-last chunk may be shorter than the others (no padding), and causal work is
-never wasted on masked blocks.
+The C x C unit lower-triangular inverse is built by blocked recursion
+(matmuls only; XLA's triangular solve is slow on CPU). T is padded up to a
+multiple of C at the end, which causality keeps out of the real rows.
 
 The backward pass (a `jax.custom_vjp`) solves the adjoint u = (I - M)^{-T} g
-in reverse time, one key chunk at a time. For key chunk j it rebuilds the
-(T - hi, C) block of A below the diagonal from the saved log-sum-exp and
-gathers everything that block feeds in one go: the adjoint contribution
-A^T (gamma u), and the flash-attention style logit gradient
+in reverse time, one key chunk at a time. Key chunk j rebuilds its blocks of
+A against every later row chunk from the saved log-sum-exp and gathers
+everything they feed in one go: the adjoint contribution A^T (gamma u) and
+the flash-attention style logit gradient
 dlogit_tj = gamma_t A_tj (u_t·s_j - u_t·ctx_t) for dq and dk. Residuals are
 q, k, gamma, s, ctx = A s and the log-sum-exp: O(T·D); no T x T array exists.
+Work: forward two causal products (logits, A s), backward five (logits
+again, A^T w, w s^T, dq, dk), as in flash attention.
 """
 
 from __future__ import annotations

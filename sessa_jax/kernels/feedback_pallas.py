@@ -73,7 +73,7 @@ def _diagonal(q_btk, k_btk, lse_bt, chunk, scale):
   logits = jnp.einsum("bnck,bnsk->bncs", q, k) * scale
   mask = jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)
   lse = _chunked(lse_bt, chunk)[..., None]
-  return logits, jnp.where(mask, jnp.exp(logits - lse), 0.0)
+  return jnp.where(mask, jnp.exp(logits - lse), 0.0)
 
 
 def _row_lse(q_btk, k_btk, setup):
@@ -92,7 +92,7 @@ def _forward(q_btk, k_btk, gamma_bt, f_btd, setup):
   chunk, scale, mm_dtype = setup.chunk, setup.scale, setup.mm_dtype
   n = q_btk.shape[1] // chunk
   lse = _row_lse(q_btk.astype(mm_dtype), k_btk.astype(mm_dtype), setup)
-  _, a_diag = _diagonal(q_btk, k_btk, lse, chunk, scale)
+  a_diag = _diagonal(q_btk, k_btk, lse, chunk, scale)
   gamma = _chunked(gamma_bt, chunk)
   inv = feedback_chunked.unit_lower_inverse(gamma[..., None] * a_diag)
   f = _chunked(f_btd, chunk)
@@ -126,7 +126,7 @@ def _backward(setup, res, g_btd):
   chunk, scale, mm_dtype = setup.chunk, setup.scale, setup.mm_dtype
   q_btk, k_btk, gamma_bt, s_btd, ctx_btd, lse = res
   n = q_btk.shape[1] // chunk
-  _, a_diag = _diagonal(q_btk, k_btk, lse, chunk, scale)
+  a_diag = _diagonal(q_btk, k_btk, lse, chunk, scale)
   gamma = _chunked(gamma_bt, chunk)
   inv = feedback_chunked.unit_lower_inverse(gamma[..., None] * a_diag)
   ctx = _chunked(ctx_btd, chunk)
