@@ -12,34 +12,44 @@ from sessa_jax.train import trainer
 from test_train_loop import tiny_config
 
 
-def _two_steps(mesh_cfg, devices, **train):
-  """Losses and final state of two steps of the tiny Sessa model on a mesh."""
+def _steps(mesh_cfg, devices, **train):
+  """Metrics and final state of three steps of the tiny Sessa model on a mesh."""
   exp = config_lib.validate(tiny_config(**train))
   task = data_lib.get_task(exp.data)
   mesh = sharding_lib.make_mesh(mesh_cfg, devices)
   layout = trainer.create_layout(exp.model_config(task.vocab_size), exp.train, mesh)
   step = trainer.make_train_step(layout, exp.train, mesh)
   batches = data_lib.make_iterator(task, "train", batch_size=8, seed=0)
-  state, losses = layout.init(), []
-  for _ in range(2):
+  state, history = layout.init(), []
+  for _ in range(3):
     state, metrics = step(state, sharding_lib.global_batch(next(batches), mesh))
-    losses.append(float(metrics["loss"]))
-  return state, losses
+    history.append([float(metrics["loss"]), float(metrics["grad_norm"])])
+  return state, np.array(history)
+
+
+def _assert_same_run(run_a, run_b):
+  """Same losses and gradient norms (steps 2 and 3 see the updated params).
+
+  Parameters are compared loosely: Adam divides by sqrt(v), so summation-order
+  noise in near-zero gradients can move single entries by a good part of the
+  learning rate (1e-2) while the losses agree to 1e-5.
+  """
+  (state_a, history_a), (state_b, history_b) = run_a, run_b
+  np.testing.assert_allclose(history_a, history_b, rtol=1e-5)
+  _assert_close(state_a["params"], state_b["params"], atol=2e-3)
 
 
 def _assert_close(tree_a, tree_b, atol):
-  """Adam divides by sqrt(v): summation-order noise in tiny gradients moves
-  parameters by up to ~1e-2 of the learning rate (1e-2), hence atol 1e-4."""
   for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 def test_sharded_step_matches_one_device_and_shards_by_the_rules():
-  state_1, losses_1 = _two_steps(config_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
-  state_8, losses_8 = _two_steps(config_lib.MeshConfig(2, 2, 2), jax.devices()[:8])
-  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
-  _assert_close(state_8["params"], state_1["params"], atol=1e-4)
+  one = _steps(config_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
+  eight = _steps(config_lib.MeshConfig(2, 2, 2), jax.devices()[:8])
+  _assert_same_run(eight, one)
+  state_8 = eight[0]
 
   params = state_8["params"]
   block = params["blocks"][0]
@@ -63,19 +73,17 @@ def test_sharded_step_matches_one_device_and_shards_by_the_rules():
 
 def test_gradient_accumulation_matches_the_full_batch():
   devices = jax.devices()[:1]
-  state_full, losses_full = _two_steps(config_lib.MeshConfig(1, 1, 1), devices)
-  state_acc, losses_acc = _two_steps(config_lib.MeshConfig(1, 1, 1), devices,
-                                     grad_accum=4)
-  np.testing.assert_allclose(losses_acc, losses_full, rtol=1e-5)
-  _assert_close(state_acc["params"], state_full["params"], atol=1e-4)
+  full = _steps(config_lib.MeshConfig(1, 1, 1), devices)
+  accumulated = _steps(config_lib.MeshConfig(1, 1, 1), devices, grad_accum=4)
+  _assert_same_run(accumulated, full)
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
   devices = jax.devices()[:1]
-  _, losses_f32 = _two_steps(config_lib.MeshConfig(1, 1, 1), devices)
-  state, losses_bf16 = _two_steps(config_lib.MeshConfig(1, 1, 1), devices,
-                                  dtype="bfloat16")
+  _, history_f32 = _steps(config_lib.MeshConfig(1, 1, 1), devices)
+  state, history_bf16 = _steps(config_lib.MeshConfig(1, 1, 1), devices,
+                               dtype="bfloat16")
   assert {x.dtype for x in jax.tree.leaves(state["params"])} == {np.dtype("float32")}
   assert {x.dtype for x in jax.tree.leaves(state["opt_state"])
           if x.ndim} == {np.dtype("float32")}
-  np.testing.assert_allclose(losses_bf16, losses_f32, rtol=3e-2)
+  np.testing.assert_allclose(history_bf16[:, 0], history_f32[:, 0], rtol=3e-2)
