@@ -316,56 +316,68 @@ def _directions(n: int, b: int, d: int, probes: int | None, key):
   return jax.random.normal(key, (n, probes, b, d)), 1.0 / probes
 
 
+def _chunked(run, x_btd, index, dirs, chunk):
+  """Applies jitted `run(x, index_chunk, dirs_chunk)` over equal-size chunks.
+
+  A Python loop over one compiled chunk rather than `lax.map`: XLA:CPU can
+  stall on a while loop around LAPACK calls (the dense triangular solve).
+  The last chunk is padded with zero directions, which contribute nothing.
+  """
+  n = dirs.shape[0]
+  pad = -n % chunk
+  index = jnp.concatenate([index, jnp.zeros((pad,), index.dtype)])
+  dirs = jnp.concatenate([dirs, jnp.zeros((pad,) + dirs.shape[1:], dirs.dtype)])
+  parts = [run(x_btd, index[i:i + chunk], dirs[i:i + chunk])
+           for i in range(0, n + pad, chunk)]
+  return jnp.concatenate(parts)[:n]
+
+
 def _forward_sq_norms(fn, x_btd, sources, chunk, probes, key):
   """sum_{i,j} (d y_{b,t,i} / d x_{b,tau_s,j})^2 as (S, B, T), by JVPs."""
   b, _, d_in = x_btd.shape
+  dirs, weight = _directions(len(sources), b, d_in, probes, key)
+  m = dirs.shape[1]
 
   @jax.jit
-  def run(x_btd, sources, key):
+  def run(x_btd, src_c, dirs_cbd):
     _, push = jax.linearize(fn, x_btd)
-    dirs, weight = _directions(len(sources), b, d_in, probes, key)
-    m = dirs.shape[1]
 
-    def per_tangent(src_dir):
-      src, direction_bd = src_dir
+    def per_tangent(src, direction_bd):
       tangent = jnp.zeros_like(x_btd).at[:, src].set(
           direction_bd.astype(x_btd.dtype))
       return jnp.sum(jnp.square(push(tangent).astype(jnp.float32)), axis=-1)
 
-    srcs = jnp.repeat(sources, m)
-    sq = jax.lax.map(per_tangent, (srcs, dirs.reshape(-1, b, d_in)),
-                     batch_size=chunk)  # (S * m, B, T)
-    return weight * sq.reshape(len(sources), m, *sq.shape[1:]).sum(axis=1)
+    return jax.vmap(per_tangent)(src_c, dirs_cbd)  # (C, B, T)
 
-  return run(x_btd, sources, key)
+  sq = _chunked(run, x_btd, jnp.repeat(sources, m),
+                dirs.reshape(-1, b, d_in), chunk)
+  return weight * sq.reshape(len(sources), m, *sq.shape[1:]).sum(axis=1)
 
 
 def _reverse_sq_norms(fn, x_btd, sources, outputs, chunk, probes, key):
   """sum_{i,j} (d y_{b,o,i} / d x_{b,tau_s,j})^2 as (S, B, O), by VJPs."""
   b = x_btd.shape[0]
+  d_out = jax.eval_shape(fn, x_btd).shape[-1]
+  dirs, weight = _directions(len(outputs), b, d_out, probes, key)
+  m = dirs.shape[1]
 
   @jax.jit
-  def run(x_btd, sources, outputs, key):
+  def run(x_btd, out_c, dirs_cbd):
     y_btd, pull = jax.vjp(fn, x_btd)
-    d_out = y_btd.shape[-1]
-    dirs, weight = _directions(len(outputs), b, d_out, probes, key)
-    m = dirs.shape[1]
 
-    def per_cotangent(out_dir):
-      out, direction_bd = out_dir
+    def per_cotangent(out, direction_bd):
       cotangent = jnp.zeros_like(y_btd).at[:, out].set(
           direction_bd.astype(y_btd.dtype))
       (grad_btd,) = pull(cotangent)
       grad_bsd = grad_btd[:, sources].astype(jnp.float32)
       return jnp.sum(jnp.square(grad_bsd), axis=-1).T  # (S, B)
 
-    outs = jnp.repeat(outputs, m)
-    sq = jax.lax.map(per_cotangent, (outs, dirs.reshape(-1, b, d_out)),
-                     batch_size=chunk)  # (O * m, S, B)
-    sq = weight * sq.reshape(len(outputs), m, *sq.shape[1:]).sum(axis=1)
-    return sq.transpose(1, 2, 0)
+    return jax.vmap(per_cotangent)(out_c, dirs_cbd)  # (C, S, B)
 
-  return run(x_btd, sources, outputs, key)
+  sq = _chunked(run, x_btd, jnp.repeat(outputs, m),
+                dirs.reshape(-1, b, d_out), chunk)
+  sq = weight * sq.reshape(len(outputs), m, *sq.shape[1:]).sum(axis=1)
+  return sq.transpose(1, 2, 0)
 
 
 def _has_custom_vjp(jaxpr) -> bool:
