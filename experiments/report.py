@@ -177,6 +177,19 @@ def task_table(task: str, runs: Sequence[Run]) -> list[str]:
   return lines
 
 
+def _settings(runs: Sequence[Run]) -> str:
+  """One line with the training settings the runs of a task share."""
+  keys = (("data", "seq_len", "seq_len {}"), ("train", "steps", "{} steps"),
+          ("train", "batch_size", "batch {}"), ("train", "lr", "peak lr {}"))
+  parts = []
+  for section, key, fmt in keys:
+    values = {json.dumps(r.config.get(section, {}).get(key)) for r in runs}
+    if len(values) == 1 and values != {"null"}:
+      parts.append(fmt.format(json.loads(values.pop())))
+  return ("Shared by every run of this task: " + ", ".join(parts) + "."
+          if parts else "")
+
+
 def _curve(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
   points = [(m["step"], m[key]) for m in run.metrics
             if key in m and "step" in m]
@@ -341,7 +354,7 @@ def write_report(root: pathlib.Path, out_dir: pathlib.Path, study: str,
   for task in sorted(by_task, key=lambda t: (t not in LONG_CONTEXT_ORDER, t)):
     table = task_table(task, by_task[task])
     print(f"\n{task}\n" + "\n".join(table))
-    lines += [f"## {task}", ""] + table + [""]
+    lines += [f"## {task}", "", _settings(by_task[task]), ""] + table + [""]
     png = out_dir / f"{study}_curves_{task}.png"
     if plot_learning_curves(task, by_task[task], png):
       lines += [f"![{task} learning curves]({png.name})", ""]
