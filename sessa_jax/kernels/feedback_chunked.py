@@ -31,6 +31,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sessa_jax.kernels.blocks import get_block, put_block
+
 DEFAULT_CHUNK = 256
 
 
@@ -84,14 +86,6 @@ def _unit_lower_solve(a_bcc, gamma_bc, rhs_bcd, *, transpose: bool):
                     inv, rhs_bcd)
 
 
-def _slice(x, i, c):
-  return jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
-
-
-def _put(x, value, i, c):
-  return jax.lax.dynamic_update_slice_in_dim(x, value, i * c, axis=1)
-
-
 def _forward(q_btk, k_btk, gamma_bt, f_btd, chunk, scale):
   """Returns s, ctx = A s and the row log-sum-exp (0 for row 0).
 
@@ -104,21 +98,21 @@ def _forward(q_btk, k_btk, gamma_bt, f_btd, chunk, scale):
 
   def chunk_step(i, carry):
     s_all, ctx_all, lse_all = carry
-    q_i = _slice(q_btk, i, c)
+    q_i = get_block(q_btk, i, c)
 
     def key_step(j, acc):
       # Online softmax over the earlier chunk j: running max, sum, A s.
       m, l, ctx = acc
-      logits = jnp.einsum("bck,bsk->bcs", q_i, _slice(k_btk, j, c)) * scale
+      logits = jnp.einsum("bck,bsk->bcs", q_i, get_block(k_btk, j, c)) * scale
       m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
       p = jnp.exp(logits - m_new[..., None])
       rescale = jnp.exp(m - m_new)
       l = l * rescale + jnp.sum(p, axis=-1)
       ctx = ctx * rescale[..., None] + jnp.einsum(
-          "bcs,bsd->bcd", p, _slice(s_all, j, c))
+          "bcs,bsd->bcd", p, get_block(s_all, j, c))
       return m_new, l, ctx
 
-    logits = jnp.einsum("bck,bsk->bcs", q_i, _slice(k_btk, i, c)) * scale
+    logits = jnp.einsum("bck,bsk->bcs", q_i, get_block(k_btk, i, c)) * scale
     logits = jnp.where(mask, logits, -jnp.inf)
     init = (jnp.max(logits, axis=-1), jnp.zeros((b, c), dtype),
             jnp.zeros((b, c, d), dtype))
@@ -129,12 +123,12 @@ def _forward(q_btk, k_btk, gamma_bt, f_btd, chunk, scale):
     l = jnp.where(l > 0, l, 1.0)
     a_diag = p_diag / l[..., None]
     ctx_prev = ctx_prev / l[..., None]
-    gamma_i = _slice(gamma_bt, i, c)
-    rhs = _slice(f_btd, i, c) + gamma_i[..., None] * ctx_prev
+    gamma_i = get_block(gamma_bt, i, c)
+    rhs = get_block(f_btd, i, c) + gamma_i[..., None] * ctx_prev
     s_i = _unit_lower_solve(a_diag, gamma_i, rhs, transpose=False)
     ctx_i = ctx_prev + jnp.einsum("bcs,bsd->bcd", a_diag, s_i)
-    return (_put(s_all, s_i, i, c), _put(ctx_all, ctx_i, i, c),
-            _put(lse_all, m + jnp.log(l), i, c))
+    return (put_block(s_all, s_i, i, c), put_block(ctx_all, ctx_i, i, c),
+            put_block(lse_all, m + jnp.log(l), i, c))
 
   init = (jnp.zeros_like(f_btd), jnp.zeros_like(f_btd),
           jnp.zeros((b, t), dtype))
@@ -158,37 +152,37 @@ def _backward(chunk, scale, res, g_btd):
   def chunk_step(step, carry):
     u_all, w_all, delta_all, dq_all, dk_all = carry
     j = n - 1 - step
-    k_j, s_j = _slice(k_btk, j, c), _slice(s_btd, j, c)
+    k_j, s_j = get_block(k_btk, j, c), get_block(s_btd, j, c)
 
     def row_step(i, acc):
       # Row chunk i > j: its logits against keys j give A, dA and dlogits.
       rhs, dk, dq_all = acc
-      q_i = _slice(q_btk, i, c)
-      w_i = _slice(w_all, i, c)
+      q_i = get_block(q_btk, i, c)
+      w_i = get_block(w_all, i, c)
       logits = jnp.einsum("bck,bsk->bcs", q_i, k_j) * scale
-      p = jnp.exp(logits - _slice(lse_bt, i, c)[..., None])
+      p = jnp.exp(logits - get_block(lse_bt, i, c)[..., None])
       rhs = rhs + jnp.einsum("bcs,bcd->bsd", p, w_i)
       ds = p * (jnp.einsum("bcd,bsd->bcs", w_i, s_j)
-                - _slice(delta_all, i, c)[..., None])
+                - get_block(delta_all, i, c)[..., None])
       dk = dk + jnp.einsum("bcs,bck->bsk", ds, q_i)
-      dq_i = _slice(dq_all, i, c) + jnp.einsum("bcs,bsk->bck", ds, k_j)
-      return rhs, dk, _put(dq_all, dq_i, i, c)
+      dq_i = get_block(dq_all, i, c) + jnp.einsum("bcs,bsk->bck", ds, k_j)
+      return rhs, dk, put_block(dq_all, dq_i, i, c)
 
-    init = (_slice(g_btd, j, c), jnp.zeros_like(k_j), dq_all)
+    init = (get_block(g_btd, j, c), jnp.zeros_like(k_j), dq_all)
     rhs, dk_j, dq_all = jax.lax.fori_loop(j + 1, n, row_step, init)
-    q_j, gamma_j = _slice(q_btk, j, c), _slice(gamma_bt, j, c)
+    q_j, gamma_j = get_block(q_btk, j, c), get_block(gamma_bt, j, c)
     logits = jnp.einsum("bck,bsk->bcs", q_j, k_j) * scale
     a_diag = jnp.where(
-        mask, jnp.exp(logits - _slice(lse_bt, j, c)[..., None]), 0.0)
+        mask, jnp.exp(logits - get_block(lse_bt, j, c)[..., None]), 0.0)
     u_j = _unit_lower_solve(a_diag, gamma_j, rhs, transpose=True)
     w_j = gamma_j[..., None] * u_j
-    delta_j = gamma_j * jnp.sum(u_j * _slice(ctx_btd, j, c), axis=-1)
+    delta_j = gamma_j * jnp.sum(u_j * get_block(ctx_btd, j, c), axis=-1)
     ds = a_diag * (jnp.einsum("bcd,bsd->bcs", w_j, s_j) - delta_j[..., None])
     dk_j = dk_j + jnp.einsum("bcs,bck->bsk", ds, q_j)
-    dq_j = _slice(dq_all, j, c) + jnp.einsum("bcs,bsk->bck", ds, k_j)
-    return (_put(u_all, u_j, j, c), _put(w_all, w_j, j, c),
-            _put(delta_all, delta_j, j, c), _put(dq_all, dq_j, j, c),
-            _put(dk_all, dk_j, j, c))
+    dq_j = get_block(dq_all, j, c) + jnp.einsum("bcs,bsk->bck", ds, k_j)
+    return (put_block(u_all, u_j, j, c), put_block(w_all, w_j, j, c),
+            put_block(delta_all, delta_j, j, c), put_block(dq_all, dq_j, j, c),
+            put_block(dk_all, dk_j, j, c))
 
   init = (jnp.zeros_like(g_btd), jnp.zeros_like(g_btd),
           jnp.zeros((b, t), g_btd.dtype), jnp.zeros_like(q_btk),

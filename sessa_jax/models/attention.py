@@ -10,24 +10,38 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sessa_jax.kernels import attention_chunked
 from sessa_jax.models import rope
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layers import Linear
 
 
-def resolve_impl(requested: str, dtype: jnp.dtype, head_dim: int) -> str:
-  """Picks the attention implementation: 'einsum', 'xla' or 'cudnn'.
+# On CPU, 'auto' switches from XLA's dense attention to the blocked kernel
+# above this many positions (measured: about even at T = 128, 2-3x faster
+# at T = 512, 6x at T = 2048, forward+backward).
+CHUNKED_MIN_LEN = 128
+
+
+def resolve_impl(requested: str, dtype: jnp.dtype, head_dim: int,
+                 seq_len: int = 1) -> str:
+  """Picks the attention implementation: 'einsum', 'xla', 'cudnn' or 'chunked'.
 
   float64 always runs the plain einsum path (the reference). 'auto' picks
   cuDNN flash attention on GPU for half-precision inputs with a head size it
-  supports, and XLA otherwise.
+  supports, the blocked kernel on CPU for sequences longer than
+  `CHUNKED_MIN_LEN`, and XLA otherwise.
   """
   if jnp.dtype(dtype) == jnp.float64:
     return "einsum"
   if requested == "auto":
+    backend = jax.default_backend()
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     fits = head_dim % 8 == 0 and head_dim <= 128
-    return "cudnn" if jax.default_backend() == "gpu" and half and fits else "xla"
+    if backend == "gpu" and half and fits:
+      return "cudnn"
+    if backend == "cpu" and seq_len > CHUNKED_MIN_LEN:
+      return "chunked"
+    return "xla"
   return requested
 
 
@@ -64,7 +78,7 @@ def causal_attention(q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array,
     q_bthd: queries (B, T, H, d), RoPE applied.
     k_bthd: keys (B, T, H_kv, d), RoPE applied.
     v_bthd: values (B, T, H_kv, d).
-    impl: 'einsum', 'xla' or 'cudnn' (see `resolve_impl`).
+    impl: 'einsum', 'xla', 'cudnn' or 'chunked' (see `resolve_impl`).
 
   Returns:
     Outputs (B, T, H, d).
@@ -73,6 +87,8 @@ def causal_attention(q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array,
     t = q_bthd.shape[1]
     mask_ts = jnp.tril(jnp.ones((t, t), dtype=bool))
     return reference_attention(q_bthd, k_bthd, v_bthd, mask_ts)
+  if impl == "chunked":
+    return attention_chunked.causal_attention_chunked(q_bthd, k_bthd, v_bthd)
   return jax.nn.dot_product_attention(
       q_bthd, k_bthd, v_bthd, scale=q_bthd.shape[-1] ** -0.5, is_causal=True,
       implementation=impl)
@@ -123,7 +139,8 @@ class AttentionMixer(nnx.Module):
 
   def _forward(self, x_btd: jax.Array):
     q, k, v = self._project(x_btd, jnp.arange(x_btd.shape[1]))
-    impl = resolve_impl(self.cfg.attention_impl, q.dtype, self.cfg.head_dim)
+    impl = resolve_impl(self.cfg.attention_impl, q.dtype, self.cfg.head_dim,
+                        x_btd.shape[1])
     return self._output(causal_attention(q, k, v, impl=impl)), k, v
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:

@@ -9,7 +9,7 @@ MIXERS = ("sessa", "attention", "mamba2")
 BLOCKS = ("gated", "prenorm_mlp")
 GAMMA_FORMS = ("tanh_bias", "tanh")
 DTYPES = ("float32", "bfloat16", "float64")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")
 FEEDBACK_IMPLS = ("auto", "dense", "chunked", "pallas")
 
 
@@ -39,9 +39,11 @@ class ModelConfig:
     feedback_impl: implementation of the feedback solve (see
       `sessa_jax.kernels.feedback_solve`).
     feedback_chunk: chunk size of the blocked feedback solve.
-    attention_impl: `auto`, `xla` or `cudnn` for `jax.nn.dot_product_attention`;
-      `auto` picks cuDNN on GPU for bfloat16 and XLA otherwise. float64 always
-      takes the plain einsum path.
+    attention_impl: `xla` or `cudnn` for `jax.nn.dot_product_attention`,
+      `chunked` for the blocked kernel (`sessa_jax.kernels.attention_chunked`)
+      or `auto`: cuDNN on GPU for bfloat16, `chunked` on CPU for sequences
+      longer than 128, XLA otherwise. float64 always takes the plain einsum
+      path.
     ssm_expand: Mamba-2 inner width as a multiple of D.
     ssm_head_dim: Mamba-2 head size P.
     ssm_state: Mamba-2 state size N.
@@ -66,7 +68,7 @@ class ModelConfig:
   feedback: bool = True
   feedback_dim: int | None = None
   feedback_impl: str = "auto"
-  feedback_chunk: int = 128
+  feedback_chunk: int = 256
   attention_impl: str = "auto"
   ssm_expand: int = 2
   ssm_head_dim: int = 64
