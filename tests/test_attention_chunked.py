@@ -114,13 +114,14 @@ def test_no_time_by_time_array():
   assert largest(_reference) >= t * t  # The check can fail.
 
 
-def test_sharded_batch_equals_unsharded():
+def test_sharded_batch_and_heads_equal_unsharded():
   args = _inputs(5, 8, 21, 4, 2, 4, jnp.float32)
   want = _value_and_grads(_chunked(8), *args)
-  mesh = jax.make_mesh((8,), ("data",))
-  placed = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in args]
-  got = _value_and_grads(_chunked(8), *placed)
+  mesh = jax.make_mesh((4, 2), ("data", "tensor"))
+  spec = NamedSharding(mesh, P("data", None, "tensor"))
+  got = _value_and_grads(_chunked(8), *[jax.device_put(a, spec) for a in args])
   for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+    assert x.sharding.spec[:3] == ("data", None, "tensor"), name
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
