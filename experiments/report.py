@@ -320,7 +320,9 @@ def memory_tail_section(runs: Sequence[Run], task_choice: str,
                 f"c₂ = {b['c2']:.3g}, γ_max = {b['gamma_max']:g}, "
                 f"1 − γ_max·c₂ = {b['paper_exponent']:.3f}; recorded "
                 f"γ_min = {b['gamma_min']:.3f}, 1 − γ_min·c₂ = "
-                f"{b['floor_exponent']:.3f}."]
+                f"{b['floor_exponent']:.3f}; negative gains on "
+                f"{b['negative_gain_fraction']:.0%} of tokens (the paper's "
+                "regime assumes γ ≥ 0)."]
   return lines + [""]
 
 

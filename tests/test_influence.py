@@ -160,3 +160,13 @@ def test_gaussian_probes_estimate_the_norm(mode):
                                      mode=mode, probes=64, chunk=64)
   np.testing.assert_allclose(curve.influence,
                              _brute_force(fn, x, sources, lags), rtol=0.15)
+
+
+def test_bound_check_reports_negative_gains():
+  zeros = jnp.zeros((1, 64, 4))
+  gammas = jnp.where(jnp.arange(64) % 2 == 0, 0.5, -0.5)[None]
+  _, check = influence.bound_check(zeros, zeros, gammas, gamma_max=0.9,
+                                   window=(4, 40))
+  assert check.gamma_min == pytest.approx(-0.5)
+  assert 0.4 < check.negative_gain_fraction < 0.6
+  assert np.isnan(check.floor_exponent)

@@ -70,7 +70,10 @@ class BoundCheck:
   beta = 1 - gamma_max * c2, tight (Theta) for uniform routing with constant
   gamma. With nonnegative A and gamma the impulse response also obeys
   s_t >= gamma_min * c2 / t * sum_{tau <= j < t} s_j, hence it decays no
-  faster than about t^-(1 - gamma_min * c2).
+  faster than about t^-(1 - gamma_min * c2). Both statements assume gains in
+  [0, gamma_max]; the `tanh_bias` gain ranges over (-gamma_max, gamma_max)
+  and trained models do use negative gains, which void the floor (reported
+  as NaN then) and can make the response alternate in sign.
 
   Attributes:
     fitted_exponent: minus the fitted log-log slope of the impulse response.
@@ -78,14 +81,17 @@ class BoundCheck:
       the fit window, from the recorded routing (minimum over the batch).
     gamma_max: the model's gain ceiling.
     gamma_min: smallest recorded gain over the same rows.
+    negative_gain_fraction: share of recorded gains below zero on those rows.
     paper_exponent: 1 - gamma_max * c2.
-    floor_exponent: 1 - gamma_min * c2 (the response's guaranteed tail).
+    floor_exponent: 1 - gamma_min * c2 (the response's guaranteed tail), NaN
+      when some gain is negative.
   """
 
   fitted_exponent: float
   c2: float
   gamma_max: float
   gamma_min: float
+  negative_gain_fraction: float
   paper_exponent: float
   floor_exponent: float
 
@@ -267,11 +273,14 @@ def bound_check(q_btk: jax.Array, k_btk: jax.Array, gamma_bt: jax.Array,
   rows = np.arange(max(1, sources.min() + window[0]),
                    min(t, sources.max() + window[1] + 1))
   c2 = routing_floor(q_btk, k_btk, rows, scale=scale)
-  gamma_min = float(jnp.min(gamma_bt[:, rows]))
-  check = BoundCheck(fitted_exponent=-curve.slope, c2=c2, gamma_max=gamma_max,
-                     gamma_min=gamma_min,
-                     paper_exponent=1.0 - gamma_max * c2,
-                     floor_exponent=1.0 - gamma_min * c2)
+  gains = np.asarray(gamma_bt[:, rows], np.float64)
+  gamma_min = float(gains.min())
+  check = BoundCheck(
+      fitted_exponent=-curve.slope, c2=c2, gamma_max=gamma_max,
+      gamma_min=gamma_min,
+      negative_gain_fraction=float(np.mean(gains < 0)),
+      paper_exponent=1.0 - gamma_max * c2,
+      floor_exponent=1.0 - gamma_min * c2 if gamma_min >= 0 else float("nan"))
   return curve, check
 
 
