@@ -307,14 +307,28 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   Returns:
     The ConfigDict.
   """
+  module, arg = load_module(spec, kind="config")
+  return module.get_config(arg)
+
+
+def load_module(spec: str, *, kind: str):
+  """Imports the Python file of 'path/to/file.py[:arg]'.
+
+  Args:
+    spec: the file, optionally followed by ':' and an argument.
+    kind: what the file holds ('config', 'sweep'), for the error message.
+
+  Returns:
+    (module, arg), arg None when the spec has none.
+  """
   path, _, arg = spec.partition(":")
   if not pathlib.Path(path).is_file():
-    raise FileNotFoundError(f"config file {path!r} does not exist")
+    raise FileNotFoundError(f"{kind} file {path!r} does not exist")
   module_spec = importlib.util.spec_from_file_location(
-      f"_config_{pathlib.Path(path).stem}", path)
+      f"_{kind}_{pathlib.Path(path).stem}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return module, arg or None
 
 
 def apply_overrides(config: ml_collections.ConfigDict,

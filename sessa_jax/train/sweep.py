@@ -15,7 +15,6 @@ point's status and summary, and a table is printed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import pathlib
@@ -42,14 +41,8 @@ def load_sweep(spec: str) -> dict[str, dict[str, Any]]:
   Returns:
     point name -> {"config": "configs/...py[:arg]", dotted override: value}.
   """
-  path, _, preset = spec.partition(":")
-  if not pathlib.Path(path).is_file():
-    raise FileNotFoundError(f"sweep file {path!r} does not exist")
-  module_spec = importlib.util.spec_from_file_location(
-      f"_sweep_{pathlib.Path(path).stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  points = module.sweep(preset or None)
+  module, preset = config_lib.load_module(spec, kind="sweep")
+  points = module.sweep(preset)
   for name, point in points.items():
     if not _NAME.match(name):
       raise ValueError(f"sweep point name {name!r} must match {_NAME.pattern}")
