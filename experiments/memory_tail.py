@@ -104,8 +104,10 @@ def sessa_routing(model: models.LanguageModel, tokens_bt: jax.Array,
   for block in model.blocks[:layer]:
     x = block(x)
   block = model.blocks[layer]
-  a, _ = block._mixer_input(x.astype(jnp.dtype(block.cfg.dtype)))  # pylint: disable=protected-access
-  q_b, k_b, gamma = block.mixer._feedback_inputs(a)  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  a, _ = block._mixer_input(x.astype(jnp.dtype(block.cfg.dtype)))
+  q_b, k_b, gamma = block.mixer._feedback_inputs(a)
+  # pylint: enable=protected-access
   return q_b, k_b, gamma, block.mixer.fb_scale
 
 

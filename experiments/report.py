@@ -162,10 +162,11 @@ def task_table(task: str, runs: Sequence[Run]) -> list[str]:
     group = by_label[label]
     done = [r for r in group if r.summary is not None]
     first = done[0].summary if done else {}
-    row = [label, _human(first.get("params", float("nan"))) if done else "—",
-           _human(first.get("flops_per_token", float("nan"))) if done else "—"]
+    row = [label] + [_human(first[k]) if k in first else "—"
+                     for k in ("params", "flops_per_token")]
     for key, _, fmt in columns:
-      row.append(_fmt([v for r in done if (v := r.value(key)) is not None], fmt))
+      values = [r.value(key) for r in done]
+      row.append(_fmt([v for v in values if v is not None], fmt))
     if paper:
       ref = paper.get(label)
       row.append("—" if ref is None else f"{ref:g}")

@@ -288,7 +288,8 @@ def _grid(t: int, sources, lags, window):
   """Validated sources, lags and fit window as numpy ints."""
   sources = np.arange(min(4, t - 1)) if sources is None else np.asarray(sources)
   if sources.ndim != 1 or sources.size == 0 or sources.min() < 0:
-    raise ValueError(f"sources must be a non-empty list of positions, got {sources}")
+    raise ValueError(
+        f"sources must be a non-empty list of positions, got {sources}")
   max_lag = t - 1 - int(sources.max())
   if max_lag < 1:
     raise ValueError(f"sources {sources.tolist()} leave no lag inside T={t}")
