@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sessa_jax import kernels
+from sessa_jax.kernels import feedback_ref
 from sessa_jax.models.attention import AttentionMixer
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layers import Linear, constant, param, torch_uniform
@@ -135,13 +136,8 @@ class SessaMixer(nnx.Module):
     compute = self._s_dtype
     logits_bs = jnp.einsum("bk,bsk->bs", q_b[:, 0].astype(compute),
                            k_fb.astype(compute)) * self.fb_scale
-    earlier = jnp.arange(k_fb.shape[1]) < pos
-    logits_bs = jnp.where(earlier, logits_bs, -jnp.inf)
-    row_max = jnp.max(logits_bs, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    weights = jnp.where(earlier, jnp.exp(logits_bs - row_max), 0.0)
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    weights = weights / jnp.where(denom > 0, denom, 1.0)
+    weights = feedback_ref.masked_softmax(
+        logits_bs, jnp.arange(k_fb.shape[1]) < pos)
     s_bd = f.astype(compute) + gamma[:, 0, None] * jnp.einsum(
         "bs,bsd->bd", weights, cache["s"])
     s_cache = jax.lax.dynamic_update_slice_in_dim(
