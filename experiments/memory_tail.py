@@ -105,8 +105,8 @@ def sessa_routing(model: models.LanguageModel, tokens_bt: jax.Array,
     x = block(x)
   block = model.blocks[layer]
   # pylint: disable=protected-access
-  a, _ = block._mixer_input(x.astype(jnp.dtype(block.cfg.dtype)))
-  q_b, k_b, gamma = block.mixer._feedback_inputs(a)
+  a, _ = block.mixer_input(x.astype(jnp.dtype(block.cfg.dtype)))
+  q_b, k_b, gamma = block.mixer.feedback_inputs(a)
   # pylint: enable=protected-access
   return q_b, k_b, gamma, block.mixer.fb_scale
 

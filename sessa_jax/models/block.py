@@ -51,7 +51,7 @@ class MixerBlock(nnx.Module):
       self.mlp_norm = LayerNorm(d, rngs=rngs, param_dtype=kw["param_dtype"])
       self.mlp = MLP(d, cfg.mlp_ratio * d, **kw)
 
-  def _mixer_input(self, x: jax.Array):
+  def mixer_input(self, x: jax.Array):
     """Returns (mixer input, gate or None) for x (..., D)."""
     h = self.norm(x)
     if self.cfg.block != "gated":
@@ -69,13 +69,13 @@ class MixerBlock(nnx.Module):
   def __call__(self, x_btd: jax.Array) -> jax.Array:
     """Full causal forward (B, T, D) -> (B, T, D) in `cfg.dtype`."""
     x_btd = x_btd.astype(jnp.dtype(self.cfg.dtype))
-    u, g = self._mixer_input(x_btd)
+    u, g = self.mixer_input(x_btd)
     return self._finish(x_btd, self.mixer(u), g)
 
   def prefill(self, x_btd: jax.Array, max_len: int):
     """Forward over a prompt; returns (y_btd, mixer cache of capacity max_len)."""
     x_btd = x_btd.astype(jnp.dtype(self.cfg.dtype))
-    u, g = self._mixer_input(x_btd)
+    u, g = self.mixer_input(x_btd)
     s, cache = self.mixer.prefill(u, max_len)
     return self._finish(x_btd, s, g), cache
 
@@ -88,6 +88,6 @@ class MixerBlock(nnx.Module):
     if x.ndim == 3 and x.shape[1] != 1:
       raise ValueError(f"decode_step expects (B, D) or (B, 1, D), got {x.shape}")
     x_bd = x.reshape(x.shape[0], -1).astype(jnp.dtype(self.cfg.dtype))
-    u, g = self._mixer_input(x_bd)
+    u, g = self.mixer_input(x_bd)
     s, cache = self.mixer.decode_step(u, cache)
     return self._finish(x_bd, s, g).reshape(x.shape), cache

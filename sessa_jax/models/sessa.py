@@ -61,13 +61,18 @@ class SessaMixer(nnx.Module):
     raw = raw + self.gamma_bias[...].astype(compute)
     return self.cfg.gamma_max * jnp.tanh(raw)
 
-  def _feedback_inputs(self, a_btd: jax.Array):
+  def feedback_inputs(self, a_btd: jax.Array):
+    """The feedback routing's inputs for mixer input a (B, T, D).
+
+    Returns:
+      (q_b, k_b, gamma): feedback queries and keys (B, T, K) and gains (B, T).
+    """
     q_b, k_b = jnp.split(self.proj_fb(a_btd), 2, axis=-1)
     return q_b, k_b, self.gain(a_btd)
 
   def _solve(self, a_btd: jax.Array, f_btd: jax.Array):
     """Returns (s in float32 or wider, feedback keys)."""
-    q_b, k_b, gamma = self._feedback_inputs(a_btd)
+    q_b, k_b, gamma = self.feedback_inputs(a_btd)
     f = f_btd.astype(jnp.promote_types(f_btd.dtype, jnp.float32))
     s = kernels.feedback_solve(q_b, k_b, gamma, f, impl=self.cfg.feedback_impl,
                                chunk=self.cfg.feedback_chunk,
@@ -130,7 +135,7 @@ class SessaMixer(nnx.Module):
     f, attn_cache = self.attn.decode_step(a_bd, attn_cache)
     if not self.cfg.feedback:
       return f, attn_cache
-    q_b, k_b, gamma = self._feedback_inputs(a_bd[:, None])
+    q_b, k_b, gamma = self.feedback_inputs(a_bd[:, None])
     k_fb = jax.lax.dynamic_update_slice_in_dim(
         cache["k_fb"], k_b.astype(cache["k_fb"].dtype), pos, axis=1)
     compute = self._s_dtype
