@@ -29,13 +29,14 @@ def _acc_dtype(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _pad_features(x, width):
-  extra = width - x.shape[-1]
-  return x if extra == 0 else jnp.pad(x, [(0, 0), (0, 0), (0, extra)])
-
-
-def _pow2(n):
-  return max(16, 1 << (n - 1).bit_length())
+def _pad_features(*xs_btf):
+  """Zero-pads each array's feature axis to a power of two (at least 16)."""
+  padded = []
+  for x in xs_btf:
+    extra = max(16, 1 << (x.shape[-1] - 1).bit_length()) - x.shape[-1]
+    padded.append(
+        x if extra == 0 else jnp.pad(x, [(0, 0), (0, 0), (0, extra)]))
+  return padded
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, interpret):
@@ -87,9 +88,8 @@ def _stats_kernel(q_ref, k_ref, lse_ref, *, block, scale, causal):
 def row_stats(q_btk, k_btk, *, block, scale, causal, interpret):
   """Log-sum-exp over visible keys per row, -inf where none: (B, T)."""
   acc = _acc_dtype(q_btk)
-  kd = _pow2(q_btk.shape[-1])
-  q_btk, k_btk = _pad_features(q_btk, kd), _pad_features(k_btk, kd)
-  b, t, _ = q_btk.shape
+  q_btk, k_btk = _pad_features(q_btk, k_btk)
+  b, t, kd = q_btk.shape
   t_keys = k_btk.shape[1]
   return _call(
       functools.partial(_stats_kernel, block=block, scale=scale,
@@ -120,10 +120,9 @@ def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, causal, interpret):
   """sum_j exp(q_t.k_j * scale - lse_t) v_j over visible keys: (B, T, D)."""
   acc = _acc_dtype(q_btk)
   d_in = v_btd.shape[-1]
-  kd, d = _pow2(q_btk.shape[-1]), _pow2(d_in)
-  q_btk, k_btk = _pad_features(q_btk, kd), _pad_features(k_btk, kd)
-  v_btd = _pad_features(v_btd, d)
-  b, t, _ = q_btk.shape
+  q_btk, k_btk, v_btd = _pad_features(q_btk, k_btk, v_btd)
+  b, t, kd = q_btk.shape
+  d = v_btd.shape[-1]
   t_keys = k_btk.shape[1]
   out = _call(
       functools.partial(_apply_kernel, block=block, scale=scale,
@@ -163,10 +162,9 @@ def col_apply(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, *, block, scale,
   """Per key j: (sum_t A_tj w_t, sum_t dlogit_tj q_t), dlogit unscaled."""
   acc = _acc_dtype(q_btk)
   kd_in, d_in = q_btk.shape[-1], w_btd.shape[-1]
-  kd, d = _pow2(kd_in), _pow2(d_in)
-  q_btk, k_btk = _pad_features(q_btk, kd), _pad_features(k_btk, kd)
-  w_btd, s_btd = _pad_features(w_btd, d), _pad_features(s_btd, d)
-  b, t_rows, _ = q_btk.shape
+  q_btk, k_btk, w_btd, s_btd = _pad_features(q_btk, k_btk, w_btd, s_btd)
+  b, t_rows, kd = q_btk.shape
+  d = w_btd.shape[-1]
   t_keys = k_btk.shape[1]
   dv, dk = _call(
       functools.partial(_col_kernel, block=block, scale=scale, causal=causal),
@@ -203,10 +201,9 @@ def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, scale,
   """Per row t: sum_j dlogit_tj k_j over visible keys, dlogit unscaled."""
   acc = _acc_dtype(q_btk)
   kd_in, d_in = q_btk.shape[-1], w_btd.shape[-1]
-  kd, d = _pow2(kd_in), _pow2(d_in)
-  q_btk, k_btk = _pad_features(q_btk, kd), _pad_features(k_btk, kd)
-  w_btd, s_btd = _pad_features(w_btd, d), _pad_features(s_btd, d)
-  b, t, _ = q_btk.shape
+  q_btk, k_btk, w_btd, s_btd = _pad_features(q_btk, k_btk, w_btd, s_btd)
+  b, t, kd = q_btk.shape
+  d = w_btd.shape[-1]
   t_keys = k_btk.shape[1]
   dq = _call(
       functools.partial(_grad_kernel, block=block, scale=scale, causal=causal),
