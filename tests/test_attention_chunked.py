@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxpr_sizes import array_sizes
 from sessa_jax.kernels import attention_chunked
 from sessa_jax.models import (AttentionMixer, ModelConfig, SessaMixer,
                               attention)
@@ -88,19 +89,6 @@ def test_causal_and_bfloat16_in_bfloat16_out():
   assert _rel_err(half, base) < 2e-2
 
 
-def _array_sizes(jaxpr):
-  """Element counts of every array in a jaxpr, sub-jaxprs included."""
-  for eqn in jaxpr.eqns:
-    for var in [*eqn.invars, *eqn.outvars]:
-      if hasattr(var.aval, "shape"):
-        yield int(np.prod(var.aval.shape))
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr.
-        if hasattr(sub, "eqns"):
-          yield from _array_sizes(sub)
-
-
 def test_no_time_by_time_array():
   t = 1024
   q = jax.ShapeDtypeStruct((1, t, 2, 8), jnp.float32)
@@ -108,7 +96,7 @@ def test_no_time_by_time_array():
 
   def largest(fn):
     grad = jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2))
-    return max(_array_sizes(jax.make_jaxpr(grad)(q, kv, kv).jaxpr))
+    return max(array_sizes(jax.make_jaxpr(grad)(q, kv, kv).jaxpr))
 
   assert largest(_chunked(64)) <= 16 * t  # (T, H d) arrays, never (T, T).
   assert largest(_reference) >= t * t  # The check can fail.

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from jaxpr_sizes import array_sizes
 from sessa_jax import kernels
 from sessa_jax.kernels import feedback, feedback_chunked, feedback_ref
 
@@ -97,22 +98,11 @@ def test_chunked_has_no_time_by_time_array():
   grad = jax.grad(lambda *a: jnp.sum(solve(*a)), argnums=(0, 1, 2, 3))
   jaxpr = jax.make_jaxpr(grad)(x, x, g, x)
 
-  def sizes(jpr):
-    for eqn in jpr.eqns:
-      for var in [*eqn.invars, *eqn.outvars]:
-        if hasattr(var.aval, "shape"):
-          yield int(np.prod(var.aval.shape))
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (list, tuple)) else [param]:
-          sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr.
-          if hasattr(sub, "eqns"):
-            yield from sizes(sub)
-
-  largest = max(sizes(jaxpr.jaxpr))
+  largest = max(array_sizes(jaxpr.jaxpr))
   assert largest <= 8 * t, largest  # (T, K) arrays, never (T, T).
   dense_jaxpr = jax.make_jaxpr(jax.grad(
       lambda *a: jnp.sum(_dense(*a)), argnums=(0, 1, 2, 3)))(x, x, g, x)
-  assert max(sizes(dense_jaxpr.jaxpr)) >= t * t  # The check can fail.
+  assert max(array_sizes(dense_jaxpr.jaxpr)) >= t * t  # The check can fail.
 
 
 def test_auto_is_chunked_on_cpu_and_bad_impl_names_choices():
