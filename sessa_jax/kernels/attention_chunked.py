@@ -29,10 +29,12 @@ import jax.numpy as jnp
 
 from sessa_jax.kernels.blocks import get_block, put_block
 
-DEFAULT_CHUNK = 256
+DEFAULT_CHUNK = 512
 # Arrays are laid out (B, H_kv, rows, d); rows (axis 2) run over time.
 _get = functools.partial(get_block, axis=2)
 _put = functools.partial(put_block, axis=2)
+# Transposed copies are laid out (B, H_kv, d, rows).
+_get_t = functools.partial(get_block, axis=3)
 
 
 def _diagonal_mask(chunk: int, groups: int) -> jax.Array:
@@ -80,36 +82,44 @@ def _forward(q_bkrd, k_bksd, v_bksd, chunk, groups, scale):
 
 
 def _backward(chunk, groups, scale, res, g_bkrd):
-  """Cotangents of (q, k, v), one key chunk at a time."""
+  """Cotangents of (q, k, v), one key chunk at a time.
+
+  dk and dv are gathered transposed (d x C, as q^T dS and do^T P) from
+  transposed copies of q and do, so every block product contracts the last
+  axis of its left operand: XLA's CPU matmul library takes that form, and
+  falls back to a slower one for P^T-style products.
+  """
   q_bkrd, k_bksd, v_bksd, out_bkrd, lse_bkr = res
   c, r = chunk, chunk * groups
   n = k_bksd.shape[2] // c
   mask = _diagonal_mask(c, groups)
   delta_bkr = jnp.sum(g_bkrd * out_bkrd, axis=-1)
+  q_bkdr, g_bkdr = q_bkrd.swapaxes(2, 3), g_bkrd.swapaxes(2, 3)
 
-  def block(i, k_j, v_j, dk, dv, dq_all, masked):
+  def block(i, k_j, v_j, dk_t, dv_t, dq_all, masked):
     """Adds query chunk i's share against key chunk j."""
     q_i, g_i = _get(q_bkrd, i, r), _get(g_bkrd, i, r)
     logits = jnp.einsum("bkrd,bksd->bkrs", q_i * scale, k_j)
     p = jnp.exp(logits - _get(lse_bkr, i, r)[..., None])
     if masked:
       p = jnp.where(mask, p, 0.0)
-    dv = dv + jnp.einsum("bkrs,bkrd->bksd", p, g_i)
+    dv_t = dv_t + jnp.einsum("bkdr,bkrs->bkds", _get_t(g_bkdr, i, r), p)
     dp = jnp.einsum("bkrd,bksd->bkrs", g_i, v_j)
     ds = p * (dp - _get(delta_bkr, i, r)[..., None])
-    dk = dk + jnp.einsum("bkrs,bkrd->bksd", ds, q_i)
+    dk_t = dk_t + jnp.einsum("bkdr,bkrs->bkds", _get_t(q_bkdr, i, r), ds)
     dq_i = _get(dq_all, i, r) + jnp.einsum("bkrs,bksd->bkrd", ds, k_j)
-    return dk, dv, _put(dq_all, dq_i, i, r)
+    return dk_t, dv_t, _put(dq_all, dq_i, i, r)
 
   def key_step(j, carry):
     dq_all, dk_all, dv_all = carry
     k_j, v_j = _get(k_bksd, j, c), _get(v_bksd, j, c)
-    zeros = jnp.zeros_like(k_j)
-    dk, dv, dq_all = block(j, k_j, v_j, zeros, zeros, dq_all, masked=True)
-    dk, dv, dq_all = jax.lax.fori_loop(
+    zeros = jnp.zeros_like(k_j.swapaxes(2, 3))
+    dk_t, dv_t, dq_all = block(j, k_j, v_j, zeros, zeros, dq_all, masked=True)
+    dk_t, dv_t, dq_all = jax.lax.fori_loop(
         j + 1, n, lambda i, acc: block(i, k_j, v_j, *acc, masked=False),
-        (dk, dv, dq_all))
-    return (dq_all, _put(dk_all, dk, j, c), _put(dv_all, dv, j, c))
+        (dk_t, dv_t, dq_all))
+    return (dq_all, _put(dk_all, dk_t.swapaxes(2, 3), j, c),
+            _put(dv_all, dv_t.swapaxes(2, 3), j, c))
 
   init = (jnp.zeros_like(q_bkrd), jnp.zeros_like(k_bksd),
           jnp.zeros_like(v_bksd))
