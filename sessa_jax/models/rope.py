@@ -41,10 +41,12 @@ def apply(x_bthd: jax.Array, angles_th: jax.Array) -> jax.Array:
   """
   compute = jnp.promote_types(x_bthd.dtype, jnp.float32)
   x = x_bthd.astype(compute)
-  even, odd = x[..., 0::2], x[..., 1::2]
-  cos = jnp.cos(angles_th).astype(compute)[:, None, :]
-  sin = jnp.sin(angles_th).astype(compute)[:, None, :]
-  rot_even = even * cos - odd * sin
-  rot_odd = even * sin + odd * cos
-  out = jnp.stack([rot_even, rot_odd], axis=-1).reshape(x.shape)
+  # out[2i] = x[2i] cos - x[2i+1] sin,  out[2i+1] = x[2i+1] cos + x[2i] sin:
+  # x times cos, plus x with each pair swapped times (-sin, +sin). The swap
+  # reverses a trailing axis of 2, so neither direction needs strided slices.
+  cos = jnp.repeat(jnp.cos(angles_th), 2, axis=-1).astype(compute)
+  sin = jnp.sin(angles_th)
+  signed_sin = jnp.stack([-sin, sin], axis=-1).reshape(cos.shape)
+  swapped = x.reshape(x.shape[:-1] + (-1, 2))[..., ::-1].reshape(x.shape)
+  out = x * cos[:, None, :] + swapped * signed_sin.astype(compute)[:, None, :]
   return out.astype(x_bthd.dtype)
