@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from float64_reference import assert_matches_float64
 from jaxpr_sizes import array_sizes
 from sessa_jax import kernels
 from sessa_jax.kernels import feedback, feedback_chunked, feedback_ref
@@ -142,19 +143,7 @@ def test_jitted_sessa_block_with_auto_matches_float64_dense():
   block = MixerBlock(cfg, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 21, 16), jnp.float32)
 
-  def value_and_grad(module, x):
-    loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
-    return nnx.value_and_grad(loss, argnums=(0, 1))(module, x)
-
-  got_loss, (got_params, got_x) = nnx.jit(value_and_grad)(block, x)
-  with jax.enable_x64(True):
-    ref = MixerBlock(cfg.replace(feedback_impl="dense", dtype="float64",
-                                 param_dtype="float64"), rngs=nnx.Rngs(0))
-    nnx.update(ref, jax.tree.map(lambda a: a.astype(jnp.float64),
-                                 nnx.state(block)))
-    want_loss, (want_params, want_x) = nnx.jit(value_and_grad)(
-        ref, x.astype(jnp.float64))
-    assert abs(float(got_loss) - float(want_loss)) < 1e-5 * abs(float(want_loss))
-    assert _rel_err(got_x, want_x) < 1e-5
-    for g, w in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
-      assert _rel_err(g, w) < 1e-5
+  assert_matches_float64(
+      block, lambda: MixerBlock(cfg.replace(
+          feedback_impl="dense", dtype="float64", param_dtype="float64"),
+          rngs=nnx.Rngs(0)), x)
