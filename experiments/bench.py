@@ -200,6 +200,11 @@ def _run_child(spec, timeout_s):
   return {"error": tail[0][:300]}
 
 
+def _matmul_rate() -> float | None:
+  """The float32 2048^3 matmul rate in GFLOP/s, measured in a fresh process."""
+  return _run_child({"kind": "matmul", "n": 2048}, 300).get("gflops")
+
+
 def _available_bytes() -> int:
   try:
     with open("/proc/meminfo") as f:
@@ -235,8 +240,7 @@ def main(argv=None):
   solve_ts = [t for t in SOLVE_T if not args.quick or t <= 2048]
   layer_ts = [t for t in LAYER_T if not args.quick or t <= 2048]
   started = time.time()
-  mm = _run_child({"kind": "matmul", "n": 2048}, 300)
-  rate = mm.get("gflops")
+  rate = _matmul_rate()
   print(f"float32 matmul (2048^3, jitted): {_fmt(rate, '{:.1f}')} GFLOP/s")
 
   solves = []
@@ -269,7 +273,7 @@ def main(argv=None):
                              "chunk": LAYER_FEEDBACK_CHUNK}, 900))
       # The machine's speed drifts (other tenants): hold each layer against
       # the matmul rate measured right before and right after it.
-      after = _run_child({"kind": "matmul", "n": 2048}, 300).get("gflops")
+      after = _matmul_rate()
       local = [r for r in (before, after) if r]
       row["matmul_gflops"] = sum(local) / len(local) if local else None
       before = after
@@ -278,6 +282,10 @@ def main(argv=None):
         # The tokens/s if every §7 FLOP ran at the measured matmul rate.
         row["matmul_bound_tokens_per_s"] = (
             row["tokens_per_s"] / row["fraction_of_matmul_rate"])
+        ref = TORCH_REFERENCE_TOK_S.get(t) if mixer == "sessa" else None
+        if ref:
+          row["fraction_of_matmul_rate_for_3x_torch"] = (
+              3 * ref / row["matmul_bound_tokens_per_s"])
       layers.append(row)
       print(f"  layer T={t:5d} {mixer:9s} {_fmt(row.get('tokens_per_s'), '{:.0f}')}"
             f" tok/s {row.get('error', '')}", flush=True)
@@ -319,8 +327,6 @@ def main(argv=None):
   for r in layers:
     ref = TORCH_REFERENCE_TOK_S.get(r["t"]) if r["mixer"] == "sessa" else None
     tok, bound = r.get("tokens_per_s"), r.get("matmul_bound_tokens_per_s")
-    if ref and bound:
-      r["fraction_of_matmul_rate_for_3x_torch"] = 3 * ref / bound
     print(f"{r['t']:>6} {r['mixer']:>9} {_fmt(tok, '{:.0f}'):>8} "
           f"{_fmt(r.get('gflops'), '{:.1f}'):>8} "
           f"{_fmt(r.get('matmul_gflops'), '{:.0f}'):>7} "
