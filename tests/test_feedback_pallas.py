@@ -75,3 +75,17 @@ def test_pallas_rejects_illegal_tiles():
     feedback_pallas.feedback_solve_pallas(*args, chunk=24, backend="gpu")
   with pytest.raises(ValueError, match="tpu, gpu"):
     feedback_pallas.feedback_solve_pallas(*args, backend="cuda")
+
+
+@pytest.mark.parametrize("width,dtype,chunk", [
+    (256, jnp.bfloat16, 64),  # Both checked on an H200 (gpu_check.json).
+    (256, jnp.float32, 32),
+    (200, jnp.float32, 32),  # Padded to 256 in the kernels.
+    (512, jnp.float32, 16),
+    (1024, jnp.float32, 16),  # Never below 16.
+    (32, jnp.float32, 64),
+])
+def test_gpu_default_chunk_fits_the_tile_budget(width, dtype, chunk):
+  assert feedback_pallas.default_chunk("gpu", width, jnp.dtype(dtype)) == chunk
+  assert feedback_pallas.default_chunk("tpu", width, jnp.dtype(dtype)) == (
+      feedback_pallas.TPU_CHUNK)

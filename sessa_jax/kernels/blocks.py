@@ -1,8 +1,9 @@
-"""Time-chunk slicing shared by the blocked kernels."""
+"""Helpers shared by the blocked kernels: time-chunk slicing, tile products."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 
 def get_block(x: jax.Array, i: jax.Array | int, size: int,
@@ -15,3 +16,30 @@ def put_block(x: jax.Array, value: jax.Array, i: jax.Array | int,
               size: int, axis: int = 1) -> jax.Array:
   """x with rows [i * size, (i + 1) * size) along `axis` replaced by value."""
   return jax.lax.dynamic_update_slice_in_dim(x, value, i * size, axis=axis)
+
+
+def acc_dtype(x: jax.Array) -> jnp.dtype:
+  """Accumulation dtype: float32, or float64 for float64 inputs."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def tile_dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False,
+             trans_b: bool = False) -> jax.Array:
+  """Product of two 2-D tiles inside a Pallas kernel, accumulated in f32+.
+
+  The transposes are contraction choices of one `dot_general`, which the
+  Mosaic and Triton lowerings map onto the matrix units without moving data.
+
+  Args:
+    a: (M, N) tile, or (N, M) with `trans_a`.
+    b: (N, P) tile, or (P, N) with `trans_b`.
+    trans_a: contract a's first axis.
+    trans_b: contract b's last axis.
+
+  Returns:
+    (M, P) in float32 (float64 when either input is float64).
+  """
+  out = jnp.promote_types(acc_dtype(a), acc_dtype(b))
+  return jax.lax.dot_general(
+      a, b, (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ())),
+      preferred_element_type=out)

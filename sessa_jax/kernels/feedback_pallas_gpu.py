@@ -22,11 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-
-
-def _acc_dtype(x):
-  """Accumulation dtype: float32, or float64 for float64 inputs."""
-  return jnp.promote_types(x.dtype, jnp.float32)
+from sessa_jax.kernels.blocks import acc_dtype, tile_dot
 
 
 def _pad_features(*xs_btf):
@@ -39,11 +35,18 @@ def _pad_features(*xs_btf):
   return padded
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret):
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, operand):
+  """The pallas_call; `operand` is one input, whose dtype sets the pipeline.
+
+  Two pipeline stages (double-buffered loads) for 16-bit operands, one for
+  float32: the settings checked on an H200 (see `feedback_pallas` for the
+  tile heights that fit its shared memory).
+  """
+  stages = 2 if operand.dtype.itemsize <= 2 else 1
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=2),
+      compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=stages),
       interpret=interpret)
 
 
@@ -73,7 +76,8 @@ def _stats_kernel(q_ref, k_ref, lse_ref, *, block, scale, causal):
 
   def body(c, carry):
     m, l = carry
-    logits = pl.dot(q, k_ref[pl.ds(c * block, block), :], trans_b=True) * scale
+    keys = pl.ds(c * block, block)
+    logits = tile_dot(q, k_ref[keys, :], trans_b=True) * scale
     m_new = jnp.maximum(m, jnp.max(logits, axis=1))
     l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), 1)
     return m_new, l
@@ -87,7 +91,7 @@ def _stats_kernel(q_ref, k_ref, lse_ref, *, block, scale, causal):
 
 def row_stats(q_btk, k_btk, *, block, scale, causal, interpret):
   """Log-sum-exp over visible keys per row, -inf where none: (B, T)."""
-  acc = _acc_dtype(q_btk)
+  acc = acc_dtype(q_btk)
   q_btk, k_btk = _pad_features(q_btk, k_btk)
   b, t, kd = q_btk.shape
   t_keys = k_btk.shape[1]
@@ -96,7 +100,7 @@ def row_stats(q_btk, k_btk, *, block, scale, causal, interpret):
                         causal=causal),
       (b, t // block), [_block(kd, block), _whole(t_keys, kd)],
       _vec_block(block), jax.ShapeDtypeStruct((b, t), acc),
-      interpret)(q_btk, k_btk)
+      interpret, q_btk)(q_btk, k_btk)
 
 
 def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, *, block, scale,
@@ -106,10 +110,10 @@ def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, *, block, scale,
 
   def body(c, acc):
     keys = pl.ds(c * block, block)
-    logits = pl.dot(q, k_ref[keys, :], trans_b=True) * scale
+    logits = tile_dot(q, k_ref[keys, :], trans_b=True) * scale
     p = jnp.exp(logits - lse[:, None])
     v = v_ref[keys, :]
-    return acc + pl.dot(p.astype(v.dtype), v)
+    return acc + tile_dot(p.astype(v.dtype), v)
 
   n_keys = k_ref.shape[0] // block
   out_ref[...] = lax.fori_loop(0, _key_count(r, n_keys, causal), body,
@@ -118,7 +122,7 @@ def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, *, block, scale,
 
 def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, causal, interpret):
   """sum_j exp(q_t.k_j * scale - lse_t) v_j over visible keys: (B, T, D)."""
-  acc = _acc_dtype(q_btk)
+  acc = acc_dtype(q_btk)
   d_in = v_btd.shape[-1]
   q_btk, k_btk, v_btd = _pad_features(q_btk, k_btk, v_btd)
   b, t, kd = q_btk.shape
@@ -131,7 +135,7 @@ def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, causal, interpret):
       [_block(kd, block), _whole(t_keys, kd), _whole(t_keys, d),
        _vec_block(block)],
       _block(d, block), jax.ShapeDtypeStruct((b, t, d), acc),
-      interpret)(q_btk, k_btk, v_btd, lse_bt)
+      interpret, q_btk)(q_btk, k_btk, v_btd, lse_bt)
   return out[..., :d_in]
 
 
@@ -144,10 +148,10 @@ def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
     dv, dk = carry
     rows = pl.ds(r * block, block)
     q, w = q_ref[rows, :], w_ref[rows, :]
-    p = jnp.exp(pl.dot(q, k, trans_b=True) * scale - lse_ref[rows][:, None])
-    dv = dv + pl.dot(p.astype(w.dtype), w, trans_a=True)
-    ds = p * (pl.dot(w, s, trans_b=True) - delta_ref[rows][:, None])
-    dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True)
+    p = jnp.exp(tile_dot(q, k, trans_b=True) * scale - lse_ref[rows][:, None])
+    dv = dv + tile_dot(p.astype(w.dtype), w, trans_a=True)
+    ds = p * (tile_dot(w, s, trans_b=True) - delta_ref[rows][:, None])
+    dk = dk + tile_dot(ds.astype(q.dtype), q, trans_a=True)
     return dv, dk
 
   n_rows = q_ref.shape[0] // block
@@ -160,7 +164,7 @@ def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
 def col_apply(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, *, block, scale,
               causal, interpret):
   """Per key j: (sum_t A_tj w_t, sum_t dlogit_tj q_t), dlogit unscaled."""
-  acc = _acc_dtype(q_btk)
+  acc = acc_dtype(q_btk)
   kd_in, d_in = q_btk.shape[-1], w_btd.shape[-1]
   q_btk, k_btk, w_btd, s_btd = _pad_features(q_btk, k_btk, w_btd, s_btd)
   b, t_rows, kd = q_btk.shape
@@ -174,7 +178,7 @@ def col_apply(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, *, block, scale,
       [_block(d, block), _block(kd, block)],
       [jax.ShapeDtypeStruct((b, t_keys, d), acc),
        jax.ShapeDtypeStruct((b, t_keys, kd), acc)],
-      interpret)(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt)
+      interpret, q_btk)(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt)
   return dv[..., :d_in], dk[..., :kd_in]
 
 
@@ -187,9 +191,9 @@ def _grad_kernel(q_ref, k_ref, s_ref, w_ref, delta_ref, lse_ref, dq_ref, *,
   def body(c, dq):
     keys = pl.ds(c * block, block)
     k = k_ref[keys, :]
-    p = jnp.exp(pl.dot(q, k, trans_b=True) * scale - lse[:, None])
-    ds = p * (pl.dot(w, s_ref[keys, :], trans_b=True) - delta[:, None])
-    return dq + pl.dot(ds.astype(k.dtype), k)
+    p = jnp.exp(tile_dot(q, k, trans_b=True) * scale - lse[:, None])
+    ds = p * (tile_dot(w, s_ref[keys, :], trans_b=True) - delta[:, None])
+    return dq + tile_dot(ds.astype(k.dtype), k)
 
   n_keys = k_ref.shape[0] // block
   dq_ref[...] = lax.fori_loop(0, _key_count(r, n_keys, causal), body,
@@ -199,7 +203,7 @@ def _grad_kernel(q_ref, k_ref, s_ref, w_ref, delta_ref, lse_ref, dq_ref, *,
 def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, scale,
              causal, interpret):
   """Per row t: sum_j dlogit_tj k_j over visible keys, dlogit unscaled."""
-  acc = _acc_dtype(q_btk)
+  acc = acc_dtype(q_btk)
   kd_in, d_in = q_btk.shape[-1], w_btd.shape[-1]
   q_btk, k_btk, w_btd, s_btd = _pad_features(q_btk, k_btk, w_btd, s_btd)
   b, t, kd = q_btk.shape
@@ -211,5 +215,5 @@ def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, scale,
       [_block(kd, block), _whole(t_keys, kd), _whole(t_keys, d),
        _block(d, block), _vec_block(block), _vec_block(block)],
       _block(kd, block), jax.ShapeDtypeStruct((b, t, kd), acc),
-      interpret)(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt)
+      interpret, q_btk)(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt)
   return dq[..., :kd_in]

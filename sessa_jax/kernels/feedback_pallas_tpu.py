@@ -25,11 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-
-
-def _acc_dtype(x):
-  """Accumulation dtype: float32, or float64 for float64 inputs."""
-  return jnp.promote_types(x.dtype, jnp.float32)
+from sessa_jax.kernels.blocks import acc_dtype, tile_dot
 
 
 def _visible(r, c, causal):
@@ -58,7 +54,7 @@ def _key_index(causal):
 
 
 def _logits(q_ref, k_ref, scale):
-  return pl.dot(q_ref[...], k_ref[...], trans_b=True) * scale
+  return tile_dot(q_ref[...], k_ref[...], trans_b=True) * scale
 
 
 # Row log-sum-exp over visible key blocks.
@@ -89,7 +85,7 @@ def _stats_kernel(q_ref, k_ref, lse_ref, m_sc, l_sc, *, scale, causal):
 
 def row_stats(q_btk, k_btk, *, block, scale, causal, interpret):
   """Log-sum-exp over visible keys per row, -inf where none: (B, T)."""
-  acc = _acc_dtype(q_btk)
+  acc = acc_dtype(q_btk)
   b, t, kd = q_btk.shape
   n_rows, n_keys = t // block, k_btk.shape[1] // block
   lse = _call(
@@ -118,7 +114,7 @@ def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, acc_sc, *, scale,
   @pl.when(_visible(r, c, causal))
   def _():
     p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])
-    acc_sc[...] += pl.dot(p.astype(v_ref.dtype), v_ref[...])
+    acc_sc[...] += tile_dot(p.astype(v_ref.dtype), v_ref[...])
 
   @pl.when(c == pl.num_programs(2) - 1)
   def _():
@@ -127,7 +123,7 @@ def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, acc_sc, *, scale,
 
 def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, causal, interpret):
   """sum_j exp(q_t.k_j * scale - lse_t) v_j over visible keys: (B, T, D)."""
-  acc = _acc_dtype(q_btk)
+  acc = acc_dtype(q_btk)
   b, t, kd = q_btk.shape
   d = v_btd.shape[-1]
   n_rows, n_keys = t // block, k_btk.shape[1] // block
@@ -157,10 +153,10 @@ def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
   def _():
     p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])  # (rows, keys)
     w = w_ref[...]
-    dv_sc[...] += pl.dot(p.astype(w.dtype), w, trans_a=True)
-    dp = pl.dot(w, s_ref[...], trans_b=True)
+    dv_sc[...] += tile_dot(p.astype(w.dtype), w, trans_a=True)
+    dp = tile_dot(w, s_ref[...], trans_b=True)
     ds = p * (dp - delta_ref[...])
-    dk_sc[...] += pl.dot(ds.astype(q_ref.dtype), q_ref[...], trans_a=True)
+    dk_sc[...] += tile_dot(ds.astype(q_ref.dtype), q_ref[...], trans_a=True)
 
   @pl.when(r == pl.num_programs(2) - 1)
   def _():
@@ -171,7 +167,7 @@ def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
 def col_apply(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, *, block, scale,
               causal, interpret):
   """Per key j: (sum_t A_tj w_t, sum_t dlogit_tj q_t), dlogit unscaled."""
-  acc = _acc_dtype(q_btk)
+  acc = acc_dtype(q_btk)
   b, t_rows, kd = q_btk.shape
   t_keys, d = k_btk.shape[1], w_btd.shape[-1]
   n_rows, n_keys = t_rows // block, t_keys // block
@@ -208,9 +204,9 @@ def _grad_kernel(q_ref, k_ref, s_ref, w_ref, delta_ref, lse_ref, dq_ref,
   @pl.when(_visible(r, c, causal))
   def _():
     p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])
-    dp = pl.dot(w_ref[...], s_ref[...], trans_b=True)
+    dp = tile_dot(w_ref[...], s_ref[...], trans_b=True)
     ds = p * (dp - delta_ref[...])
-    dq_sc[...] += pl.dot(ds.astype(k_ref.dtype), k_ref[...])
+    dq_sc[...] += tile_dot(ds.astype(k_ref.dtype), k_ref[...])
 
   @pl.when(c == pl.num_programs(2) - 1)
   def _():
@@ -220,7 +216,7 @@ def _grad_kernel(q_ref, k_ref, s_ref, w_ref, delta_ref, lse_ref, dq_ref,
 def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, scale,
              causal, interpret):
   """Per row t: sum_j dlogit_tj k_j over visible keys, dlogit unscaled."""
-  acc = _acc_dtype(q_btk)
+  acc = acc_dtype(q_btk)
   b, t, kd = q_btk.shape
   d = s_btd.shape[-1]
   n_rows, n_keys = t // block, k_btk.shape[1] // block

@@ -38,7 +38,9 @@ class ModelConfig:
       K = D.
     feedback_impl: implementation of the feedback solve (see
       `sessa_jax.kernels.feedback_solve`).
-    feedback_chunk: chunk size of the blocked feedback solve.
+    feedback_chunk: rows per block of the blocked feedback solve; None takes
+      the implementation's default (256 for `chunked`; per backend, width
+      and dtype for `pallas`).
     attention_impl: `xla` or `cudnn` for `jax.nn.dot_product_attention`,
       `chunked` for the blocked kernel (`sessa_jax.kernels.attention_chunked`)
       or `auto`: cuDNN on GPU for bfloat16, `chunked` on CPU for sequences
@@ -68,7 +70,7 @@ class ModelConfig:
   feedback: bool = True
   feedback_dim: int | None = None
   feedback_impl: str = "auto"
-  feedback_chunk: int = 256
+  feedback_chunk: int | None = None
   attention_impl: str = "auto"
   ssm_expand: int = 2
   ssm_head_dim: int = 64
@@ -109,7 +111,7 @@ class ModelConfig:
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio",
                 "feedback_chunk", "ssm_expand", "ssm_head_dim", "ssm_state",
                 "ssm_conv", "ssm_chunk"):
-      if getattr(self, key) < 1:
+      if getattr(self, key) is not None and getattr(self, key) < 1:
         raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
     if self.mixer in ("sessa", "attention"):
       if self.d_model % self.n_heads:
