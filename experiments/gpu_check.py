@@ -5,13 +5,19 @@ One command, meant to finish within 8 minutes on one H100/H200:
   python experiments/gpu_check.py [--out experiments/results/gpu_check.json]
 
 1. Compiles the GPU (Triton) Pallas kernels for real and compares values and
-   gradients of all four inputs with the dense oracle (float32 at T = 1024;
-   the kernels' float32 dots may use TF32, hence the loose tolerance).
+   gradients of all four inputs with the dense float32 oracle: float32
+   inputs at a T that is a power of two and at one that is not (T = 1500
+   pads to 24 chunks, so the solve's rectangles are not powers of two), and
+   bfloat16 inputs (the oracle sees the same rounded values). float32 dots
+   may use TF32, hence the loose tolerances.
 2. Times forward+backward in bfloat16 for T = 4k ... 32k (B = 2, K = D = 256)
    for `pallas`, `chunked` (plain JAX) and `dense`, and cuDNN causal
    attention of the same shape (4 heads of 64) as a yardstick.
-3. Writes everything as JSON (also after each case, so a timeout keeps what
-   was measured).
+3. Times one MixerBlock forward+backward (D = 256, 4 heads, bfloat16
+   compute) for Sessa with the Pallas and the chunked solve, attention
+   (cuDNN) and Mamba-2: tokens/s.
+4. Writes everything as JSON after each case, so a timeout keeps what was
+   measured; a case that fails records its error and the rest still run.
 
 `--dry_run` runs the same code on CPU with tiny shapes, the kernels in
 interpret mode and cuDNN skipped; the test suite uses it.
@@ -24,6 +30,7 @@ import json
 import pathlib
 import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +45,9 @@ from sessa_jax.kernels import feedback_pallas  # pylint: disable=g-import-not-at
 from sessa_jax.kernels import feedback_ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_OUT = ROOT / "experiments" / "results" / "gpu_check.json"
+# Relative max error allowed against the dense float32 oracle, by input
+# dtype (float32 dots may use TF32; bfloat16 keeps 8 bits of mantissa).
+TOLERANCE = {"float32": 2e-2, "bfloat16": 5e-2}
 
 
 def _inputs(b, t, width, dtype, seed=0):
@@ -69,11 +79,18 @@ def _time(fn, args, runs=3):
   return float(np.median(times)), compile_s
 
 
+def _error(e: Exception) -> str:
+  """The exception and the innermost frames of its traceback, shortened."""
+  text = "".join(traceback.format_exception(e))
+  return text if len(text) < 3000 else text[:1000] + " ... " + text[-2000:]
+
+
 def _solvers(chunk, interpret):
   return {
       "pallas": lambda *a: feedback_pallas.feedback_solve_pallas(
           *a, chunk=chunk, backend="gpu", interpret=interpret),
-      "chunked": lambda *a: feedback_chunked.feedback_solve_chunked(*a),
+      "chunked": lambda *a: feedback_chunked.feedback_solve_chunked(
+          *a, chunk=chunk),
       "dense": feedback_ref.feedback_solve_dense,
   }
 
@@ -92,11 +109,31 @@ def _attention(b, t, width, heads, dtype, implementation):
   return jax.jit(run), (q, k, v, cot)
 
 
-def check_correctness(b, t, width, chunk, interpret):
-  """Relative max errors of pallas vs dense, values and the four gradients."""
-  args = _inputs(b, t, width, jnp.float32, seed=1)
-  got = _value_and_grads(_solvers(chunk, interpret)["pallas"])(*args)
-  want = _value_and_grads(feedback_ref.feedback_solve_dense)(*args)
+def _layer_step(mixer, b, t, width, heads, feedback_impl, chunk):
+  """A jitted MixerBlock forward+backward and its arguments."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sessa_jax.models import MixerBlock, ModelConfig  # pylint: disable=g-import-not-at-top
+  cfg = ModelConfig(mixer=mixer, d_model=width, n_heads=heads, n_layers=1,
+                    dtype="bfloat16", feedback_impl=feedback_impl,
+                    feedback_chunk=chunk)
+  graphdef, params = nnx.split(MixerBlock(cfg, rngs=nnx.Rngs(0)))
+  x = jax.random.normal(jax.random.key(1), (b, t, width), jnp.bfloat16)
+
+  @jax.jit
+  def step(params, x):
+    def loss(p, x):
+      y = nnx.merge(graphdef, p)(x)
+      return jnp.mean(y.astype(jnp.float32) ** 2)
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+  return step, (params, x)
+
+
+def check_correctness(b, t, width, chunk, interpret, dtype, impl="pallas"):
+  """Relative max errors of `impl` vs dense, values and the four gradients."""
+  args = _inputs(b, t, width, dtype, seed=t)
+  got = _value_and_grads(_solvers(chunk, interpret)[impl])(*args)
+  want = _value_and_grads(feedback_ref.feedback_solve_dense)(
+      *[x.astype(jnp.float32) for x in args])
   errors = {}
   for name, x, y in zip(("s", "dq", "dk", "dgamma", "df"), got, want):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -110,8 +147,10 @@ def main(argv=None):
   parser.add_argument("--dry_run", action="store_true",
                       help="tiny shapes on CPU, kernels in interpret mode")
   parser.add_argument("--lengths", default=None,
-                      help="comma-separated T values to time")
-  parser.add_argument("--budget_s", type=float, default=420.0,
+                      help="comma-separated T values to time the solve at")
+  parser.add_argument("--layer_lengths", default=None,
+                      help="comma-separated T values to time layers at")
+  parser.add_argument("--budget_s", type=float, default=360.0,
                       help="stop starting new timings after this many seconds")
   args = parser.parse_args(argv)
 
@@ -119,13 +158,20 @@ def main(argv=None):
   if not on_gpu and not args.dry_run:
     parser.error("no GPU found; use --dry_run to exercise the script on CPU")
   if args.dry_run:
-    b, width, heads, chunk, check_t = 1, 32, 4, 16, 40
-    lengths = [64, 128]
+    b, width, heads, chunk = 1, 32, 4, 16
+    checks = [(40, "float32"), (37, "float32"), (64, "bfloat16")]
+    lengths, layer_lengths = [64, 128], [48]
   else:
-    b, width, heads, chunk, check_t = 2, 256, 4, 64, 1024
+    # chunk None: each solve's default (Pallas on GPU: 64 rows for bfloat16
+    # operands, 32 for float32; `feedback_pallas.default_chunk`).
+    b, width, heads, chunk = 2, 256, 4, None
+    checks = [(1024, "float32"), (1500, "float32"), (4096, "bfloat16")]
     lengths = [4096, 8192, 16384, 32768]
-  if args.lengths:
-    lengths = [int(x) for x in args.lengths.split(",")]
+    layer_lengths = [4096, 16384]
+  if args.lengths is not None:
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+  if args.layer_lengths is not None:
+    layer_lengths = [int(x) for x in args.layer_lengths.split(",") if x]
   interpret = not on_gpu
   started = time.time()
   out = pathlib.Path(args.out)
@@ -134,22 +180,40 @@ def main(argv=None):
       "device": str(jax.devices()[0].device_kind),
       "jax": jax.__version__,
       "dry_run": args.dry_run,
-      "config": {"batch": b, "width": width, "chunk": chunk,
-                 "timing_dtype": "bfloat16"},
-      "correctness": {"t": check_t, "dtype": "float32",
-                      "rel_max_error": check_correctness(
-                          b, check_t, width, chunk, interpret)},
+      "config": {"batch": b, "width": width, "heads": heads, "chunk": chunk,
+                 "timing_dtype": "bfloat16", "tolerance": TOLERANCE},
+      "correctness": [],
       "timings": [],
+      "layers": [],
   }
-  errors = result["correctness"]["rel_max_error"]
-  result["correctness"]["ok"] = max(errors.values()) < 2e-2
-  print("correctness (rel. max error vs dense):", errors)
 
   def save():
     result["wall_s"] = time.time() - started
     out.write_text(json.dumps(result, indent=1) + "\n")
 
-  save()
+  def record(section, row):
+    result[section].append(row)
+    print(row, flush=True)
+    save()
+
+  def over_budget():
+    return time.time() - started > args.budget_s
+
+  for t, dtype in checks:
+    row = {"t": t, "dtype": dtype}
+    try:
+      row["rel_max_error"] = check_correctness(b, t, width, chunk, interpret,
+                                               jnp.dtype(dtype))
+      row["ok"] = max(row["rel_max_error"].values()) < TOLERANCE[dtype]
+      if dtype == "bfloat16":  # What bfloat16 costs the plain-JAX solve.
+        row["chunked_rel_max_error"] = check_correctness(
+            b, t, width, chunk, interpret, jnp.dtype(dtype), impl="chunked")
+    except Exception as e:  # pylint: disable=broad-except
+      row["error"], row["ok"] = _error(e), False
+    record("correctness", row)
+
+  memory_limit = (jax.devices()[0].memory_stats() or {}).get(
+      "bytes_limit", 8 << 30)
   for t in lengths:
     cases = dict(_solvers(chunk, interpret))
     if not on_gpu:
@@ -157,34 +221,48 @@ def main(argv=None):
     for name, solve in cases.items():
       row = {"t": t, "impl": name}
       dense_bytes = 6 * b * t * t * 4
-      if time.time() - started > args.budget_s:
+      if over_budget():
         row["skipped"] = "time budget spent"
-      elif name == "dense" and on_gpu and dense_bytes > 0.8 * (
-          jax.devices()[0].memory_stats() or {}).get("bytes_limit", 8 << 30):
+      elif name == "dense" and on_gpu and dense_bytes > 0.8 * memory_limit:
         row["skipped"] = f"needs ~{dense_bytes / 2**30:.0f} GiB"
       else:
         try:
           row["seconds"], row["compile_s"] = _time(
               _value_and_grads(solve), _inputs(b, t, width, jnp.bfloat16))
         except Exception as e:  # pylint: disable=broad-except
-          row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-      result["timings"].append(row)
-      print(row, flush=True)
-      save()
+          row["error"] = _error(e)
+      record("timings", row)
     row = {"t": t, "impl": "cudnn_attention", "heads": heads}
     if not on_gpu:
       row["skipped"] = "cuDNN needs a GPU"
-    elif time.time() - started > args.budget_s:
+    elif over_budget():
       row["skipped"] = "time budget spent"
     else:
       try:
         fn, fn_args = _attention(b, t, width, heads, jnp.bfloat16, "cudnn")
         row["seconds"], row["compile_s"] = _time(fn, fn_args)
       except Exception as e:  # pylint: disable=broad-except
-        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    result["timings"].append(row)
-    print(row, flush=True)
-    save()
+        row["error"] = _error(e)
+    record("timings", row)
+
+  layer_cases = [("sessa", "pallas"), ("sessa", "chunked"),
+                 ("attention", "auto"), ("mamba2", "auto")]
+  for t in layer_lengths:
+    for mixer, feedback_impl in layer_cases:
+      row = {"t": t, "mixer": mixer}
+      if mixer == "sessa":
+        row["feedback_impl"] = feedback_impl
+      if over_budget():
+        row["skipped"] = "time budget spent"
+      else:
+        try:
+          step, step_args = _layer_step(mixer, b, t, width, heads,
+                                        feedback_impl, chunk)
+          row["seconds"], row["compile_s"] = _time(step, step_args)
+          row["tokens_per_s"] = b * t / row["seconds"]
+        except Exception as e:  # pylint: disable=broad-except
+          row["error"] = _error(e)
+      record("layers", row)
   print(f"wrote {out} in {time.time() - started:.0f} s")
 
 
