@@ -162,8 +162,8 @@ def main(argv=None):
     checks = [(40, "float32"), (37, "float32"), (64, "bfloat16")]
     lengths, layer_lengths = [64, 128], [48]
   else:
-    # chunk None: each solve's default (Pallas on GPU: 64 rows for bfloat16
-    # operands, 32 for float32; `feedback_pallas.default_chunk`).
+    # chunk None: each solve's default (256-row chunks; Pallas tiles of 64
+    # rows for bfloat16 operands, 32 for float32: `default_tile`).
     b, width, heads, chunk = 2, 256, 4, None
     checks = [(1024, "float32"), (1500, "float32"), (4096, "bfloat16")]
     lengths = [4096, 8192, 16384, 32768]

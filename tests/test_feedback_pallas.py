@@ -37,15 +37,17 @@ NAMES = ("s", "dq", "dk", "dgamma", "df")
 
 # The TPU interpreter's host callbacks do not see `jax.enable_x64`, and TPUs
 # have no float64: the TPU kernels are checked in float32 below.
-@pytest.mark.parametrize("backend,t", [
-    ("gpu", 29),  # Four chunks, the last one ragged.
-    ("gpu", 1),  # A single row.
+@pytest.mark.parametrize("backend,t,chunk,tile", [
+    ("gpu", 29, 8, 8),  # Four chunks, the last one ragged.
+    ("gpu", 1, 8, 8),  # A single row.
+    ("gpu", 45, 16, 8),  # Three chunks of two tiles each.
+    ("gpu", 70, 24, 8),  # Three chunks of three tiles each.
 ])
-def test_pallas_matches_dense_float64(backend, t):
+def test_pallas_matches_dense_float64(backend, t, chunk, tile):
   with jax.enable_x64(True):
     args = _inputs(t, 3, t, 8, 4, jnp.float64)
     solve = lambda *a: feedback_pallas.feedback_solve_pallas(
-        *a, chunk=8, backend=backend)
+        *a, chunk=chunk, tile=tile, backend=backend)
     got = _value_and_grads(solve, *args)
     want = _value_and_grads(feedback_ref.feedback_solve_dense, *args)
   for name, x, y in zip(NAMES, got, want):
@@ -67,25 +69,47 @@ def test_tpu_kernels_float32_through_the_public_op():
     assert np.max(np.abs(x - y)) <= 1e-5 * np.max(np.abs(y)), name
 
 
+def test_tpu_kernels_with_chunks_of_several_tiles():
+  args = _inputs(7, 3, 75, 16, 8, jnp.float32)  # 3 chunks of 2 tiles.
+  got = _value_and_grads(lambda *a: feedback_pallas.feedback_solve_pallas(
+      *a, chunk=32, tile=16, backend="tpu"), *args)
+  with jax.enable_x64(True):
+    want = _value_and_grads(feedback_ref.feedback_solve_dense,
+                            *[a.astype(jnp.float64) for a in args])
+  for name, x, y in zip(NAMES, got, want):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    assert np.max(np.abs(x - y)) <= 1e-5 * np.max(np.abs(y)), name
+
+
 def test_pallas_rejects_illegal_tiles():
   args = _inputs(0, 1, 8, 4, 4, jnp.float32)[:4]
   with pytest.raises(ValueError, match="multiple of 8"):
     feedback_pallas.feedback_solve_pallas(*args, chunk=12, backend="tpu")
   with pytest.raises(ValueError, match="power of two"):
-    feedback_pallas.feedback_solve_pallas(*args, chunk=24, backend="gpu")
+    feedback_pallas.feedback_solve_pallas(*args, chunk=24, tile=24,
+                                          backend="gpu")
+  with pytest.raises(ValueError, match="must divide chunk"):
+    feedback_pallas.feedback_solve_pallas(*args, chunk=24, tile=16,
+                                          backend="gpu")
+  with pytest.raises(ValueError, match="need 16"):
+    feedback_pallas.feedback_solve_pallas(*args, chunk=24, backend="gpu",
+                                          interpret=False)
   with pytest.raises(ValueError, match="tpu, gpu"):
     feedback_pallas.feedback_solve_pallas(*args, backend="cuda")
 
 
-@pytest.mark.parametrize("width,dtype,chunk", [
-    (256, jnp.bfloat16, 64),  # Both checked on an H200 (gpu_check.json).
-    (256, jnp.float32, 32),
-    (200, jnp.float32, 32),  # Padded to 256 in the kernels.
-    (512, jnp.float32, 16),
-    (1024, jnp.float32, 16),  # Never below 16.
-    (32, jnp.float32, 64),
+@pytest.mark.parametrize("chunk,width,dtype,tile", [
+    (256, 256, jnp.bfloat16, 64),  # Both checked on an H200.
+    (256, 256, jnp.float32, 32),
+    (256, 200, jnp.float32, 32),  # Padded to 256 in the kernels.
+    (256, 512, jnp.float32, 16),
+    (256, 1024, jnp.float32, 16),  # Never below 16.
+    (256, 32, jnp.float32, 64),
+    (96, 32, jnp.float32, 32),  # The largest that divides the chunk.
 ])
-def test_gpu_default_chunk_fits_the_tile_budget(width, dtype, chunk):
-  assert feedback_pallas.default_chunk("gpu", width, jnp.dtype(dtype)) == chunk
-  assert feedback_pallas.default_chunk("tpu", width, jnp.dtype(dtype)) == (
-      feedback_pallas.TPU_CHUNK)
+def test_gpu_default_tile_fits_the_budget_and_the_chunk(chunk, width, dtype,
+                                                        tile):
+  dtype = jnp.dtype(dtype)
+  assert feedback_pallas.default_tile("gpu", chunk, width, dtype) == tile
+  assert feedback_pallas.default_tile("tpu", 256, width, dtype) == 128
+  assert feedback_pallas.default_tile("tpu", 96, width, dtype) == 32

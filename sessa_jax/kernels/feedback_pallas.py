@@ -18,6 +18,15 @@ The algorithm of `feedback_chunked` (DESIGN §4), arranged for accelerators:
    contribution A^T (gamma u) and their dk), then one parallel `row_grad`
    pass for dq, plus the diagonal blocks in JAX.
 
+Two sizes: the chunk C (rows of each diagonal block, leaves of the
+recursion; default 256) and the kernels' tile height, which divides C and is
+what fits the hardware (128 on TPU; on GPU 64 rows of bfloat16 or 32 of
+float32 at width 256). The causal kernels skip whole chunks, so the diagonal
+blocks are counted once. The recursion is unrolled at trace time: its depth,
+the number of kernel launches and the compile time grow with T / C, which a
+larger chunk keeps small (an H200 compiled chunk = tile = 64 at T = 32768 in
+105 s).
+
 Kernels come from `feedback_pallas_tpu` (Mosaic, sequential reduction axis
 with VMEM scratch) or `feedback_pallas_gpu` (Triton, in-kernel loops). On
 CPU they run in interpret mode, which is how the tests check them.
@@ -26,6 +35,7 @@ CPU they run in interpret mode, which is how the tests check them.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -36,8 +46,11 @@ from sessa_jax.kernels import feedback_pallas_gpu
 from sessa_jax.kernels import feedback_pallas_tpu
 
 BACKENDS = {"tpu": feedback_pallas_tpu, "gpu": feedback_pallas_gpu}
-TPU_CHUNK = 128
-# Largest (chunk x feature width) operand tile of the GPU kernels, in bytes.
+# Rows per chunk: the diagonal blocks solved in JAX and the leaves of the
+# divide-and-conquer, whose depth (and traced program size) is T / chunk.
+DEFAULT_CHUNK = 256
+TPU_TILE = 128
+# Largest (tile x feature width) operand tile of the GPU kernels, in bytes.
 # Measured on an H200 at K = D = 256: 64 rows of bfloat16 and 32 rows of
 # float32 compile; 64 rows of float32 ask for more shared memory than a
 # block may have.
@@ -49,33 +62,35 @@ class _Setup(NamedTuple):
   backend: str
   interpret: bool
   chunk: int
+  tile: int
   scale: float
   mm_dtype: jnp.dtype
 
   def op(self, name):
-    """Kernel `name` of this backend, with the chunk as its tile height."""
+    """Kernel `name` of this backend: tiles of `tile` rows, chunk-causal."""
     return functools.partial(getattr(BACKENDS[self.backend], name),
-                             block=self.chunk, scale=self.scale,
-                             interpret=self.interpret)
+                             block=self.tile, group=self.chunk // self.tile,
+                             scale=self.scale, interpret=self.interpret)
 
 
 def _default_backend() -> str:
   return "gpu" if jax.default_backend() == "gpu" else "tpu"
 
 
-def default_chunk(backend: str, width: int, mm_dtype) -> int:
-  """Tile height of `backend`'s kernels for operands of this width and dtype.
+def default_tile(backend: str, chunk: int, width: int, mm_dtype) -> int:
+  """Kernel tile height for this chunk, operand width and dtype.
 
-  TPU: `TPU_CHUNK`. GPU: the largest power of two up to 64 whose tile of
-  the (power-of-two padded) feature width fits `GPU_TILE_BYTES`, at least 16.
+  The largest legal tile that divides `chunk` and is at most: `TPU_TILE` on
+  TPU; on GPU the largest power of two up to 64 whose tile of the
+  (power-of-two padded) feature width fits `GPU_TILE_BYTES`, at least 16.
   """
   if backend == "tpu":
-    return TPU_CHUNK
+    return math.gcd(chunk, TPU_TILE)
   tile_row = max(16, 1 << (width - 1).bit_length()) * mm_dtype.itemsize
-  chunk = 64
-  while chunk > 16 and chunk * tile_row > GPU_TILE_BYTES:
-    chunk //= 2
-  return chunk
+  cap = 64
+  while cap > 16 and cap * tile_row > GPU_TILE_BYTES:
+    cap //= 2
+  return math.gcd(chunk, cap)
 
 
 def _chunked(x, chunk):
@@ -195,6 +210,21 @@ def _backward(setup, res, g_btd):
   return dq * scale, dk * scale, dgamma, u_btd
 
 
+def _check_tiles(backend, chunk, tile, interpret):
+  """Raises ValueError naming the setting the backend's kernels cannot take."""
+  if chunk < 1 or tile < 1 or chunk % tile:
+    raise ValueError(f"feedback_solve tile={tile} must divide chunk={chunk}")
+  if backend == "tpu" and tile % 8:
+    raise ValueError(f"feedback_solve chunk={chunk} (tile {tile}) must be a "
+                     f"multiple of 8 for the TPU kernels")
+  if backend == "gpu" and tile & (tile - 1):
+    raise ValueError(f"feedback_solve tile={tile} must be a power of two for "
+                     f"the GPU kernels")
+  if backend == "gpu" and not interpret and tile < 16:
+    raise ValueError(f"feedback_solve chunk={chunk} gives GPU tiles of {tile} "
+                     f"rows; Triton's dots need 16: use a multiple of 16")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _solve(q_btk, k_btk, gamma_bt, f_btd, setup):
   return _forward(q_btk, k_btk, gamma_bt, f_btd, setup)[0]
@@ -211,6 +241,7 @@ _solve.defvjp(_solve_fwd, _backward)
 def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
                           gamma_bt: jax.Array, f_btd: jax.Array, *,
                           chunk: int | None = None,
+                          tile: int | None = None,
                           scale: float | None = None,
                           backend: str | None = None,
                           interpret: bool | None = None) -> jax.Array:
@@ -221,9 +252,12 @@ def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
     k_btk: feedback keys (B, T, K).
     gamma_bt: per-token gains (B, T).
     f_btd: right-hand side (B, T, D).
-    chunk: rows per block (the kernels' tile height); a multiple of 8 on TPU,
-      a power of two on GPU. Defaults per backend, width and dtype
-      (`default_chunk`). T is padded up to a multiple of it.
+    chunk: rows per chunk: the diagonal blocks solved in plain JAX and the
+      leaves of the divide-and-conquer (`DEFAULT_CHUNK`). T is padded up to
+      a multiple of it.
+    tile: the kernels' tile height, dividing `chunk`: a multiple of 8 on
+      TPU, a power of two on GPU (at least 16 when compiled). Defaults per
+      backend, width and dtype (`default_tile`).
     scale: logit scale; defaults to K ** -0.5.
     backend: `tpu` or `gpu` kernels; defaults to the platform's (TPU kernels
       when running on CPU).
@@ -243,23 +277,20 @@ def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
   compute = jnp.result_type(q_btk, k_btk, gamma_bt, f_btd, jnp.float32)
   mm_dtype = jnp.dtype(
       jnp.bfloat16 if q_btk.dtype == jnp.bfloat16 else compute)
-  if chunk is None:
-    chunk = default_chunk(backend, max(q_btk.shape[-1], f_btd.shape[-1]),
-                          mm_dtype)
-  chunk = int(chunk)
-  if backend == "tpu" and chunk % 8:
-    raise ValueError(f"feedback_solve chunk must be a multiple of 8 for the "
-                     f"TPU kernels, got {chunk}")
-  if backend == "gpu" and chunk & (chunk - 1):
-    raise ValueError(f"feedback_solve chunk must be a power of two for the "
-                     f"GPU kernels, got {chunk}")
+  chunk = DEFAULT_CHUNK if chunk is None else int(chunk)
+  if tile is None:
+    tile = default_tile(backend, chunk,
+                        max(q_btk.shape[-1], f_btd.shape[-1]), mm_dtype)
+  tile = int(tile)
+  _check_tiles(backend, chunk, tile, interpret)
   if scale is None:
     scale = q_btk.shape[-1] ** -0.5
   t = q_btk.shape[1]
   pad = -t % chunk
   time_pad = lambda x: jnp.pad(
       x.astype(compute), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  setup = _Setup(backend, bool(interpret), chunk, float(scale), mm_dtype)
+  setup = _Setup(backend, bool(interpret), chunk, tile, float(scale),
+                 mm_dtype)
   s = _solve(time_pad(q_btk), time_pad(k_btk), time_pad(gamma_bt),
              time_pad(f_btd), setup)
   return s[:, :t].astype(f_btd.dtype)

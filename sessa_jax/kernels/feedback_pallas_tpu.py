@@ -5,10 +5,11 @@ Four flash-attention style passes over (row block, key block) pairs, each a
 the reduction, marked "arbitrary" so it runs in order, and its running state
 lives in VMEM scratch. Blocks are (C, K) and (C, D) tiles, C a multiple of 8
 (128 in practice) and K, D the full feature widths; per-row scalars travel as
-(B, T, 1) arrays so their (C, 1) tiles are legal too. `causal=True` keeps
-only pairs whose key block precedes the row block (the diagonal blocks are
-handled outside, in plain JAX); `causal=False` is for rectangles where every
-key precedes every row.
+(B, T, 1) arrays so their (C, 1) tiles are legal too. Tiles come in groups
+of `group` consecutive blocks (one chunk of the solve): `causal=True` keeps
+only pairs whose key block lies in an earlier group than the row block (the
+chunks' diagonal blocks are handled outside, in plain JAX); `causal=False`
+is for rectangles where every key precedes every row.
 
 Logits use log-sum-exps `lse` computed by `row_stats`, so A = exp(l - lse)
 needs no rescaling and contributions from different calls simply add.
@@ -28,9 +29,9 @@ from jax.experimental.pallas import tpu as pltpu
 from sessa_jax.kernels.blocks import acc_dtype, tile_dot
 
 
-def _visible(r, c, causal):
-  """Whether key block c feeds row block r."""
-  return c < r if causal else c >= 0
+def _visible(r, c, causal, group):
+  """Whether key block c feeds row block r (causal: c in an earlier group)."""
+  return c < (r // group) * group if causal else c >= 0
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret):
@@ -42,15 +43,16 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret):
       interpret=pltpu.InterpretParams() if interpret else False)
 
 
-def _key_index(causal):
+def _key_index(causal, group):
   """Index map of a key-side block in a (b, row, key) grid.
 
-  Under `causal` the blocks past the diagonal are skipped; pointing them at
-  the last useful block means they are never fetched.
+  Under `causal` the blocks of the row's own group and later are skipped;
+  pointing them at the last useful block means they are never fetched.
   """
   if not causal:
     return lambda b, r, c: (b, c, 0)
-  return lambda b, r, c: (b, jnp.minimum(c, jnp.maximum(r - 1, 0)), 0)
+  return lambda b, r, c: (
+      b, jnp.minimum(c, jnp.maximum((r // group) * group - 1, 0)), 0)
 
 
 def _logits(q_ref, k_ref, scale):
@@ -60,7 +62,7 @@ def _logits(q_ref, k_ref, scale):
 # Row log-sum-exp over visible key blocks.
 
 
-def _stats_kernel(q_ref, k_ref, lse_ref, m_sc, l_sc, *, scale, causal):
+def _stats_kernel(q_ref, k_ref, lse_ref, m_sc, l_sc, *, scale, causal, group):
   r, c = pl.program_id(1), pl.program_id(2)
 
   @pl.when(c == 0)
@@ -68,7 +70,7 @@ def _stats_kernel(q_ref, k_ref, lse_ref, m_sc, l_sc, *, scale, causal):
     m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, m_sc.dtype)
     l_sc[...] = jnp.zeros(l_sc.shape, l_sc.dtype)
 
-  @pl.when(_visible(r, c, causal))
+  @pl.when(_visible(r, c, causal, group))
   def _():
     logits = _logits(q_ref, k_ref, scale)
     m_prev = m_sc[...]
@@ -83,16 +85,17 @@ def _stats_kernel(q_ref, k_ref, lse_ref, m_sc, l_sc, *, scale, causal):
     lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(l), -jnp.inf)
 
 
-def row_stats(q_btk, k_btk, *, block, scale, causal, interpret):
+def row_stats(q_btk, k_btk, *, block, scale, causal, interpret, group=1):
   """Log-sum-exp over visible keys per row, -inf where none: (B, T)."""
   acc = acc_dtype(q_btk)
   b, t, kd = q_btk.shape
   n_rows, n_keys = t // block, k_btk.shape[1] // block
   lse = _call(
-      functools.partial(_stats_kernel, scale=scale, causal=causal),
+      functools.partial(_stats_kernel, scale=scale, causal=causal,
+                        group=group),
       (b, n_rows, n_keys),
       [pl.BlockSpec((None, block, kd), lambda b, r, c: (b, r, 0)),
-       pl.BlockSpec((None, block, kd), _key_index(causal))],
+       pl.BlockSpec((None, block, kd), _key_index(causal, group))],
       pl.BlockSpec((None, block, 1), lambda b, r, c: (b, r, 0)),
       jax.ShapeDtypeStruct((b, t, 1), acc),
       [pltpu.VMEM((block, 1), acc), pltpu.VMEM((block, 1), acc)],
@@ -104,14 +107,14 @@ def row_stats(q_btk, k_btk, *, block, scale, causal, interpret):
 
 
 def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, acc_sc, *, scale,
-                  causal):
+                  causal, group):
   r, c = pl.program_id(1), pl.program_id(2)
 
   @pl.when(c == 0)
   def _():
     acc_sc[...] = jnp.zeros(acc_sc.shape, acc_sc.dtype)
 
-  @pl.when(_visible(r, c, causal))
+  @pl.when(_visible(r, c, causal, group))
   def _():
     p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])
     acc_sc[...] += tile_dot(p.astype(v_ref.dtype), v_ref[...])
@@ -121,7 +124,8 @@ def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, acc_sc, *, scale,
     out_ref[...] = acc_sc[...]
 
 
-def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, causal, interpret):
+def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, causal, interpret,
+              group=1):
   """sum_j exp(q_t.k_j * scale - lse_t) v_j over visible keys: (B, T, D)."""
   acc = acc_dtype(q_btk)
   b, t, kd = q_btk.shape
@@ -129,9 +133,11 @@ def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, causal, interpret):
   n_rows, n_keys = t // block, k_btk.shape[1] // block
   row = lambda width: pl.BlockSpec((None, block, width),
                                    lambda b, r, c: (b, r, 0))
-  key = lambda width: pl.BlockSpec((None, block, width), _key_index(causal))
+  key = lambda width: pl.BlockSpec((None, block, width),
+                                   _key_index(causal, group))
   return _call(
-      functools.partial(_apply_kernel, scale=scale, causal=causal),
+      functools.partial(_apply_kernel, scale=scale, causal=causal,
+                        group=group),
       (b, n_rows, n_keys), [row(kd), key(kd), key(d), row(1)], row(d),
       jax.ShapeDtypeStruct((b, t, d), acc), [pltpu.VMEM((block, d), acc)],
       interpret)(q_btk, k_btk, v_btd, lse_bt[..., None])
@@ -141,7 +147,7 @@ def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, causal, interpret):
 
 
 def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
-                dk_ref, dv_sc, dk_sc, *, scale, causal):
+                dk_ref, dv_sc, dk_sc, *, scale, causal, group):
   c, r = pl.program_id(1), pl.program_id(2)
 
   @pl.when(r == 0)
@@ -149,7 +155,7 @@ def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
     dv_sc[...] = jnp.zeros(dv_sc.shape, dv_sc.dtype)
     dk_sc[...] = jnp.zeros(dk_sc.shape, dk_sc.dtype)
 
-  @pl.when(_visible(r, c, causal))
+  @pl.when(_visible(r, c, causal, group))
   def _():
     p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])  # (rows, keys)
     w = w_ref[...]
@@ -165,22 +171,23 @@ def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
 
 
 def col_apply(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, *, block, scale,
-              causal, interpret):
+              causal, interpret, group=1):
   """Per key j: (sum_t A_tj w_t, sum_t dlogit_tj q_t), dlogit unscaled."""
   acc = acc_dtype(q_btk)
   b, t_rows, kd = q_btk.shape
   t_keys, d = k_btk.shape[1], w_btd.shape[-1]
   n_rows, n_keys = t_rows // block, t_keys // block
-  if causal:  # Row blocks up to the diagonal are skipped: reuse the next one.
-    row_map = lambda b, c, r: (b, jnp.maximum(r, jnp.minimum(c + 1, n_rows - 1)),
-                               0)
+  if causal:  # Row blocks up to c's group end are skipped: reuse the next one.
+    first = lambda c: jnp.minimum((c // group + 1) * group, n_rows - 1)
+    row_map = lambda b, c, r: (b, jnp.maximum(r, first(c)), 0)
   else:
     row_map = lambda b, c, r: (b, r, 0)
   row = lambda width: pl.BlockSpec((None, block, width), row_map)
   key = lambda width: pl.BlockSpec((None, block, width),
                                    lambda b, c, r: (b, c, 0))
   return _call(
-      functools.partial(_col_kernel, scale=scale, causal=causal),
+      functools.partial(_col_kernel, scale=scale, causal=causal,
+                        group=group),
       (b, n_keys, n_rows),
       [row(kd), key(kd), row(d), key(d), row(1), row(1)], [key(d), key(kd)],
       [jax.ShapeDtypeStruct((b, t_keys, d), acc),
@@ -194,14 +201,14 @@ def col_apply(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, *, block, scale,
 
 
 def _grad_kernel(q_ref, k_ref, s_ref, w_ref, delta_ref, lse_ref, dq_ref,
-                 dq_sc, *, scale, causal):
+                 dq_sc, *, scale, causal, group):
   r, c = pl.program_id(1), pl.program_id(2)
 
   @pl.when(c == 0)
   def _():
     dq_sc[...] = jnp.zeros(dq_sc.shape, dq_sc.dtype)
 
-  @pl.when(_visible(r, c, causal))
+  @pl.when(_visible(r, c, causal, group))
   def _():
     p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])
     dp = tile_dot(w_ref[...], s_ref[...], trans_b=True)
@@ -214,7 +221,7 @@ def _grad_kernel(q_ref, k_ref, s_ref, w_ref, delta_ref, lse_ref, dq_ref,
 
 
 def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, scale,
-             causal, interpret):
+             causal, interpret, group=1):
   """Per row t: sum_j dlogit_tj k_j over visible keys, dlogit unscaled."""
   acc = acc_dtype(q_btk)
   b, t, kd = q_btk.shape
@@ -222,9 +229,11 @@ def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, scale,
   n_rows, n_keys = t // block, k_btk.shape[1] // block
   row = lambda width: pl.BlockSpec((None, block, width),
                                    lambda b, r, c: (b, r, 0))
-  key = lambda width: pl.BlockSpec((None, block, width), _key_index(causal))
+  key = lambda width: pl.BlockSpec((None, block, width),
+                                   _key_index(causal, group))
   return _call(
-      functools.partial(_grad_kernel, scale=scale, causal=causal),
+      functools.partial(_grad_kernel, scale=scale, causal=causal,
+                        group=group),
       (b, n_rows, n_keys), [row(kd), key(kd), key(d), row(d), row(1), row(1)],
       row(kd), jax.ShapeDtypeStruct((b, t, kd), acc),
       [pltpu.VMEM((block, kd), acc)],
