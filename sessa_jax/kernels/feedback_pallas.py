@@ -66,11 +66,16 @@ class _Setup(NamedTuple):
   scale: float
   mm_dtype: jnp.dtype
 
+  @property
+  def group(self) -> int:
+    """Kernel tiles per chunk: the causal passes skip whole chunks."""
+    return self.chunk // self.tile
+
   def op(self, name):
-    """Kernel `name` of this backend: tiles of `tile` rows, chunk-causal."""
+    """Kernel `name` of this backend, with tiles of `tile` rows."""
     return functools.partial(getattr(BACKENDS[self.backend], name),
-                             block=self.tile, group=self.chunk // self.tile,
-                             scale=self.scale, interpret=self.interpret)
+                             block=self.tile, scale=self.scale,
+                             interpret=self.interpret)
 
 
 def _default_backend() -> str:
@@ -114,7 +119,7 @@ def _diagonal(q_btk, k_btk, lse_bt, chunk, scale):
 def _row_lse(q_btk, k_btk, setup):
   """Log-sum-exp over all earlier keys per row (0 for row 0)."""
   chunk, scale = setup.chunk, setup.scale
-  lse_off = setup.op("row_stats")(q_btk, k_btk, causal=True)
+  lse_off = setup.op("row_stats")(q_btk, k_btk, group=setup.group)
   q, k = _chunked(q_btk, chunk), _chunked(k_btk, chunk)
   logits = jnp.einsum("bnck,bnsk->bncs", q, k) * scale
   mask = jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)
@@ -145,7 +150,7 @@ def _forward(q_btk, k_btk, gamma_bt, f_btd, setup):
     read = setup.op("row_apply")(
         rows(q_btk, mid, hi), rows(k_btk, lo, mid),
         jnp.concatenate(s[lo:mid], axis=1).astype(mm_dtype),
-        lse[:, mid * chunk:hi * chunk], causal=False)
+        lse[:, mid * chunk:hi * chunk])
     for i in range(mid, hi):
       ctx_off[i] = ctx_off[i] + read[:, (i - mid) * chunk:(i - mid + 1) * chunk]
     solve(mid, hi)
@@ -183,8 +188,7 @@ def _backward(setup, res, g_btd):
         rows(k_btk, lo, mid).astype(mm_dtype),
         jnp.concatenate(w[mid:hi], axis=1).astype(mm_dtype),
         rows(s_btd, lo, mid).astype(mm_dtype),
-        jnp.concatenate(delta[mid:hi], axis=1), rows(lse, mid, hi),
-        causal=False)
+        jnp.concatenate(delta[mid:hi], axis=1), rows(lse, mid, hi))
     for j in range(lo, mid):
       part = slice((j - lo) * chunk, (j - lo + 1) * chunk)
       rhs[j] = rhs[j] + dv[:, part]
@@ -197,7 +201,7 @@ def _backward(setup, res, g_btd):
   delta_bt = jnp.concatenate(delta, axis=1)
   dq = setup.op("row_grad")(
       q_btk.astype(mm_dtype), k_btk.astype(mm_dtype), s_btd.astype(mm_dtype),
-      w_btd.astype(mm_dtype), delta_bt, lse, causal=True)
+      w_btd.astype(mm_dtype), delta_bt, lse, group=setup.group)
   # The diagonal blocks' share of the logit gradient.
   w_c, s_c = _chunked(w_btd, chunk), _chunked(s_btd, chunk)
   ds = a_diag * (jnp.einsum("bncd,bnsd->bncs", w_c, s_c)

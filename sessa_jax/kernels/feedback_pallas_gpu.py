@@ -66,12 +66,12 @@ def _vec_whole(length):
   return pl.BlockSpec((None, length), lambda b, i: (b, 0))
 
 
-def _key_count(r, n_keys, causal, group):
-  """Key tiles row tile r reads: under `causal`, those of earlier groups."""
-  return (r // group) * group if causal else n_keys
+def _causal_key_count(r, group):
+  """Key tiles row tile r reads in a causal pass: those of earlier groups."""
+  return (r // group) * group
 
 
-def _stats_kernel(q_ref, k_ref, lse_ref, *, block, scale, causal, group):
+def _stats_kernel(q_ref, k_ref, lse_ref, *, block, group, scale):
   r = pl.program_id(1)
   q = q_ref[...]
 
@@ -85,28 +85,25 @@ def _stats_kernel(q_ref, k_ref, lse_ref, *, block, scale, causal, group):
 
   init = (jnp.full((block,), -jnp.inf, lse_ref.dtype),
           jnp.zeros((block,), lse_ref.dtype))
-  n_keys = k_ref.shape[0] // block
-  m, l = lax.fori_loop(0, _key_count(r, n_keys, causal, group), body, init)
+  m, l = lax.fori_loop(0, _causal_key_count(r, group), body, init)
   lse_ref[...] = jnp.where(l > 0, m + jnp.log(l), -jnp.inf)
 
 
-def row_stats(q_btk, k_btk, *, block, scale, causal, interpret, group=1):
-  """Log-sum-exp over visible keys per row, -inf where none: (B, T)."""
+def row_stats(q_btk, k_btk, *, block, group, scale, interpret):
+  """Row log-sum-exps over keys of earlier groups, -inf where none: (B, T)."""
   acc = acc_dtype(q_btk)
   q_btk, k_btk = _pad_features(q_btk, k_btk)
   b, t, kd = q_btk.shape
   t_keys = k_btk.shape[1]
   return _call(
-      functools.partial(_stats_kernel, block=block, scale=scale,
-                        causal=causal, group=group),
+      functools.partial(_stats_kernel, block=block, group=group,
+                        scale=scale),
       (b, t // block), [_block(kd, block), _whole(t_keys, kd)],
       _vec_block(block), jax.ShapeDtypeStruct((b, t), acc),
       interpret, q_btk)(q_btk, k_btk)
 
 
-def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, *, block, scale,
-                  causal, group):
-  r = pl.program_id(1)
+def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, *, block, scale):
   q, lse = q_ref[...], lse_ref[...]
 
   def body(c, acc):
@@ -117,13 +114,12 @@ def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, *, block, scale,
     return acc + tile_dot(p.astype(v.dtype), v)
 
   n_keys = k_ref.shape[0] // block
-  out_ref[...] = lax.fori_loop(0, _key_count(r, n_keys, causal, group), body,
+  out_ref[...] = lax.fori_loop(0, n_keys, body,
                                jnp.zeros(out_ref.shape, out_ref.dtype))
 
 
-def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, causal, interpret,
-              group=1):
-  """sum_j exp(q_t.k_j * scale - lse_t) v_j over visible keys: (B, T, D)."""
+def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, interpret):
+  """sum_j exp(q_t.k_j * scale - lse_t) v_j over all keys: (B, T, D)."""
   acc = acc_dtype(q_btk)
   d_in = v_btd.shape[-1]
   q_btk, k_btk, v_btd = _pad_features(q_btk, k_btk, v_btd)
@@ -131,8 +127,7 @@ def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, causal, interpret,
   d = v_btd.shape[-1]
   t_keys = k_btk.shape[1]
   out = _call(
-      functools.partial(_apply_kernel, block=block, scale=scale,
-                        causal=causal, group=group),
+      functools.partial(_apply_kernel, block=block, scale=scale),
       (b, t // block),
       [_block(kd, block), _whole(t_keys, kd), _whole(t_keys, d),
        _vec_block(block)],
@@ -142,8 +137,7 @@ def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, causal, interpret,
 
 
 def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
-                dk_ref, *, block, scale, causal, group):
-  c = pl.program_id(1)
+                dk_ref, *, block, scale):
   k, s = k_ref[...], s_ref[...]
 
   def body(r, carry):
@@ -159,15 +153,17 @@ def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
   n_rows = q_ref.shape[0] // block
   init = (jnp.zeros(dv_ref.shape, dv_ref.dtype),
           jnp.zeros(dk_ref.shape, dk_ref.dtype))
-  dv, dk = lax.fori_loop((c // group + 1) * group if causal else 0, n_rows,
-                         body, init)
+  dv, dk = lax.fori_loop(0, n_rows, body, init)
   dv_ref[...] = dv
   dk_ref[...] = dk
 
 
 def col_apply(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, *, block, scale,
-              causal, interpret, group=1):
-  """Per key j: (sum_t A_tj w_t, sum_t dlogit_tj q_t), dlogit unscaled."""
+              interpret):
+  """Per key j: (sum_t A_tj w_t, sum_t dlogit_tj q_t) over all rows.
+
+  dlogit is unscaled.
+  """
   acc = acc_dtype(q_btk)
   kd_in, d_in = q_btk.shape[-1], w_btd.shape[-1]
   q_btk, k_btk, w_btd, s_btd = _pad_features(q_btk, k_btk, w_btd, s_btd)
@@ -175,8 +171,7 @@ def col_apply(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, *, block, scale,
   d = w_btd.shape[-1]
   t_keys = k_btk.shape[1]
   dv, dk = _call(
-      functools.partial(_col_kernel, block=block, scale=scale, causal=causal,
-                        group=group),
+      functools.partial(_col_kernel, block=block, scale=scale),
       (b, t_keys // block),
       [_whole(t_rows, kd), _block(kd, block), _whole(t_rows, d),
        _block(d, block), _vec_whole(t_rows), _vec_whole(t_rows)],
@@ -188,7 +183,7 @@ def col_apply(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, *, block, scale,
 
 
 def _grad_kernel(q_ref, k_ref, s_ref, w_ref, delta_ref, lse_ref, dq_ref, *,
-                 block, scale, causal, group):
+                 block, group, scale):
   r = pl.program_id(1)
   q, w = q_ref[...], w_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
@@ -200,14 +195,13 @@ def _grad_kernel(q_ref, k_ref, s_ref, w_ref, delta_ref, lse_ref, dq_ref, *,
     ds = p * (tile_dot(w, s_ref[keys, :], trans_b=True) - delta[:, None])
     return dq + tile_dot(ds.astype(k.dtype), k)
 
-  n_keys = k_ref.shape[0] // block
-  dq_ref[...] = lax.fori_loop(0, _key_count(r, n_keys, causal, group), body,
+  dq_ref[...] = lax.fori_loop(0, _causal_key_count(r, group), body,
                               jnp.zeros(dq_ref.shape, dq_ref.dtype))
 
 
-def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, scale,
-             causal, interpret, group=1):
-  """Per row t: sum_j dlogit_tj k_j over visible keys, dlogit unscaled."""
+def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, group,
+             scale, interpret):
+  """Per row t: sum_j dlogit_tj k_j over keys of earlier groups (unscaled)."""
   acc = acc_dtype(q_btk)
   kd_in, d_in = q_btk.shape[-1], w_btd.shape[-1]
   q_btk, k_btk, w_btd, s_btd = _pad_features(q_btk, k_btk, w_btd, s_btd)
@@ -215,8 +209,8 @@ def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, scale,
   d = w_btd.shape[-1]
   t_keys = k_btk.shape[1]
   dq = _call(
-      functools.partial(_grad_kernel, block=block, scale=scale, causal=causal,
-                        group=group),
+      functools.partial(_grad_kernel, block=block, group=group,
+                        scale=scale),
       (b, t // block),
       [_block(kd, block), _whole(t_keys, kd), _whole(t_keys, d),
        _block(d, block), _vec_block(block), _vec_block(block)],

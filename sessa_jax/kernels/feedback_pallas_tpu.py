@@ -5,11 +5,12 @@ Four flash-attention style passes over (row block, key block) pairs, each a
 the reduction, marked "arbitrary" so it runs in order, and its running state
 lives in VMEM scratch. Blocks are (C, K) and (C, D) tiles, C a multiple of 8
 (128 in practice) and K, D the full feature widths; per-row scalars travel as
-(B, T, 1) arrays so their (C, 1) tiles are legal too. Tiles come in groups
-of `group` consecutive blocks (one chunk of the solve): `causal=True` keeps
-only pairs whose key block lies in an earlier group than the row block (the
-chunks' diagonal blocks are handled outside, in plain JAX); `causal=False`
-is for rectangles where every key precedes every row.
+(B, T, 1) arrays so their (C, 1) tiles are legal too. The two passes over
+the whole sequence (`row_stats`, `row_grad`) are causal by groups of
+`group` consecutive blocks (one chunk of the solve): a row block reads only
+key blocks of earlier groups, the chunks' diagonal blocks being handled
+outside, in plain JAX. The other two (`row_apply`, `col_apply`) run on
+rectangles where every key precedes every row.
 
 Logits use log-sum-exps `lse` computed by `row_stats`, so A = exp(l - lse)
 needs no rescaling and contributions from different calls simply add.
@@ -29,9 +30,9 @@ from jax.experimental.pallas import tpu as pltpu
 from sessa_jax.kernels.blocks import acc_dtype, tile_dot
 
 
-def _visible(r, c, causal, group):
-  """Whether key block c feeds row block r (causal: c in an earlier group)."""
-  return c < (r // group) * group if causal else c >= 0
+def _visible(r, c, group):
+  """Whether key block c lies in an earlier group than row block r."""
+  return c < (r // group) * group
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret):
@@ -43,26 +44,28 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret):
       interpret=pltpu.InterpretParams() if interpret else False)
 
 
-def _key_index(causal, group):
-  """Index map of a key-side block in a (b, row, key) grid.
+def _causal_key_index(group):
+  """Index map of a key-side block in a causal (b, row, key) grid.
 
-  Under `causal` the blocks of the row's own group and later are skipped;
-  pointing them at the last useful block means they are never fetched.
+  The blocks of the row's own group and later are skipped; pointing them at
+  the last useful block means they are never fetched.
   """
-  if not causal:
-    return lambda b, r, c: (b, c, 0)
   return lambda b, r, c: (
       b, jnp.minimum(c, jnp.maximum((r // group) * group - 1, 0)), 0)
+
+
+def _key_index(b, r, c):
+  return (b, c, 0)
 
 
 def _logits(q_ref, k_ref, scale):
   return tile_dot(q_ref[...], k_ref[...], trans_b=True) * scale
 
 
-# Row log-sum-exp over visible key blocks.
+# Row log-sum-exp over the key blocks of earlier groups.
 
 
-def _stats_kernel(q_ref, k_ref, lse_ref, m_sc, l_sc, *, scale, causal, group):
+def _stats_kernel(q_ref, k_ref, lse_ref, m_sc, l_sc, *, scale, group):
   r, c = pl.program_id(1), pl.program_id(2)
 
   @pl.when(c == 0)
@@ -70,7 +73,7 @@ def _stats_kernel(q_ref, k_ref, lse_ref, m_sc, l_sc, *, scale, causal, group):
     m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, m_sc.dtype)
     l_sc[...] = jnp.zeros(l_sc.shape, l_sc.dtype)
 
-  @pl.when(_visible(r, c, causal, group))
+  @pl.when(_visible(r, c, group))
   def _():
     logits = _logits(q_ref, k_ref, scale)
     m_prev = m_sc[...]
@@ -85,17 +88,16 @@ def _stats_kernel(q_ref, k_ref, lse_ref, m_sc, l_sc, *, scale, causal, group):
     lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(l), -jnp.inf)
 
 
-def row_stats(q_btk, k_btk, *, block, scale, causal, interpret, group=1):
-  """Log-sum-exp over visible keys per row, -inf where none: (B, T)."""
+def row_stats(q_btk, k_btk, *, block, group, scale, interpret):
+  """Row log-sum-exps over keys of earlier groups, -inf where none: (B, T)."""
   acc = acc_dtype(q_btk)
   b, t, kd = q_btk.shape
   n_rows, n_keys = t // block, k_btk.shape[1] // block
   lse = _call(
-      functools.partial(_stats_kernel, scale=scale, causal=causal,
-                        group=group),
+      functools.partial(_stats_kernel, scale=scale, group=group),
       (b, n_rows, n_keys),
       [pl.BlockSpec((None, block, kd), lambda b, r, c: (b, r, 0)),
-       pl.BlockSpec((None, block, kd), _key_index(causal, group))],
+       pl.BlockSpec((None, block, kd), _causal_key_index(group))],
       pl.BlockSpec((None, block, 1), lambda b, r, c: (b, r, 0)),
       jax.ShapeDtypeStruct((b, t, 1), acc),
       [pltpu.VMEM((block, 1), acc), pltpu.VMEM((block, 1), acc)],
@@ -106,38 +108,32 @@ def row_stats(q_btk, k_btk, *, block, scale, causal, interpret, group=1):
 # Rows read values: out_t = sum_j A_tj v_j.
 
 
-def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, acc_sc, *, scale,
-                  causal, group):
-  r, c = pl.program_id(1), pl.program_id(2)
+def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, acc_sc, *, scale):
+  c = pl.program_id(2)
 
   @pl.when(c == 0)
   def _():
     acc_sc[...] = jnp.zeros(acc_sc.shape, acc_sc.dtype)
 
-  @pl.when(_visible(r, c, causal, group))
-  def _():
-    p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])
-    acc_sc[...] += tile_dot(p.astype(v_ref.dtype), v_ref[...])
+  p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])
+  acc_sc[...] += tile_dot(p.astype(v_ref.dtype), v_ref[...])
 
   @pl.when(c == pl.num_programs(2) - 1)
   def _():
     out_ref[...] = acc_sc[...]
 
 
-def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, causal, interpret,
-              group=1):
-  """sum_j exp(q_t.k_j * scale - lse_t) v_j over visible keys: (B, T, D)."""
+def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, interpret):
+  """sum_j exp(q_t.k_j * scale - lse_t) v_j over all keys: (B, T, D)."""
   acc = acc_dtype(q_btk)
   b, t, kd = q_btk.shape
   d = v_btd.shape[-1]
   n_rows, n_keys = t // block, k_btk.shape[1] // block
   row = lambda width: pl.BlockSpec((None, block, width),
                                    lambda b, r, c: (b, r, 0))
-  key = lambda width: pl.BlockSpec((None, block, width),
-                                   _key_index(causal, group))
+  key = lambda width: pl.BlockSpec((None, block, width), _key_index)
   return _call(
-      functools.partial(_apply_kernel, scale=scale, causal=causal,
-                        group=group),
+      functools.partial(_apply_kernel, scale=scale),
       (b, n_rows, n_keys), [row(kd), key(kd), key(d), row(1)], row(d),
       jax.ShapeDtypeStruct((b, t, d), acc), [pltpu.VMEM((block, d), acc)],
       interpret)(q_btk, k_btk, v_btd, lse_bt[..., None])
@@ -147,22 +143,20 @@ def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, causal, interpret,
 
 
 def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
-                dk_ref, dv_sc, dk_sc, *, scale, causal, group):
-  c, r = pl.program_id(1), pl.program_id(2)
+                dk_ref, dv_sc, dk_sc, *, scale):
+  r = pl.program_id(2)
 
   @pl.when(r == 0)
   def _():
     dv_sc[...] = jnp.zeros(dv_sc.shape, dv_sc.dtype)
     dk_sc[...] = jnp.zeros(dk_sc.shape, dk_sc.dtype)
 
-  @pl.when(_visible(r, c, causal, group))
-  def _():
-    p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])  # (rows, keys)
-    w = w_ref[...]
-    dv_sc[...] += tile_dot(p.astype(w.dtype), w, trans_a=True)
-    dp = tile_dot(w, s_ref[...], trans_b=True)
-    ds = p * (dp - delta_ref[...])
-    dk_sc[...] += tile_dot(ds.astype(q_ref.dtype), q_ref[...], trans_a=True)
+  p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])  # (rows, keys)
+  w = w_ref[...]
+  dv_sc[...] += tile_dot(p.astype(w.dtype), w, trans_a=True)
+  dp = tile_dot(w, s_ref[...], trans_b=True)
+  ds = p * (dp - delta_ref[...])
+  dk_sc[...] += tile_dot(ds.astype(q_ref.dtype), q_ref[...], trans_a=True)
 
   @pl.when(r == pl.num_programs(2) - 1)
   def _():
@@ -171,23 +165,21 @@ def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
 
 
 def col_apply(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, *, block, scale,
-              causal, interpret, group=1):
-  """Per key j: (sum_t A_tj w_t, sum_t dlogit_tj q_t), dlogit unscaled."""
+              interpret):
+  """Per key j: (sum_t A_tj w_t, sum_t dlogit_tj q_t) over all rows.
+
+  dlogit is unscaled.
+  """
   acc = acc_dtype(q_btk)
   b, t_rows, kd = q_btk.shape
   t_keys, d = k_btk.shape[1], w_btd.shape[-1]
   n_rows, n_keys = t_rows // block, t_keys // block
-  if causal:  # Row blocks up to c's group end are skipped: reuse the next one.
-    first = lambda c: jnp.minimum((c // group + 1) * group, n_rows - 1)
-    row_map = lambda b, c, r: (b, jnp.maximum(r, first(c)), 0)
-  else:
-    row_map = lambda b, c, r: (b, r, 0)
-  row = lambda width: pl.BlockSpec((None, block, width), row_map)
+  row = lambda width: pl.BlockSpec((None, block, width),
+                                   lambda b, c, r: (b, r, 0))
   key = lambda width: pl.BlockSpec((None, block, width),
                                    lambda b, c, r: (b, c, 0))
   return _call(
-      functools.partial(_col_kernel, scale=scale, causal=causal,
-                        group=group),
+      functools.partial(_col_kernel, scale=scale),
       (b, n_keys, n_rows),
       [row(kd), key(kd), row(d), key(d), row(1), row(1)], [key(d), key(kd)],
       [jax.ShapeDtypeStruct((b, t_keys, d), acc),
@@ -201,14 +193,14 @@ def col_apply(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, *, block, scale,
 
 
 def _grad_kernel(q_ref, k_ref, s_ref, w_ref, delta_ref, lse_ref, dq_ref,
-                 dq_sc, *, scale, causal, group):
+                 dq_sc, *, scale, group):
   r, c = pl.program_id(1), pl.program_id(2)
 
   @pl.when(c == 0)
   def _():
     dq_sc[...] = jnp.zeros(dq_sc.shape, dq_sc.dtype)
 
-  @pl.when(_visible(r, c, causal, group))
+  @pl.when(_visible(r, c, group))
   def _():
     p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])
     dp = tile_dot(w_ref[...], s_ref[...], trans_b=True)
@@ -220,9 +212,9 @@ def _grad_kernel(q_ref, k_ref, s_ref, w_ref, delta_ref, lse_ref, dq_ref,
     dq_ref[...] = dq_sc[...]
 
 
-def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, scale,
-             causal, interpret, group=1):
-  """Per row t: sum_j dlogit_tj k_j over visible keys, dlogit unscaled."""
+def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, group,
+             scale, interpret):
+  """Per row t: sum_j dlogit_tj k_j over keys of earlier groups (unscaled)."""
   acc = acc_dtype(q_btk)
   b, t, kd = q_btk.shape
   d = s_btd.shape[-1]
@@ -230,10 +222,9 @@ def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, scale,
   row = lambda width: pl.BlockSpec((None, block, width),
                                    lambda b, r, c: (b, r, 0))
   key = lambda width: pl.BlockSpec((None, block, width),
-                                   _key_index(causal, group))
+                                   _causal_key_index(group))
   return _call(
-      functools.partial(_grad_kernel, scale=scale, causal=causal,
-                        group=group),
+      functools.partial(_grad_kernel, scale=scale, group=group),
       (b, n_rows, n_keys), [row(kd), key(kd), key(d), row(d), row(1), row(1)],
       row(kd), jax.ShapeDtypeStruct((b, t, kd), acc),
       [pltpu.VMEM((block, kd), acc)],
