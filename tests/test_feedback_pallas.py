@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxpr_sizes import equations
 from sessa_jax.kernels import feedback, feedback_pallas, feedback_ref
 
 
@@ -113,3 +114,20 @@ def test_gpu_default_tile_fits_the_budget_and_the_chunk(chunk, width, dtype,
   assert feedback_pallas.default_tile("gpu", chunk, width, dtype) == tile
   assert feedback_pallas.default_tile("tpu", 256, width, dtype) == 128
   assert feedback_pallas.default_tile("tpu", 96, width, dtype) == 32
+
+
+@pytest.mark.parametrize("chunk,tile", [(32, 8), (16, 8), (8, 8)])
+def test_kernel_launches_grow_with_chunks_not_tiles(chunk, tile):
+  # Forward: one row_stats pass and n - 1 row_apply rectangles; backward:
+  # n - 1 col_apply rectangles and one row_grad pass (n = T / chunk).
+  args = _inputs(0, 1, 128, 8, 8, jnp.float32)
+
+  def fwd_bwd(q, k, gamma, f, cot):
+    solve = lambda *a: feedback_pallas.feedback_solve_pallas(
+        *a, chunk=chunk, tile=tile, backend="gpu")
+    return jax.vjp(solve, q, k, gamma, f)[1](cot)
+
+  jaxpr = jax.make_jaxpr(fwd_bwd)(*args).jaxpr
+  calls = sum(eqn.primitive.name == "pallas_call"
+              for eqn in equations(jaxpr))
+  assert calls == 2 * (128 // chunk)
