@@ -173,6 +173,10 @@ def main(argv=None):
   if args.layer_lengths is not None:
     layer_lengths = [int(x) for x in args.layer_lengths.split(",") if x]
   interpret = not on_gpu
+  pallas_chunk = feedback_pallas.DEFAULT_CHUNK if chunk is None else chunk
+  tiles = {dtype: feedback_pallas.default_tile("gpu", pallas_chunk, width,
+                                               jnp.dtype(dtype))
+           for dtype in TOLERANCE}
   started = time.time()
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +184,8 @@ def main(argv=None):
       "device": str(jax.devices()[0].device_kind),
       "jax": jax.__version__,
       "dry_run": args.dry_run,
-      "config": {"batch": b, "width": width, "heads": heads, "chunk": chunk,
+      "config": {"batch": b, "width": width, "heads": heads,
+                 "chunk": pallas_chunk, "tile": tiles,
                  "timing_dtype": "bfloat16", "tolerance": TOLERANCE},
       "correctness": [],
       "timings": [],
