@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sessa_jax.kernels.blocks import get_block, put_block
+from sessa_jax.kernels.blocks import get_block, online_softmax_step, put_block
 
 DEFAULT_CHUNK = 512
 # Arrays are laid out (B, H_kv, rows, d); rows (axis 2) run over time.
@@ -55,16 +55,10 @@ def _forward(q_bkrd, k_bksd, v_bksd, chunk, groups, scale):
     out_all, lse_all = carry
     q_i = _get(q_bkrd, i, r) * scale
 
-    def key_step(j, acc):
-      m, l, o = acc
+    def key_step(j, state):
       logits = jnp.einsum("bkrd,bksd->bkrs", q_i, _get(k_bksd, j, c))
-      m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
-      p = jnp.exp(logits - m_new[..., None])
-      rescale = jnp.exp(m - m_new)
-      l = l * rescale + jnp.sum(p, axis=-1)
-      o = o * rescale[..., None] + jnp.einsum(
-          "bkrs,bksd->bkrd", p, _get(v_bksd, j, c))
-      return m_new, l, o
+      return online_softmax_step(state, logits, lambda p: jnp.einsum(
+          "bkrs,bksd->bkrd", p, _get(v_bksd, j, c)))
 
     # The diagonal block first: every row sees its own key, so m is finite.
     logits = jnp.einsum("bkrd,bksd->bkrs", q_i, _get(k_bksd, i, c))

@@ -1,4 +1,7 @@
-"""Helpers shared by the blocked kernels: time-chunk slicing, tile products."""
+"""Helpers shared by the blocked kernels.
+
+Time-chunk slicing, the online-softmax update and Pallas tile products.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,27 @@ def put_block(x: jax.Array, value: jax.Array, i: jax.Array | int,
               size: int, axis: int = 1) -> jax.Array:
   """x with rows [i * size, (i + 1) * size) along `axis` replaced by value."""
   return jax.lax.dynamic_update_slice_in_dim(x, value, i * size, axis=axis)
+
+
+def online_softmax_step(state, logits: jax.Array, weigh):
+  """Folds one block of logits into a running (max, sum, weighted sum).
+
+  Args:
+    state: (m, l, acc): running row max (..., R), sum of exp(logit - m)
+      (..., R) and exp-weighted sum of values (..., R, D).
+    logits: the new block (..., R, S).
+    weigh: maps the block's exp(logits - new max) (..., R, S) to its
+      weighted values (..., R, D).
+
+  Returns:
+    The updated (m, l, acc).
+  """
+  m, l, acc = state
+  m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+  p = jnp.exp(logits - m_new[..., None])
+  rescale = jnp.exp(m - m_new)
+  return (m_new, l * rescale + jnp.sum(p, axis=-1),
+          acc * rescale[..., None] + weigh(p))
 
 
 def acc_dtype(x: jax.Array) -> jnp.dtype:

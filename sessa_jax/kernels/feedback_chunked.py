@@ -31,7 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sessa_jax.kernels.blocks import get_block, put_block
+from sessa_jax.kernels.blocks import get_block, online_softmax_step, put_block
 
 DEFAULT_CHUNK = 256
 
@@ -100,17 +100,11 @@ def _forward(q_btk, k_btk, gamma_bt, f_btd, chunk, scale):
     s_all, ctx_all, lse_all = carry
     q_i = get_block(q_btk, i, c)
 
-    def key_step(j, acc):
+    def key_step(j, state):
       # Online softmax over the earlier chunk j: running max, sum, A s.
-      m, l, ctx = acc
       logits = jnp.einsum("bck,bsk->bcs", q_i, get_block(k_btk, j, c)) * scale
-      m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
-      p = jnp.exp(logits - m_new[..., None])
-      rescale = jnp.exp(m - m_new)
-      l = l * rescale + jnp.sum(p, axis=-1)
-      ctx = ctx * rescale[..., None] + jnp.einsum(
-          "bcs,bsd->bcd", p, get_block(s_all, j, c))
-      return m_new, l, ctx
+      return online_softmax_step(state, logits, lambda p: jnp.einsum(
+          "bcs,bsd->bcd", p, get_block(s_all, j, c)))
 
     logits = jnp.einsum("bck,bsk->bcs", q_i, get_block(k_btk, i, c)) * scale
     logits = jnp.where(mask, logits, -jnp.inf)
