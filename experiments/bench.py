@@ -147,28 +147,41 @@ def _layer_flops(cfg, t):
   return budget.flops_per_token(one, t) - 2.0 * cfg.d_model * cfg.vocab_size
 
 
-def _child_layer(spec):
+def layer_step(cfg, batch, t):
+  """A jitted MixerBlock forward+backward for `cfg` and its (params, x).
+
+  The input is random in `cfg.dtype`; the loss is the float32 mean square of
+  the block's output; gradients flow to the parameters and the input.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from sessa_jax.models import MixerBlock, ModelConfig  # pylint: disable=g-import-not-at-top
+  from sessa_jax.models import MixerBlock  # pylint: disable=g-import-not-at-top
+  graphdef, params = nnx.split(MixerBlock(cfg, rngs=nnx.Rngs(0)))
+  x = jax.random.normal(jax.random.key(1), (batch, t, cfg.d_model),
+                        jnp.dtype(cfg.dtype))
+
+  @jax.jit
+  def step(params, x):
+    def loss(p, x):
+      return jnp.mean(nnx.merge(graphdef, p)(x).astype(jnp.float32) ** 2)
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+  return step, (params, x)
+
+
+def _child_layer(spec):
+  import jax  # pylint: disable=g-import-not-at-top
+  from sessa_jax.models import ModelConfig  # pylint: disable=g-import-not-at-top
   t = spec["t"]
   cfg = ModelConfig(mixer=spec["mixer"], d_model=D, n_heads=HEADS,
                     n_layers=1, feedback_impl="auto")
   if spec.get("chunk"):
     cfg = cfg.replace(feedback_chunk=spec["chunk"])
-  block = MixerBlock(cfg, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(block)
-  x = jax.random.normal(jax.random.key(1), (B, t, D), jnp.float32)
-  jax.block_until_ready(x)
+  step, args = layer_step(cfg, B, t)
+  jax.block_until_ready(args)
   baseline = _peak_rss_bytes()
 
-  @jax.jit
-  def step(params, x):
-    loss = lambda p, x: jnp.mean(nnx.merge(graphdef, p)(x) ** 2)
-    return jax.grad(loss, argnums=(0, 1))(params, x)
-
-  timed = _time(step, (params, x))
+  timed = _time(step, args)
   flops = 3 * _layer_flops(cfg, t) * B * t
   return {**timed, "tokens_per_s": B * t / timed["seconds"],
           "gflops": flops / timed["seconds"] / 1e9,

@@ -40,9 +40,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # Run as a script from a checkout.
   sys.path.insert(0, str(ROOT))
 
+from experiments import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sessa_jax.kernels import feedback_chunked  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sessa_jax.kernels import feedback_pallas  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sessa_jax.kernels import feedback_ref  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sessa_jax.models import ModelConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_OUT = ROOT / "experiments" / "results" / "gpu_check.json"
 # Relative max error allowed against the dense float32 oracle, by input
@@ -85,6 +87,15 @@ def _error(e: Exception) -> str:
   return text if len(text) < 3000 else text[:1000] + " ... " + text[-2000:]
 
 
+def _time_into(row, build):
+  """Times the (fn, args) that build() returns into row, or its error."""
+  try:
+    fn, args = build()
+    row["seconds"], row["compile_s"] = _time(fn, args)
+  except Exception as e:  # pylint: disable=broad-except
+    row["error"] = _error(e)
+
+
 def _solvers(chunk, interpret):
   return {
       "pallas": lambda *a: feedback_pallas.feedback_solve_pallas(
@@ -107,25 +118,6 @@ def _attention(b, t, width, heads, dtype, implementation):
         *x, is_causal=True, implementation=implementation), q, k, v)
     return [out, *vjp(cot)]
   return jax.jit(run), (q, k, v, cot)
-
-
-def _layer_step(mixer, b, t, width, heads, feedback_impl, chunk):
-  """A jitted MixerBlock forward+backward and its arguments."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from sessa_jax.models import MixerBlock, ModelConfig  # pylint: disable=g-import-not-at-top
-  cfg = ModelConfig(mixer=mixer, d_model=width, n_heads=heads, n_layers=1,
-                    dtype="bfloat16", feedback_impl=feedback_impl,
-                    feedback_chunk=chunk)
-  graphdef, params = nnx.split(MixerBlock(cfg, rngs=nnx.Rngs(0)))
-  x = jax.random.normal(jax.random.key(1), (b, t, width), jnp.bfloat16)
-
-  @jax.jit
-  def step(params, x):
-    def loss(p, x):
-      y = nnx.merge(graphdef, p)(x)
-      return jnp.mean(y.astype(jnp.float32) ** 2)
-    return jax.grad(loss, argnums=(0, 1))(params, x)
-  return step, (params, x)
 
 
 def check_correctness(b, t, width, chunk, interpret, dtype, impl="pallas"):
@@ -231,11 +223,8 @@ def main(argv=None):
       elif name == "dense" and on_gpu and dense_bytes > 0.8 * memory_limit:
         row["skipped"] = f"needs ~{dense_bytes / 2**30:.0f} GiB"
       else:
-        try:
-          row["seconds"], row["compile_s"] = _time(
-              _value_and_grads(solve), _inputs(b, t, width, jnp.bfloat16))
-        except Exception as e:  # pylint: disable=broad-except
-          row["error"] = _error(e)
+        _time_into(row, lambda: (_value_and_grads(solve),
+                                 _inputs(b, t, width, jnp.bfloat16)))
       record("timings", row)
     row = {"t": t, "impl": "cudnn_attention", "heads": heads}
     if not on_gpu:
@@ -243,11 +232,8 @@ def main(argv=None):
     elif over_budget():
       row["skipped"] = "time budget spent"
     else:
-      try:
-        fn, fn_args = _attention(b, t, width, heads, jnp.bfloat16, "cudnn")
-        row["seconds"], row["compile_s"] = _time(fn, fn_args)
-      except Exception as e:  # pylint: disable=broad-except
-        row["error"] = _error(e)
+      _time_into(row, lambda: _attention(b, t, width, heads, jnp.bfloat16,
+                                         "cudnn"))
     record("timings", row)
 
   layer_cases = [("sessa", "pallas"), ("sessa", "chunked"),
@@ -260,13 +246,12 @@ def main(argv=None):
       if over_budget():
         row["skipped"] = "time budget spent"
       else:
-        try:
-          step, step_args = _layer_step(mixer, b, t, width, heads,
-                                        feedback_impl, chunk)
-          row["seconds"], row["compile_s"] = _time(step, step_args)
+        _time_into(row, lambda: bench.layer_step(ModelConfig(
+            mixer=mixer, d_model=width, n_heads=heads, n_layers=1,
+            dtype="bfloat16", feedback_impl=feedback_impl,
+            feedback_chunk=chunk), b, t))
+        if "seconds" in row:
           row["tokens_per_s"] = b * t / row["seconds"]
-        except Exception as e:  # pylint: disable=broad-except
-          row["error"] = _error(e)
       record("layers", row)
   print(f"wrote {out} in {time.time() - started:.0f} s")
 
