@@ -1,6 +1,7 @@
 """Feedback solve with its O(T²) passes as Pallas kernels (TPU and GPU).
 
-The algorithm of `feedback_chunked` (DESIGN §4), arranged for accelerators:
+The algorithm of `feedback_chunked` (docs/design.md#feedback-solve),
+arranged for accelerators:
 
 1. `row_stats`: every row's log-sum-exp over the key chunks before its own
    (a parallel flash-style pass), merged with the diagonal chunk's in JAX.
