@@ -21,8 +21,9 @@ class ModelConfig:
     mixer: sequence mixer of the blocks: one of `MIXERS`, or a hybrid stack
       written as a comma-separated pattern of them (e.g. `sessa,attention`)
       that is cycled over the depth: block i runs `layer_mixers[i]`.
-    block: `gated` (the Sessa paper's macro-block, DESIGN §2) or `prenorm_mlp`
-      (pre-norm mixer sublayer followed by a pre-norm MLP sublayer).
+    block: `gated` (the Sessa paper's macro-block,
+      docs/design.md#the-gated-block) or `prenorm_mlp` (pre-norm mixer
+      sublayer followed by a pre-norm MLP sublayer).
     vocab_size: number of token ids.
     d_model: residual width D.
     n_layers: number of blocks.
