@@ -1,11 +1,12 @@
 """Parameter and FLOP budgets, and width matching for equal-parameter studies.
 
 Parameters are counted from abstract shapes (`nnx.eval_shape`), so nothing is
-allocated however large the model. FLOPs follow DESIGN §7: a multiply-add is
-2 FLOPs; every dense weight costs one multiply-add per token (so projections
-add 2x their weight count, the depthwise conv included); a causal product over
-T positions costs about T*W/2 multiply-adds per token for width W; the head
-costs D*V multiply-adds per token and the embedding lookup nothing.
+allocated however large the model. FLOPs follow the convention of
+docs/design.md#flop-convention: a multiply-add is 2 FLOPs; every dense weight
+costs one multiply-add per token (so projections add 2x their weight count,
+the depthwise conv included); a causal product over T positions costs about
+T*W/2 multiply-adds per token for width W; the head costs D*V multiply-adds
+per token and the embedding lookup nothing.
 
 Per-token causal terms of each mixer (multiply-adds, T = seq_len):
   attention: QK^T and AV:                             2 * T*D/2

@@ -1,6 +1,6 @@
 """The public feedback-solve op: one signature, several implementations.
 
-`feedback_solve` solves Sessa's feedback system (DESIGN §4)
+`feedback_solve` solves Sessa's feedback system (docs/design.md#feedback-solve)
 
   s_t = f_t + gamma_t * sum_{j<t} A_tj s_j,   A = strictly causal softmax(q k^T)
 

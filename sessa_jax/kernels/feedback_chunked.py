@@ -1,8 +1,8 @@
 """Blocked feedback solve in plain JAX: O(T·D) memory, all large matmuls.
 
 Solves s = (I - diag(gamma) A)^{-1} f, A the strictly causal softmax of
-scale * q k^T (DESIGN §4), chunk by chunk in time order (`lax.fori_loop`,
-so the program size does not grow with T). Chunk i (C rows) walks the
+scale * q k^T (docs/design.md#feedback-solve), chunk by chunk in time
+order (`lax.fori_loop`, so the program size does not grow with T). Chunk i (C rows) walks the
 earlier key chunks with an online softmax (flash-attention style: running
 max, sum and A s), which yields the row log-sum-exp and the earlier chunks'
 contribution in a single pass over the logits:

@@ -1,6 +1,7 @@
 """Feedback solve with its O(T²) passes as Pallas kernels (TPU and GPU).
 
-The algorithm of `feedback_chunked` (DESIGN §4), arranged for accelerators:
+The algorithm of `feedback_chunked` (docs/design.md#feedback-solve),
+arranged for accelerators:
 
 1. `row_stats`: every row's log-sum-exp over the key chunks before its own
    (a parallel flash-style pass), merged with the diagonal chunk's in JAX.
@@ -121,7 +122,8 @@ def _row_lse(q_btk, k_btk, setup):
   chunk, scale = setup.chunk, setup.scale
   lse_off = setup.op("row_stats")(q_btk, k_btk, group=setup.group)
   q, k = _chunked(q_btk, chunk), _chunked(k_btk, chunk)
-  logits = jnp.einsum("bnck,bnsk->bncs", q, k) * scale
+  logits = jnp.einsum("bnck,bnsk->bncs", q, k,
+                      preferred_element_type=lse_off.dtype) * scale
   mask = jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)
   lse_diag = jax.nn.logsumexp(jnp.where(mask, logits, -jnp.inf), axis=-1)
   lse = jnp.logaddexp(lse_off, _unchunked(lse_diag))

@@ -19,8 +19,9 @@ class ModelConfig:
 
   Attributes:
     mixer: sequence mixer inside every block: one of `MIXERS`.
-    block: `gated` (the Sessa paper's macro-block, DESIGN §2) or `prenorm_mlp`
-      (pre-norm mixer sublayer followed by a pre-norm MLP sublayer).
+    block: `gated` (the Sessa paper's macro-block,
+      docs/design.md#the-gated-block) or `prenorm_mlp` (pre-norm mixer
+      sublayer followed by a pre-norm MLP sublayer).
     vocab_size: number of token ids.
     d_model: residual width D.
     n_layers: number of blocks.

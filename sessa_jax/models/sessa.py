@@ -9,7 +9,8 @@ outputs back in:
   A_t. = softmax_{j<t}(K^-1/2 q_b,t . k_b,j)   (row 0 all zeros),
   gamma_t = gamma_max * tanh(gamma_bias + a_t . w_gamma),
 
-a unit lower-triangular system solved in float32 (DESIGN §2).
+a unit lower-triangular system solved in float32
+(docs/design.md#the-sessa-layer; shape letters: docs/design.md#shape-letters).
 """
 
 from __future__ import annotations
