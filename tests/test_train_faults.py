@@ -16,6 +16,7 @@ import pytest
 from tensorboardX import event_file_writer
 
 from sessa_jax.train import checkpoint as checkpoint_lib
+from sessa_jax.train import config as config_lib
 from sessa_jax.train import evaluate as evaluate_lib
 from sessa_jax.train import metrics as metrics_lib
 from sessa_jax.train import trainer
@@ -39,7 +40,7 @@ def file_hashes(workdir):
 
 
 def test_nan_gradients_with_a_finite_loss_save_nothing(tmp_path, monkeypatch):
-  trainer.train(tiny_config(steps=4), tmp_path)
+  trainer.train(tiny_config(steps=3), tmp_path)
   real_stats = evaluate_lib.token_stats
 
   def nan_grad_stats(logits_btv, batch):
@@ -49,10 +50,10 @@ def test_nan_gradients_with_a_finite_loss_save_nothing(tmp_path, monkeypatch):
 
   monkeypatch.setattr(evaluate_lib, "token_stats", nan_grad_stats)
   with pytest.raises(FloatingPointError,
-                     match=r"non-finite training grad_norm \(nan\) at step 5.* "
-                           "last good checkpoint is step 4"):
+                     match=r"non-finite training grad_norm \(nan\) at step 4.* "
+                           "last good checkpoint is step 3"):
     trainer.train(tiny_config(steps=8), tmp_path)
-  assert checkpoint_steps(tmp_path) == [2, 4]
+  assert checkpoint_steps(tmp_path) == [2, 3]
   assert_all_checkpoints_finite(tmp_path)
 
 
@@ -148,13 +149,24 @@ def test_relaunching_a_finished_run_changes_nothing(tmp_path):
   assert file_hashes(tmp_path) == before
 
 
-def test_failed_start_does_not_block_the_corrected_relaunch(tmp_path):
-  bad = tiny_config(steps=2)
-  bad.data.num_train = 4  # Fewer examples than one batch.
-  with pytest.raises(ValueError, match="has 4 examples"):
-    trainer.train(bad, tmp_path)
-  assert not (tmp_path / "config.json").exists()
-  assert trainer.train(tiny_config(steps=2), tmp_path)["steps"] == 2
+def text_config(path):
+  return config_lib.base_config(
+      model=dict(mixer="sessa", d_model=16, n_layers=1, n_heads=2),
+      data=dict(task="text", path=str(path), seq_len=16),
+      train=dict(steps=2, batch_size=8, warmup_steps=1, eval_every=0,
+                 eval_batches=1, test_batches=1, checkpoint_every=2))
+
+
+def test_failed_start_names_the_empty_file_and_blocks_nothing(tmp_path):
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("")
+  with pytest.raises(ValueError, match=f"split 'train' of task 'text' "
+                                       f"\\(data.path='{corpus}'.* has 0 examples"):
+    trainer.train(text_config(corpus), tmp_path / "run")
+  assert not (tmp_path / "run" / "config.json").exists()
+  corpus.write_text("It is a truth universally acknowledged. " * 200)
+  summary = trainer.train(text_config(corpus), tmp_path / "run")
+  assert summary["steps"] == 2
 
 
 def test_lock_refuses_a_second_holder_and_is_released(tmp_path):

@@ -361,7 +361,7 @@ class Run:
       else:
         advice = "move that directory away to start over"
       raise checkpoint_lib.CheckpointRestoreError(f"{e}; {advice}") from None
-    logging.warning("resuming from %s/%d", self.checkpointer.directory, step)
+    logging.warning("restored %s/%d", self.checkpointer.directory, step)
     return step
 
   def start(self) -> None:
