@@ -61,14 +61,19 @@ def _error_exit(message: str) -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing; a --config.* key the config lacks is one line."""
+  """absl's flag parsing, with config errors (loading, overrides) one line."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    _error_exit(f"{e}\nPass --helpshort or --helpfull to see help on flags.")
-  except (AttributeError, KeyError) as e:  # From config_flags' overrides.
+  except Exception as e:  # pylint: disable=broad-except
     if "--verbose" in argv:
       raise
+    if isinstance(e, flags.Error):  # A config file's error: its last line.
+      lines = [line for line in str(e).splitlines() if line.strip()]
+      _error_exit(" ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
+                  + " (--verbose for the traceback)")
+    if not isinstance(e, (AttributeError, KeyError)):
+      _error_exit(f"{type(e).__name__}: {e} (--verbose for the traceback)")
+    # config_flags: an override of a key the config does not have.
     cause = e
     while isinstance(cause, BaseException) and cause.args:
       cause = cause.args[0]
@@ -107,7 +112,7 @@ def _run(argv) -> int:
 def main(argv):
   try:
     status = _run(argv)
-  except (app.UsageError, KeyboardInterrupt):
+  except app.UsageError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     if _VERBOSE.value or logging.get_verbosity() >= logging.INFO:
