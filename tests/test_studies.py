@@ -228,3 +228,9 @@ def test_tiny_sweep_and_report_end_to_end(tmp_path, monkeypatch):
   assert [e["layer"] for e in tail["sessa"]["layers"]] == [0, 1]
   assert np.isfinite(tail["attention"]["influence"]["slope"])
   assert 0 <= tail["sessa"]["bound"]["c2"] <= 1
+
+
+def test_symbol_soup_ceiling_grows_with_length():
+  ceiling = _load("symbol_soup_ceiling").ceiling
+  short, long = ceiling(110, 160, 200), ceiling(400, 600, 200)
+  assert 0.2 < short < long and long > 0.6, (short, long)
