@@ -355,9 +355,12 @@ class Run:
       step, self.state = self.checkpointer.restore(
           self.layout.abstract, data_iter, accept=self.all_finite)
     except checkpoint_lib.CheckpointRestoreError as e:
+      if self.checkpointer.read_only:
+        raise
       if self.config_changes:
-        advice = (f"config.json is unchanged: with {'; '.join(self.config_changes)}"
-                  " no checkpoint fits; use another --workdir to start fresh")
+        advice = (f"config.json is unchanged: with "
+                  f"{'; '.join(self.config_changes)} no checkpoint fits; use "
+                  "another --workdir to start fresh")
       else:
         advice = "move that directory away to start over"
       raise checkpoint_lib.CheckpointRestoreError(f"{e}; {advice}") from None
