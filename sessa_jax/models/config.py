@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
+
+from sessa_jax import checks
 
 MIXERS = ("sessa", "attention", "mamba2")
 BLOCKS = ("gated", "prenorm_mlp")
@@ -22,7 +24,8 @@ class ModelConfig:
     block: `gated` (the Sessa paper's macro-block,
       docs/design.md#the-gated-block) or `prenorm_mlp` (pre-norm mixer
       sublayer followed by a pre-norm MLP sublayer).
-    vocab_size: number of token ids.
+    vocab_size: number of token ids; None until it is known (the trainer
+      takes the task's), which no model can be built with.
     d_model: residual width D.
     n_layers: number of blocks.
     n_heads: query heads H of the attention branch.
@@ -58,7 +61,7 @@ class ModelConfig:
 
   mixer: str = "sessa"
   block: str = "gated"
-  vocab_size: int = 256
+  vocab_size: int | None = 256
   d_model: int = 64
   n_layers: int = 2
   n_heads: int = 4
@@ -81,9 +84,6 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
 
-  def __post_init__(self):
-    self.validate()
-
   @property
   def kv_heads(self) -> int:
     return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
@@ -100,20 +100,18 @@ class ModelConfig:
   def ssm_inner(self) -> int:
     return self.ssm_expand * self.d_model
 
-  def validate(self) -> None:
-    """Raises ValueError naming the offending `model.<key>`."""
-    _choice("mixer", self.mixer, MIXERS)
-    _choice("block", self.block, BLOCKS)
-    _choice("gamma_form", self.gamma_form, GAMMA_FORMS)
-    _choice("dtype", self.dtype, DTYPES)
-    _choice("param_dtype", self.param_dtype, DTYPES)
-    _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-    _choice("feedback_impl", self.feedback_impl, FEEDBACK_IMPLS)
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio",
-                "feedback_chunk", "ssm_expand", "ssm_head_dim", "ssm_state",
-                "ssm_conv", "ssm_chunk"):
-      if getattr(self, key) is not None and getattr(self, key) < 1:
-        raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+  def __post_init__(self):
+    """Validates every field; raises ValueError naming `model.<key>`."""
+    for key, choices in (("mixer", MIXERS), ("block", BLOCKS),
+                         ("gamma_form", GAMMA_FORMS), ("dtype", DTYPES),
+                         ("param_dtype", DTYPES),
+                         ("attention_impl", ATTENTION_IMPLS),
+                         ("feedback_impl", FEEDBACK_IMPLS)):
+      checks.one_of("model", key, getattr(self, key), choices)
+    checks.at_least("model", self, (
+        "vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio",
+        "feedback_chunk", "ssm_expand", "ssm_head_dim", "ssm_state", "ssm_conv",
+        "ssm_chunk"))
     if self.mixer in ("sessa", "attention"):
       if self.d_model % self.n_heads:
         raise ValueError(
@@ -131,29 +129,12 @@ class ModelConfig:
       if not 0.0 < self.gamma_max < 1.0:
         raise ValueError(
             f"model.gamma_max must lie in (0, 1), got {self.gamma_max}")
-      if self.feedback_dim is not None and self.feedback_dim < 1:
-        raise ValueError(
-            f"model.feedback_dim must be >= 1, got {self.feedback_dim}")
+      checks.at_least("model", self, ("feedback_dim",))
     if self.mixer == "mamba2" and self.ssm_inner % self.ssm_head_dim:
       raise ValueError(
           f"model.ssm_head_dim={self.ssm_head_dim} does not divide the inner "
           f"width ssm_expand*d_model={self.ssm_inner}")
 
   def replace(self, **changes: Any) -> "ModelConfig":
+    """A copy with `changes` applied, validated like any new config."""
     return dataclasses.replace(self, **changes)
-
-  @classmethod
-  def from_mapping(cls, values: Mapping[str, Any]) -> "ModelConfig":
-    """Builds a config from a dict or ConfigDict; unknown keys are errors."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(
-          f"unknown key model.{unknown[0]}; known keys: {', '.join(sorted(known))}")
-    return cls(**dict(values))
-
-
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ValueError(
-        f"model.{key}={value!r} is not one of: {', '.join(choices)}")
