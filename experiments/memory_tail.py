@@ -98,7 +98,7 @@ def sessa_routing(model: models.LanguageModel, tokens_bt: jax.Array,
   exactly as its own forward computes them.
 
   Returns:
-    (q_b (B, T, K), k_b (B, T, K), gamma (B, T), scale).
+    (q_fb (B, T, K), k_fb (B, T, K), gamma (B, T), scale).
   """
   x = model.embed(tokens_bt)
   for block in model.blocks[:layer]:
@@ -106,9 +106,9 @@ def sessa_routing(model: models.LanguageModel, tokens_bt: jax.Array,
   block = model.blocks[layer]
   # pylint: disable=protected-access
   a, _ = block.mixer_input(x.astype(jnp.dtype(block.cfg.dtype)))
-  q_b, k_b, gamma = block.mixer.feedback_inputs(a)
+  q_fb, k_fb, gamma = block.mixer.feedback_inputs(a)
   # pylint: enable=protected-access
-  return q_b, k_b, gamma, block.mixer.fb_scale
+  return q_fb, k_fb, gamma, block.mixer.fb_scale
 
 
 def measure(model: models.LanguageModel, tokens_bt: np.ndarray, *,
@@ -135,9 +135,9 @@ def measure(model: models.LanguageModel, tokens_bt: np.ndarray, *,
   cfg = model.cfg
   if cfg.mixer == "sessa" and cfg.feedback:
     for layer in range(cfg.n_layers):
-      q_b, k_b, gamma, scale = sessa_routing(model, tokens_bt, layer)
+      q_fb, k_fb, gamma, scale = sessa_routing(model, tokens_bt, layer)
       impulse, check = influence.bound_check(
-          q_b, k_b, gamma, cfg.gamma_max, window=curve.window, scale=scale)
+          q_fb, k_fb, gamma, cfg.gamma_max, window=curve.window, scale=scale)
       result["layers"].append({"impulse": impulse.to_dict(),
                                "bound": check.to_dict()})
     result["bound"] = result["layers"][0]["bound"]

@@ -7,12 +7,13 @@ from typing import Any
 
 from sessa_jax import checks
 
+from sessa_jax.kernels.feedback import IMPLS as FEEDBACK_IMPLS
+
 MIXERS = ("sessa", "attention", "mamba2")
 BLOCKS = ("gated", "prenorm_mlp")
 GAMMA_FORMS = ("tanh_bias", "tanh")
 DTYPES = ("float32", "bfloat16", "float64")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")
-FEEDBACK_IMPLS = ("auto", "dense", "chunked", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
