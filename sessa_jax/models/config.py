@@ -6,7 +6,6 @@ import dataclasses
 from typing import Any
 
 from sessa_jax import checks
-
 from sessa_jax.kernels.feedback import IMPLS as FEEDBACK_IMPLS
 
 MIXERS = ("sessa", "attention", "mamba2")
@@ -21,7 +20,9 @@ class ModelConfig:
   """Hyperparameters of a language model and of each of its blocks.
 
   Attributes:
-    mixer: sequence mixer inside every block: one of `MIXERS`.
+    mixer: sequence mixer of the blocks: one of `MIXERS`, or a hybrid stack
+      written as a comma-separated pattern of them (e.g. `sessa,attention`)
+      that is cycled over the depth: block i runs `layer_mixers[i]`.
     block: `gated` (the Sessa paper's macro-block,
       docs/design.md#the-gated-block) or `prenorm_mlp` (pre-norm mixer
       sublayer followed by a pre-norm MLP sublayer).
@@ -86,6 +87,17 @@ class ModelConfig:
   param_dtype: str = "float32"
 
   @property
+  def layer_mixers(self) -> tuple[str, ...]:
+    """The mixer of each block: `mixer`'s pattern cycled over `n_layers`."""
+    pattern = self.mixer.split(",")
+    return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
+
+  def layer(self, index: int) -> "ModelConfig":
+    """The single-mixer config of block `index` (itself when not hybrid)."""
+    mixer = self.layer_mixers[index]
+    return self if mixer == self.mixer else self.replace(mixer=mixer)
+
+  @property
   def kv_heads(self) -> int:
     return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
@@ -103,9 +115,14 @@ class ModelConfig:
 
   def __post_init__(self):
     """Validates every field; raises ValueError naming `model.<key>`."""
-    for key, choices in (("mixer", MIXERS), ("block", BLOCKS),
-                         ("gamma_form", GAMMA_FORMS), ("dtype", DTYPES),
-                         ("param_dtype", DTYPES),
+    pattern = self.mixer.split(",")
+    for mixer in pattern:
+      if mixer not in MIXERS:
+        where = "" if len(pattern) == 1 else f" (in pattern {self.mixer!r})"
+        raise ValueError(f"model.mixer={mixer!r}{where} is not one of: "
+                         f"{', '.join(MIXERS)}")
+    for key, choices in (("block", BLOCKS), ("gamma_form", GAMMA_FORMS),
+                         ("dtype", DTYPES), ("param_dtype", DTYPES),
                          ("attention_impl", ATTENTION_IMPLS),
                          ("feedback_impl", FEEDBACK_IMPLS)):
       checks.one_of("model", key, getattr(self, key), choices)
@@ -113,7 +130,11 @@ class ModelConfig:
         "vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio",
         "feedback_chunk", "ssm_expand", "ssm_head_dim", "ssm_state", "ssm_conv",
         "ssm_chunk"))
-    if self.mixer in ("sessa", "attention"):
+    if self.n_layers is not None and len(pattern) > self.n_layers:
+      raise ValueError(
+          f"model.mixer={self.mixer!r} names {len(pattern)} layers but "
+          f"model.n_layers={self.n_layers}")
+    if {"sessa", "attention"} & set(pattern):
       if self.d_model % self.n_heads:
         raise ValueError(
             f"model.d_model={self.d_model} is not divisible by "
@@ -126,12 +147,12 @@ class ModelConfig:
         raise ValueError(
             f"model.n_heads={self.n_heads} is not divisible by "
             f"model.n_kv_heads={self.kv_heads}")
-    if self.mixer == "sessa":
+    if "sessa" in pattern:
       if not 0.0 < self.gamma_max < 1.0:
         raise ValueError(
             f"model.gamma_max must lie in (0, 1), got {self.gamma_max}")
       checks.at_least("model", self, ("feedback_dim",))
-    if self.mixer == "mamba2" and self.ssm_inner % self.ssm_head_dim:
+    if "mamba2" in pattern and self.ssm_inner % self.ssm_head_dim:
       raise ValueError(
           f"model.ssm_head_dim={self.ssm_head_dim} does not divide the inner "
           f"width ssm_expand*d_model={self.ssm_inner}")
