@@ -21,31 +21,42 @@ README = (REPO / "README.md").read_text()
 SECTIONS = config_lib.SECTIONS
 
 
-def _commands(text: str) -> list[str]:
-  """Shell fragments: indented code lines and inline code spans.
+def _commands(text: str) -> list[tuple[str, str]]:
+  """Shell fragments with their paragraph: indented lines and code spans.
 
   Fenced blocks (the layout tree, Python snippets) hold no commands.
   """
   text = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
-  lines = [l.strip() for l in text.splitlines() if l.startswith("    ")]
-  spans = [s.replace("\n", " ") for s in re.findall(r"`([^`]+)`", text)]
-  return lines + spans
+  commands = []
+  for paragraph in re.split(r"\n\s*\n", text):
+    commands += [(l.strip(), paragraph) for l in paragraph.splitlines()
+                 if l.startswith("    ")]
+    commands += [(s.replace("\n", " "), paragraph)
+                 for s in re.findall(r"`([^`]+)`", paragraph)]
+  return commands
 
 
-COMMANDS = _commands(README)
+COMMANDS = [command for command, _ in _commands(README)]
 
 
-def _program(command: str) -> pathlib.Path | None:
-  """The repo file whose flags `command` uses, or None for other tools."""
+def _programs(command: str, paragraph: str) -> list[pathlib.Path]:
+  """The repo files whose flags `command` may use; empty for other tools.
+
+  A flag standing alone in a code span (`--force`) belongs to launch.py or to
+  a script the same paragraph names.
+  """
   command = command.split("#")[0]
-  if "launch.py" in command or command.startswith("--"):
-    return REPO / "launch.py"
+  if "launch.py" in command:
+    return [REPO / "launch.py"]
+  if command.startswith("--"):
+    named = re.findall(r"\b((?:experiments/)\w+\.py)", paragraph)
+    return [REPO / "launch.py"] + [REPO / p for p in named]
   match = re.search(r"python (?:-m (\S+)|(\S+\.py))", command)
   if not match:
-    return None
+    return []
   if match[1]:
-    return REPO / (match[1].replace(".", "/") + ".py")
-  return REPO / match[2]
+    return [REPO / (match[1].replace(".", "/") + ".py")]
+  return [REPO / match[2]]
 
 
 def _defined_flags(path: pathlib.Path) -> set[str]:
@@ -118,15 +129,16 @@ def test_config_keys_exist():
 
 def test_flags_exist():
   checked = 0
-  for command in COMMANDS:
-    program = _program(command)
-    if program is None:
+  for command, paragraph in _commands(README):
+    programs = _programs(command, paragraph)
+    if not programs:
       continue
-    assert program.is_file(), f"README runs {program.name}, which is missing"
+    for program in programs:
+      assert program.is_file(), f"README runs {program}, which is missing"
     flags = set(re.findall(r"--(\w+)\b(?!\.)", command.split("#")[0]))
-    missing = flags - _defined_flags(program)
-    assert not missing, (
-        f"README passes {sorted(missing)} to {program.name} in {command!r}")
+    missing = flags - set().union(*map(_defined_flags, programs))
+    assert not missing, (f"README passes {sorted(missing)} to "
+                         f"{[p.name for p in programs]} in {command!r}")
     checked += bool(flags)
   assert checked >= 5
 
