@@ -1,9 +1,10 @@
-"""Train, evaluate or sweep from a config file.
+r"""Train, evaluate or sweep from a config file.
 
   python launch.py --config=configs/mqar.py:mamba2,tiny --workdir=workdirs/m \
       --config.train.lr=1e-3
   python launch.py --config=configs/mqar.py --workdir=workdirs/m --mode=eval
-  python launch.py --sweep=experiments/lr.py --workdir=workdirs/lr_sweep
+  python launch.py --sweep=experiments/matched_budget.py:tiny \
+      --workdir=workdirs/matched_budget_tiny
 
 Relaunching with the same --workdir resumes from its newest checkpoint.
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or set

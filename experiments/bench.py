@@ -9,10 +9,10 @@ One run measures, each case in its own process so peak memory is its own:
 * one MixerBlock (sessa, attention, mamba2; D = 256, 4 heads) forward+backward
   tokens/s and GFLOP/s against the matmul rate.
 
-FLOPs follow DESIGN §7 (a multiply-add is 2 FLOPs, causal products count the
-half they compute; backward = 2x forward). Cases whose estimated memory does
-not fit are reported as skipped; a case that fails (a missing mixer, out of
-memory) is reported with its error. Prints a table and writes
+FLOPs follow docs/design.md#flop-convention (a multiply-add is 2 FLOPs,
+causal products count the half they compute; backward = 2x forward). Cases
+whose estimated memory does not fit are reported as skipped; a case that
+fails (a missing mixer, out of memory) is reported with its error. Prints a table and writes
 experiments/results/bench_cpu.json.
 
 Usage: python experiments/bench.py [--quick] [--out PATH]
@@ -141,7 +141,7 @@ def _child_solve(spec):
 
 
 def _layer_flops(cfg, t):
-  """Forward FLOPs per token of one block (budget.flops_per_token, DESIGN §7)."""
+  """Forward FLOPs per token of one block (budget.flops_per_token)."""
   from sessa_jax import budget  # pylint: disable=g-import-not-at-top
   one = cfg.replace(n_layers=1)
   return budget.flops_per_token(one, t) - 2.0 * cfg.d_model * cfg.vocab_size
@@ -357,8 +357,9 @@ def main(argv=None):
                  "dtype": "float32", "solve_chunk": "default (256)",
                  "layer_feedback_chunk": LAYER_FEEDBACK_CHUNK},
       "matmul_gflops": rate,
-      "flop_convention": "DESIGN §7: multiply-add = 2 FLOPs, causal products "
-                         "count half; backward = 2x forward",
+      "flop_convention": "docs/design.md#flop-convention: multiply-add = "
+                         "2 FLOPs, causal products count half; backward = 2x "
+                         "forward",
       "solve": solves,
       "layer": layers,
       "torch_reference_tokens_per_s": {

@@ -30,8 +30,10 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from sessa_jax.mesh_axes import BATCH_AXES
+
 LOGICAL_RULES: Mapping[str, Any] = {
-    "batch": ("data", "fsdp"),
+    "batch": BATCH_AXES,
     "sequence": None,
     "embed": "fsdp",
     "hidden": "tensor",

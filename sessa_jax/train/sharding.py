@@ -11,9 +11,9 @@ per-batch-shard feedback solve) see the mesh.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
-import functools
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -21,10 +21,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from sessa_jax.mesh_axes import MESH_AXES
 from sessa_jax.models.partitioning import LOGICAL_RULES, logical_to_spec
 from sessa_jax.train.config import MeshConfig
-
-MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def initialize_distributed(coordinator_address: str | None = None,
