@@ -137,6 +137,11 @@ class Task(abc.ABC):
   def example(self, split: str, index: int) -> dict[str, np.ndarray]:
     """Example `index` of `split`: a dict of (seq_len,) numpy arrays."""
 
+  def source(self, split: str) -> str:
+    """Where `split` comes from, for error messages ('' when generated)."""
+    del split
+    return ""
+
   def __repr__(self) -> str:
     return f"{type(self).__name__}({self.cfg})"
 

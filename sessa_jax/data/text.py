@@ -111,6 +111,15 @@ class Text(base.Task):
       if getattr(cfg, key):
         files[split] = expand_globs(getattr(cfg, key), key)
         held_out[split] = 0.0
+    self._sources = {}  # For error messages: where each split comes from.
+    for split in base.SPLITS:
+      key = "path" if split == "train" else f"{split}_path"
+      if split in files:
+        shown = ", ".join(files[split][:3]) + (
+            ", ..." if len(files[split]) > 3 else "")
+        self._sources[split] = f"data.{key}={getattr(cfg, key)!r}: {shown}"
+      else:
+        self._sources[split] = f"held out from data.path={cfg.path!r}"
 
     if cfg.format == "text":
       docs = {split: [read_text(f) for f in fs] for split, fs in files.items()}
@@ -188,6 +197,11 @@ class Text(base.Task):
   def num_examples(self, split: str) -> int:
     base.check_split(split)
     return max(0, (len(self.streams[split]) - 1) // self.seq_len)
+
+  def source(self, split: str) -> str:
+    base.check_split(split)
+    tokens = len(self.streams[split])
+    return f"{self._sources[split]}; {tokens} tokens"
 
   def example(self, split: str, index: int) -> dict[str, np.ndarray]:
     base.check_index(split, index, self.num_examples(split))

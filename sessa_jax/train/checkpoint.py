@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -21,20 +21,36 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint in the directory can be restored into the given target."""
+
+
+def _first_sentence(error: Exception) -> str:
+  """'Type: first sentence' of an error (orbax's run on with advice)."""
+  text = str(error).strip().split("\n")[0]
+  text = text.split(". ")[0].rstrip(".")
+  return f"{type(error).__name__}: {text}"
+
+
 class Checkpointer:
   """Saves and restores (train state, data iterator) pairs by step.
 
   Args:
-    directory: where the step directories live (created if missing).
+    directory: where the step directories live (created if missing, unless
+      `read_only`).
     keep: how many of the newest checkpoints to keep.
+    read_only: never create, save, delete or move anything (evaluation).
   """
 
-  def __init__(self, directory: str | pathlib.Path, keep: int = 3):
+  def __init__(self, directory: str | pathlib.Path, keep: int = 3, *,
+               read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
+    self.read_only = read_only
+    options = (ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0) if read_only else
+               ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=("state", "data"))
+        self.directory, options=options, item_names=("state", "data"))
 
   def all_steps(self) -> list[int]:
     """Steps saved on disk (re-read, so other writers' saves are seen)."""
@@ -44,6 +60,14 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     steps = self.all_steps()
     return steps[-1] if steps else None
+
+  def describe_latest(self) -> str:
+    """A sentence naming the newest checkpoint, or saying there is none."""
+    step = self.latest_step()
+    if step is None:
+      return (f"No checkpoint has been saved in {self.directory}; a relaunch "
+              "starts from step 0")
+    return f"The last good checkpoint is step {step} in {self.directory}"
 
   def save(self, step: int, state: Any, data_iter: Any) -> None:
     """Saves (asynchronously) at `step`; all processes call this.
@@ -58,36 +82,48 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
 
-  def restore(self, abstract_state: Any, data_iter: Any
-             ) -> tuple[int, Any] | None:
+  def restore(self, abstract_state: Any, data_iter: Any,
+              accept: Callable[[Any], bool] | None = None) -> tuple[int, Any]:
     """Restores the newest readable checkpoint.
 
     Args:
       abstract_state: pytree of `jax.ShapeDtypeStruct` with shardings; the
         restored arrays take these shapes, dtypes and shardings.
       data_iter: the grain iterator, whose position is set in place.
+      accept: optional test of a restored state (e.g. all values finite); a
+        state it rejects is treated as unreadable.
 
     Returns:
-      (step, state), or None when no checkpoint can be read. Unreadable
-      checkpoints newer than the restored one are moved to
-      `<directory>.unreadable/` so that training can save those steps again.
+      (step, state). Unless read-only, unreadable checkpoints newer than the
+      restored one are moved to `<directory>.unreadable/` so that training
+      can save those steps again.
+
+    Raises:
+      CheckpointRestoreError: no checkpoint can be restored; the message
+        gives each one's reason.
     """
-    unreadable = []
+    unreadable, reasons = [], {}
     for step in reversed(self.all_steps()):
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iter)))
+        if accept is not None and not accept(restored["state"]):
+          raise ValueError("it holds non-finite values")
       except Exception as e:  # pylint: disable=broad-except
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        logging.warning("checkpoint %s/%d cannot be restored (%s: %s); "
-                        "falling back to an earlier one", self.directory, step,
-                        type(e).__name__, first_line)
+        reason = _first_sentence(e)
+        logging.warning("checkpoint %s/%d cannot be restored (%s); falling "
+                        "back to an earlier one", self.directory, step, reason)
         unreadable.append(step)
+        reasons.setdefault(reason, []).append(str(step))
         continue
-      self._set_aside(unreadable)
+      if not self.read_only:
+        self._set_aside(unreadable)
       return step, restored["state"]
-    return None
+    raise CheckpointRestoreError(
+        f"no checkpoint in {self.directory} can be restored with this config ("
+        + "; ".join(f"step {', '.join(steps)}: {reason}"
+                    for reason, steps in reasons.items()) + ")")
 
   def _set_aside(self, steps: list[int]) -> None:
     if not steps:
