@@ -140,8 +140,13 @@ def test_logical_rules_map_names_to_mesh_axes():
   assert spec((None, "embed"), (3, 16), mesh) == P(None, "fsdp")
   assert spec(("vocab", "embed"), (33, 16), mesh) == P(None, "fsdp")  # 33 odd
   assert spec(None, (4,), mesh) == P()
-  with pytest.raises(ValueError, match="unknown logical axis 'heads'"):
-    spec(("heads",), (4,), mesh)
+  # Activations: the batch takes 'fsdp' first, so their embed dim stays whole.
+  assert spec(("batch", "sequence", "embed"), (8, 5, 16), mesh) == P(
+      ("data", "fsdp"), None, None)
+  assert spec(("batch", "sequence", "heads", "head_dim"), (8, 5, 4, 4),
+              mesh) == P(("data", "fsdp"), None, "tensor", None)
+  with pytest.raises(ValueError, match="unknown logical axis 'layers'"):
+    spec(("layers",), (4,), mesh)
 
 
 def test_config_dict_round_trips_through_json():
