@@ -200,7 +200,7 @@ def test_tpu_kernels_have_no_races_on_two_cores():
   tpu_interpreter.reset_tpu_interpret_mode_state()
   got = _value_and_grads(lambda *a: feedback_pallas.feedback_solve_pallas(
       *a, chunk=8, tile=8, backend="tpu", interpret=params),
-                         *_inputs(2, 2, 24, 8, 8, jnp.float32))
+                         *_inputs(2, 2, 16, 8, 8, jnp.float32))
   jax.block_until_ready(got)
   assert not tpu_interpreter.races.races_found
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in got)
