@@ -194,7 +194,7 @@ def make_train_step(layout: TrainState, tc: TrainConfig, mesh: jax.sharding.Mesh
     return new_state, metrics
 
   return jax.jit(
-      train_step,
+      sharding_lib.with_abstract_mesh(train_step, mesh),
       in_shardings=(layout.shardings, batch_sharding),
       out_shardings=(layout.shardings, sharding_lib.replicated(mesh)),
       donate_argnums=0)
