@@ -38,6 +38,9 @@ _MODE = flags.DEFINE_enum(
 _SWEEP = flags.DEFINE_string(
     "sweep", None, "Sweep file experiments/<file>.py[:preset]; each point "
     "runs in WORKDIR/<point name>.")
+_DEVICES_PER_POINT = flags.DEFINE_integer(
+    "devices_per_point", None, "With --sweep: train devices/N points at a "
+    "time, each on its own N devices (default: one point on all devices).")
 _FORCE = flags.DEFINE_bool(
     "force", False,
     "Resume even if WORKDIR/config.json differs in model or data.")
@@ -96,7 +99,8 @@ def _run(argv) -> int:
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, auto=_DISTRIBUTED.value)
   if _SWEEP.value:
-    results = sweep.run_sweep(_SWEEP.value, _WORKDIR.value, force=_FORCE.value)
+    results = sweep.run_sweep(_SWEEP.value, _WORKDIR.value, force=_FORCE.value,
+                              devices_per_point=_DEVICES_PER_POINT.value)
     statuses = {r["status"] for r in results.values()}
     if statuses & {"preempted", "pending"}:
       return trainer.EXIT_PREEMPTED

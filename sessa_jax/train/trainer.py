@@ -21,8 +21,9 @@ import logging
 import os
 import pathlib
 import signal
+import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -304,17 +305,19 @@ class Run:
     workdir: the run directory.
     force: resume even if config.json differs in model or data.
     read_only: evaluation: checkpoints are only read, never moved.
+    devices: the devices of the mesh (default: all).
   """
 
   def __init__(self, config, workdir: str | pathlib.Path, *,
-               force: bool = False, read_only: bool = False):
+               force: bool = False, read_only: bool = False,
+               devices: Sequence[jax.Device] | None = None):
     self.exp = config_lib.validate(config)
     self.tc = self.exp.train
     self.workdir = pathlib.Path(workdir)
     self.config_changes = _check_resume(self.workdir, self.exp.raw, force)
     self.task = data_lib.get_task(self.exp.data, workdir=str(self.workdir))
     self.model_cfg = self.exp.model_config(self.task.vocab_size)
-    self.mesh = sharding_lib.make_mesh(self.exp.mesh)
+    self.mesh = sharding_lib.make_mesh(self.exp.mesh, devices)
     batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     micro = self.tc.batch_size // self.tc.grad_accum
     if micro % batch_shards or self.tc.batch_size % jax.process_count():
@@ -423,7 +426,8 @@ def _scalars(results: Mapping[str, Any]) -> dict[str, float]:
 
 def train(config, workdir: str | pathlib.Path, *, force: bool = False,
           stop_at: int | None = None,
-          preemption: Preemption | None = None) -> dict[str, Any]:
+          preemption: Preemption | None = None,
+          devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """Trains (or resumes) the experiment in `workdir`.
 
   Args:
@@ -436,6 +440,8 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
       evaluation); None runs to `train.steps`.
     preemption: the SIGTERM flag to poll, for a caller (a sweep) that keeps
       one across runs; default: one installed for this run.
+    devices: the devices to train on (default: all), e.g. a packed sweep's
+      sub-mesh.
 
   Returns:
     The summary (also in summary.json; a finished run returns it unchanged);
@@ -452,7 +458,7 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
     stack.enter_context(workdir_lock.WorkdirLock(workdir))
     if preemption is None:
       preemption = stack.enter_context(Preemption())
-    run = Run(config, workdir, force=force)
+    run = Run(config, workdir, force=force, devices=devices)
     stack.callback(run.close)
     done = finished_summary(run.workdir, run.tc.steps)
     if done is not None and not run.config_changes:
@@ -475,7 +481,7 @@ def _train_loop(run: Run, start_time: float, stop_at: int | None,
   stack.callback(writer.close)
   tokens_per_step = tc.batch_size * run.task.seq_len
   train_flops = 3 * budget.flops_per_token(run.model_cfg, run.task.seq_len)
-  peak = metrics_lib.peak_flops(dtype=tc.dtype) * jax.device_count()
+  peak = metrics_lib.peak_flops(dtype=tc.dtype) * run.mesh.devices.size
   progress = _progress_bar(step, tc.steps)
   results: dict[str, Any] = {}
   window_start, window_steps = None, 0
@@ -575,7 +581,9 @@ def evaluate(config, workdir: str | pathlib.Path, *, force: bool = False
 
 
 def _progress_bar(step: int, total: int):
-  if jax.process_index() != 0:
+  """A tqdm bar on process 0; none in a packed sweep's point threads."""
+  if (jax.process_index() != 0
+      or threading.current_thread() is not threading.main_thread()):
     return None
   import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm.tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
