@@ -5,6 +5,8 @@ r"""Train, evaluate or sweep from a config file.
   python launch.py --config=configs/mqar.py --workdir=workdirs/m --mode=eval
   python launch.py --sweep=experiments/matched_budget.py:tiny \
       --workdir=workdirs/matched_budget_tiny
+  python launch.py --sweep=experiments/matched_budget.py:tiny \
+      --devices_per_point=1 --workdir=workdirs/matched_budget_tiny
 
 Relaunching with the same --workdir resumes from its newest checkpoint; one
 run at a time may use a workdir (WORKDIR/run.lock). Exit status: 0 done, 1
