@@ -41,6 +41,7 @@ import numpy as np
 from scipy import stats
 
 from sessa_jax.analysis import plot_style
+from sessa_jax.train import metrics as metrics_lib
 
 # Columns per task: (summary key, header, format). `test/...` keys fall back to
 # `eval/...` when a run has no test evaluation.
@@ -123,17 +124,13 @@ def load_runs(root: pathlib.Path) -> list[Run]:
     path = config_path.parent
     summary_path = path / "summary.json"
     metrics_path = path / "metrics.jsonl"
-    metrics = []
-    if metrics_path.exists():
-      for line in metrics_path.read_text().splitlines():
-        if line.strip():
-          metrics.append(json.loads(line))
     runs.append(Run(
         name=str(path.relative_to(root)), path=path,
         config=json.loads(config_path.read_text()),
         summary=(json.loads(summary_path.read_text())
                  if summary_path.exists() else None),
-        metrics=metrics))
+        metrics=(metrics_lib.read_metrics(metrics_path)
+                 if metrics_path.exists() else [])))
   return runs
 
 

@@ -30,7 +30,7 @@ report = _load("report")
 def _model_cfg(point, vocab_size):
   fields = {k.split(".", 1)[1]: v for k, v in point.items()
             if k.startswith("model.")}
-  return ModelConfig.from_mapping({**fields, "vocab_size": vocab_size})
+  return ModelConfig(**fields, vocab_size=vocab_size)
 
 
 def _groups(points):

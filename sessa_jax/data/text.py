@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from sessa_jax import checks
 from sessa_jax.data import base
 from sessa_jax.data import tokenizers
 
@@ -88,16 +89,12 @@ class Text(base.Task):
   Config = TextConfig
   metrics = ("perplexity", "bits_per_byte", "accuracy")
   uses_workdir = True
+  path_use = "required"
 
   def __init__(self, cfg: TextConfig, workdir: str | None = None):
     super().__init__(cfg)
-    if not cfg.path:
-      raise ValueError("data.path must name the training files (a glob)")
-    for key, value, choices in (("format", cfg.format, FORMATS),
-                                ("tokenizer", cfg.tokenizer, TOKENIZERS)):
-      if value not in choices:
-        raise ValueError(
-            f"data.{key}={value!r} is not one of: {', '.join(choices)}")
+    checks.one_of("data", "format", cfg.format, FORMATS)
+    checks.one_of("data", "tokenizer", cfg.tokenizer, TOKENIZERS)
     held_out = {"val": cfg.val_fraction, "test": cfg.test_fraction}
     if min(held_out.values()) < 0 or sum(held_out.values()) >= 1:
       raise ValueError(
@@ -151,7 +148,7 @@ class Text(base.Task):
       return tokenizers.ByteTokenizer()
     if cfg.spm_model:
       return tokenizers.SentencePieceTokenizer.load(cfg.spm_model)
-    base.check_positive("vocab_size", cfg.vocab_size, 260)
+    checks.at_least("data", cfg, ("vocab_size",), minimum=260)
     return tokenizers.SentencePieceTokenizer.train(
         train_docs, cfg.vocab_size, self._cache_dir)
 

@@ -113,7 +113,6 @@ class AttentionMixer(nnx.Module):
       use_out_proj: apply W_o after concatenating heads. The `attention`
         mixer always does; Sessa's forward branch only when H > 1.
     """
-    cfg.validate()
     self.cfg = cfg
     d, kv_width = cfg.d_model, cfg.kv_heads * cfg.head_dim
     kw = dict(rngs=rngs, dtype=jnp.dtype(cfg.dtype),

@@ -38,7 +38,6 @@ class MixerBlock(nnx.Module):
   """One residual block around a sequence mixer (see module docstring)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    cfg.validate()
     self.cfg = cfg
     d = cfg.d_model
     kw = dict(rngs=rngs, dtype=jnp.dtype(cfg.dtype),

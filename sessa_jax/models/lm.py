@@ -25,7 +25,9 @@ class LanguageModel(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    cfg.validate()
+    if cfg.vocab_size is None:
+      raise ValueError("model.vocab_size is None: a model needs its vocabulary "
+                       "size (the trainer takes the task's)")
     self.cfg = cfg
     d, v = cfg.d_model, cfg.vocab_size
     param_dtype = jnp.dtype(cfg.param_dtype)

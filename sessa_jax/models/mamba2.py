@@ -87,11 +87,8 @@ class Mamba2Mixer(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, use_gate: bool):
+    # A mamba2 ModelConfig has checked that P divides E.
     e, p = cfg.ssm_inner, cfg.ssm_head_dim
-    if e % p:
-      raise ValueError(
-          f"model.ssm_head_dim={p} does not divide the inner width "
-          f"model.ssm_expand*model.d_model={e}")
     self.cfg = cfg
     self.use_gate = use_gate
     d, n, k = cfg.d_model, cfg.ssm_state, cfg.ssm_conv

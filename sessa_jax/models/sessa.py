@@ -39,7 +39,6 @@ class SessaMixer(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    cfg.validate()
     self.cfg = cfg
     d, k = cfg.d_model, cfg.fb_dim
     param_dtype = jnp.dtype(cfg.param_dtype)
