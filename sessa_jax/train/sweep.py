@@ -136,7 +136,8 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
     groups = [None]
   elif jax.process_count() > 1:
     raise ValueError("--devices_per_point packs points into one process's "
-                     "devices; on several hosts run one sweep per host")
+                     "devices; a multi-process run takes its points one at a "
+                     "time on all devices (leave the flag out)")
   else:
     groups = device_groups(jax.devices(), devices_per_point)
     logging.warning("packed sweep: %d points at a time on devices %s",
@@ -157,8 +158,10 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
       while (name := next_point()) is not None:
         logging.warning("sweep point %d/%d: %s", number[name], len(points),
                         name)
-        results[name] = _run_point(points[name], workdir / name, force,
-                                   preemption, devices)
+        row = _run_point(points[name], workdir / name, force, preemption,
+                         devices)
+        with lock:
+          results[name] = row
 
     if len(groups) == 1:
       worker(groups[0])
