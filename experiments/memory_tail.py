@@ -29,18 +29,17 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 from flax import nnx
 
 from sessa_jax import data as data_lib
 from sessa_jax import models
 from sessa_jax.analysis import influence
+from sessa_jax.analysis import plots
 from sessa_jax.models.config import ModelConfig
 
 MIXERS = ("sessa", "attention", "mamba2")
+plt = plots.pyplot()
 
 
 def fresh_model(cfg: ModelConfig, seed: int = 0) -> models.LanguageModel:

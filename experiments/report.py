@@ -22,10 +22,11 @@ from typing import Any, Sequence
 
 import argparse
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
+
+from sessa_jax.analysis import plots
+
+plt = plots.pyplot()
 
 # Columns per task: (summary key, header, format). `test/...` keys fall back to
 # `eval/...` when a run has no test evaluation.
