@@ -58,35 +58,51 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
 
-  def restore(self, abstract_state: Any, data_iter: Any
-             ) -> tuple[int, Any] | None:
-    """Restores the newest readable checkpoint.
+  def restore(self, abstract_state: Any, data_iter: Any = None, *,
+              step: int | None = None) -> tuple[int, Any] | None:
+    """Restores the newest readable checkpoint, or the one at `step`.
 
     Args:
       abstract_state: pytree of `jax.ShapeDtypeStruct` with shardings; the
         restored arrays take these shapes, dtypes and shardings.
-      data_iter: the grain iterator, whose position is set in place.
+      data_iter: the grain iterator, whose position is set in place; None
+        restores the state only.
+      step: restore exactly this step; a missing or unreadable one raises,
+        and nothing is moved.
 
     Returns:
       (step, state), or None when no checkpoint can be read. Unreadable
       checkpoints newer than the restored one are moved to
       `<directory>.unreadable/` so that training can save those steps again.
+
+    Raises:
+      FileNotFoundError: `step` was given and no checkpoint has it.
     """
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    if step is not None:
+      saved = self.all_steps()
+      if step not in saved:
+        raise FileNotFoundError(
+            f"no checkpoint of step {step} in {self.directory}; saved steps: "
+            f"{', '.join(map(str, saved)) or 'none'}")
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      return step, restored["state"]
     unreadable = []
-    for step in reversed(self.all_steps()):
+    for newest in reversed(self.all_steps()):
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
+        restored = self._manager.restore(newest,
+                                         args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
         first_line = str(e).splitlines()[0] if str(e) else ""
         logging.warning("checkpoint %s/%d cannot be restored (%s: %s); "
-                        "falling back to an earlier one", self.directory, step,
-                        type(e).__name__, first_line)
-        unreadable.append(step)
+                        "falling back to an earlier one", self.directory,
+                        newest, type(e).__name__, first_line)
+        unreadable.append(newest)
         continue
       self._set_aside(unreadable)
-      return step, restored["state"]
+      return newest, restored["state"]
     return None
 
   def _set_aside(self, steps: list[int]) -> None:

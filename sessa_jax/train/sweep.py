@@ -51,10 +51,14 @@ def load_sweep(spec: str) -> dict[str, dict[str, Any]]:
   return points
 
 
+def _point_overrides(point: Mapping[str, Any]) -> dict[str, Any]:
+  """The dotted keys a point sets over its config file."""
+  return {k: v for k, v in point.items() if k != "config"}
+
+
 def _point_config(point: Mapping[str, Any]):
-  overrides = {k: v for k, v in point.items() if k != "config"}
   return config_lib.apply_overrides(
-      config_lib.load_config(point["config"]), overrides)
+      config_lib.load_config(point["config"]), _point_overrides(point))
 
 
 def _finished(workdir: pathlib.Path, steps: int) -> dict[str, Any] | None:
@@ -87,7 +91,8 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False
       config = _point_config(point)
       summary = _finished(workdir / name, config.train.steps)
       if summary is None:
-        summary = trainer.train(config, workdir / name, force=force)
+        summary = trainer.train(config, workdir / name, force=force,
+                                overrides=_point_overrides(point))
       results[name] = {"status": "ok", **summary}
     except Exception as e:  # pylint: disable=broad-except
       error = "".join(traceback.format_exception_only(type(e), e)).strip()
