@@ -1,11 +1,12 @@
-"""Train, evaluate, sample from or dry-run a config; or run a sweep.
+r"""Train, evaluate, sample from or dry-run a config; or run a sweep.
 
   python launch.py --config=configs/mqar.py:mamba2,tiny --workdir=workdirs/m \
       --config.train.lr=1e-3
   python launch.py --config=configs/mqar.py --workdir=workdirs/m --dry_run
   python launch.py --workdir=workdirs/m --mode=eval [--step=1000]
   python launch.py --workdir=workdirs/text --mode=sample --prompt="It was"
-  python launch.py --sweep=experiments/lr.py --workdir=workdirs/lr_sweep
+  python launch.py --sweep=experiments/matched_budget.py:tiny \
+      --workdir=workdirs/matched_budget_tiny
 
 Relaunching with the same --workdir resumes from its newest checkpoint.
 --mode=eval and --mode=sample read the run's config from WORKDIR/config.json

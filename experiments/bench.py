@@ -15,13 +15,14 @@ One run measures, each case in its own process so peak memory is its own:
   context; and a step at position 64 with cache capacity 512 against 8192
   (equal cost when a step reads only the filled rows).
 
-FLOPs follow DESIGN §7 (a multiply-add is 2 FLOPs, causal products count the
-half they compute; backward = 2x forward). Cases whose estimated memory does
-not fit are reported as skipped; a case that fails (a missing mixer, out of
-memory) is reported with its error. Prints tables and writes
-OUT_DIR/bench_cpu.json (solve, layer) and OUT_DIR/bench_decode_cpu.json
-(decode); OUT_DIR defaults to workdirs/bench, so only an explicit
-`--out_dir experiments/results` updates the committed results.
+FLOPs follow docs/design.md#flop-convention (a multiply-add is 2 FLOPs,
+causal products count the half they compute; backward = 2x forward). Cases
+whose estimated memory does not fit are reported as skipped; a case that
+fails (a missing mixer, out of memory) is reported with its error. Prints
+tables and writes OUT_DIR/bench_cpu.json (solve, layer) and
+OUT_DIR/bench_decode_cpu.json (decode); OUT_DIR defaults to workdirs/bench,
+so only an explicit `--out_dir experiments/results` updates the committed
+results.
 
 Usage: python experiments/bench.py [--quick] [--parts solve,layer,decode]
            [--out_dir DIR]
@@ -158,7 +159,7 @@ def _child_solve(spec):
 
 
 def _layer_flops(cfg, t):
-  """Forward FLOPs per token of one block (budget.flops_per_token, DESIGN §7)."""
+  """Forward FLOPs per token of one block (budget.flops_per_token)."""
   from sessa_jax import budget  # pylint: disable=g-import-not-at-top
   one = cfg.replace(n_layers=1)
   return budget.flops_per_token(one, t) - 2.0 * cfg.d_model * cfg.vocab_size
@@ -552,8 +553,9 @@ def run_solve_and_layer(quick: bool, do_solve: bool, do_layer: bool) -> dict:
                  "dtype": "float32", "solve_chunk": "default (256)",
                  "layer_feedback_chunk": LAYER_FEEDBACK_CHUNK},
       "matmul_gflops": rate,
-      "flop_convention": "DESIGN §7: multiply-add = 2 FLOPs, causal products "
-                         "count half; backward = 2x forward",
+      "flop_convention": "docs/design.md#flop-convention: multiply-add = "
+                         "2 FLOPs, causal products count half; backward = 2x "
+                         "forward",
       "solve": solves,
       "layer": layers,
       "torch_reference_tokens_per_s": {

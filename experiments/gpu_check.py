@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:  # Run as a script from a checkout.
   sys.path.insert(0, str(ROOT))
 
 from experiments import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sessa_jax.kernels import blocks  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sessa_jax.kernels import feedback_chunked  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sessa_jax.kernels import feedback_pallas  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sessa_jax.kernels import feedback_ref  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -165,7 +166,7 @@ def main(argv=None):
   if args.layer_lengths is not None:
     layer_lengths = [int(x) for x in args.layer_lengths.split(",") if x]
   interpret = not on_gpu
-  pallas_chunk = feedback_pallas.DEFAULT_CHUNK if chunk is None else chunk
+  pallas_chunk = blocks.DEFAULT_CHUNK if chunk is None else chunk
   tiles = {dtype: feedback_pallas.default_tile("gpu", pallas_chunk, width,
                                                jnp.dtype(dtype))
            for dtype in TOLERANCE}

@@ -5,7 +5,7 @@ r"""Matched-budget study: Sessa, attention and Mamba-2 at equal parameter count.
   python experiments/report.py workdirs/matched_budget_cpu
 
 The Sessa paper's protocol: every mixer sits in the same gated macro-block
-(DESIGN §3); within a task all models have the same parameter count (within
+(docs/design.md#baselines-in-the-same-block); within a task all models have the same parameter count (within
 2%; `budget.match` picks each width against the Sessa model at the preset's
 reference width) and the same optimizer, schedule, steps, batch and sequence
 length; two or more seeds (initialisation and data order; the datasets are

@@ -50,7 +50,7 @@ def fresh_model(cfg: ModelConfig, seed: int = 0) -> models.LanguageModel:
   influence can be taken with one JVP per source instead of one VJP per
   output position; the parameters and the function are unchanged.
   """
-  if cfg.mixer == "sessa":
+  if "sessa" in cfg.layer_mixers:
     cfg = cfg.replace(feedback_impl="dense")
   return models.build_model(cfg, rngs=nnx.Rngs(seed))
 
@@ -70,7 +70,7 @@ def sessa_routing(model: models.LanguageModel, tokens_bt: jax.Array,
   exactly as its own forward computes them.
 
   Returns:
-    (q_b (B, T, K), k_b (B, T, K), gamma (B, T), scale).
+    (q_fb (B, T, K), k_fb (B, T, K), gamma (B, T), scale).
   """
   x = model.embed(tokens_bt)
   for block in model.blocks[:layer]:
@@ -78,9 +78,9 @@ def sessa_routing(model: models.LanguageModel, tokens_bt: jax.Array,
   block = model.blocks[layer]
   # pylint: disable=protected-access
   a, _ = block.mixer_input(x.astype(jnp.dtype(block.cfg.dtype)))
-  q_b, k_b, gamma = block.mixer.feedback_inputs(a)
+  q_fb, k_fb, gamma = block.mixer.feedback_inputs(a)
   # pylint: enable=protected-access
-  return q_b, k_b, gamma, block.mixer.fb_scale
+  return q_fb, k_fb, gamma, block.mixer.fb_scale
 
 
 def measure(model: models.LanguageModel, tokens_bt: np.ndarray, *,
@@ -96,8 +96,9 @@ def measure(model: models.LanguageModel, tokens_bt: np.ndarray, *,
       estimate of its square; see `influence.influence_vs_lag`).
 
   Returns:
-    {'influence': curve dict, 'layers': [per-layer impulse curve and bound
-    check dicts] (Sessa with feedback only), 'bound': layer 0's check}.
+    {'influence': curve dict, 'layers': [impulse curve and bound check dict
+    of each Sessa layer with feedback, with its 'layer' index], 'bound': the
+    first such layer's check}.
   """
   tokens_bt = jnp.asarray(tokens_bt)
   x_btd = model.embed(tokens_bt)
@@ -105,13 +106,14 @@ def measure(model: models.LanguageModel, tokens_bt: np.ndarray, *,
                                      probes=probes, chunk=probes)
   result: dict[str, Any] = {"influence": curve.to_dict(), "layers": []}
   cfg = model.cfg
-  if cfg.mixer == "sessa" and cfg.feedback:
-    for layer in range(cfg.n_layers):
-      q_b, k_b, gamma, scale = sessa_routing(model, tokens_bt, layer)
-      impulse, check = influence.bound_check(
-          q_b, k_b, gamma, cfg.gamma_max, window=curve.window, scale=scale)
-      result["layers"].append({"impulse": impulse.to_dict(),
-                               "bound": check.to_dict()})
+  sessa_layers = [i for i, m in enumerate(cfg.layer_mixers) if m == "sessa"]
+  for layer in sessa_layers if cfg.feedback else ():
+    q_fb, k_fb, gamma, scale = sessa_routing(model, tokens_bt, layer)
+    impulse, check = influence.bound_check(
+        q_fb, k_fb, gamma, cfg.gamma_max, window=curve.window, scale=scale)
+    result["layers"].append({"layer": layer, "impulse": impulse.to_dict(),
+                             "bound": check.to_dict()})
+  if result["layers"]:
     result["bound"] = result["layers"][0]["bound"]
   return result
 

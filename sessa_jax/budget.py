@@ -1,11 +1,12 @@
 """Parameter and FLOP budgets, and width matching for equal-parameter studies.
 
 Parameters are counted from abstract shapes (`nnx.eval_shape`), so nothing is
-allocated however large the model. FLOPs follow DESIGN §7: a multiply-add is
-2 FLOPs; every dense weight costs one multiply-add per token (so projections
-add 2x their weight count, the depthwise conv included); a causal product over
-T positions costs about T*W/2 multiply-adds per token for width W; the head
-costs D*V multiply-adds per token and the embedding lookup nothing.
+allocated however large the model. FLOPs follow the convention of
+docs/design.md#flop-convention: a multiply-add is 2 FLOPs; every dense weight
+costs one multiply-add per token (so projections add 2x their weight count,
+the depthwise conv included); a causal product over T positions costs about
+T*W/2 multiply-adds per token for width W; the head costs D*V multiply-adds
+per token and the embedding lookup nothing.
 
 Per-token causal terms of each mixer (multiply-adds, T = seq_len):
   attention: QK^T and AV:                             2 * T*D/2
@@ -51,7 +52,10 @@ def _block_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], ...]:
 
 
 def block_params(cfg: ModelConfig) -> int:
-  """Number of parameters of one `MixerBlock(cfg)` (the mixer included)."""
+  """Number of parameters of one `MixerBlock(cfg)` (the mixer included).
+
+  A hybrid stack has one count per block: pass `cfg.layer(i)`.
+  """
   return sum(math.prod(s) for s in _block_shapes(cfg))
 
 
@@ -76,30 +80,36 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     seq_len: training or evaluation sequence length T.
 
   Returns:
-    2 * (n_layers * (dense weights per block + causal terms) + D * V).
+    2 * (sum over blocks of (dense weights + causal terms) + D * V); a hybrid
+    stack counts each block with its own mixer.
   """
   if seq_len < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-  dense = sum(math.prod(s) for s in _block_shapes(cfg) if len(s) >= 2)
-  per_layer = dense + _mixer_causal_macs(cfg, seq_len)
-  return 2.0 * (cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size)
+  blocks = 0.0
+  for i in range(cfg.n_layers):
+    layer = cfg.layer(i)
+    dense = sum(math.prod(s) for s in _block_shapes(layer) if len(s) >= 2)
+    blocks += dense + _mixer_causal_macs(layer, seq_len)
+  return 2.0 * (blocks + cfg.d_model * cfg.vocab_size)
 
 
 def width_step(cfg: ModelConfig) -> int:
-  """The multiple d_model must be of for `cfg.mixer` to be valid.
+  """The multiple d_model must be of for every mixer of `cfg` to be valid.
 
   Attention and Sessa need D divisible by n_heads with an even head size
   (RoPE): multiples of 2 * n_heads. Mamba-2 needs ssm_expand * D divisible by
-  ssm_head_dim.
+  ssm_head_dim. A hybrid stack needs the least common multiple.
   """
-  if cfg.mixer == "mamba2":
-    return cfg.ssm_head_dim // math.gcd(cfg.ssm_head_dim, cfg.ssm_expand)
-  return 2 * cfg.n_heads
+  steps = {cfg.ssm_head_dim // math.gcd(cfg.ssm_head_dim, cfg.ssm_expand)
+           if mixer == "mamba2" else 2 * cfg.n_heads
+           for mixer in cfg.layer_mixers}
+  return math.lcm(*steps)
 
 
 # A second, finer knob per mixer for when no width alone lands within tol: the
 # parameter count is affine in each of these (proj_fb is D x 2K; B and C are
-# D x N each), so one more exact count solves for it.
+# D x N each), so one more exact count solves for it. A hybrid stack uses the
+# knob of the first of its mixers that has one.
 FINE_KNOBS = {"sessa": "feedback_dim", "mamba2": "ssm_state"}
 
 
@@ -160,8 +170,12 @@ def match(cfg: ModelConfig, target_params: int, tol: float = 0.02
 
 def _solve_fine_knob(cfg: ModelConfig, target_params: int
                      ) -> ModelConfig | None:
-  """Sets the mixer's fine knob so the count is nearest the target, or None."""
-  knob = FINE_KNOBS.get(cfg.mixer)
+  """Sets the fine knob (`FINE_KNOBS`) so the count is nearest the target.
+
+  Returns None when no mixer of `cfg` has a fine knob or no valid value fits.
+  """
+  knob = next((FINE_KNOBS[m] for m in cfg.layer_mixers if m in FINE_KNOBS),
+              None)
   if knob is None:
     return None
   start = cfg.fb_dim if knob == "feedback_dim" else getattr(cfg, knob)

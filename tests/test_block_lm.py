@@ -10,6 +10,8 @@ from flax import nnx
 from sessa_jax.models import LanguageModel, MixerBlock, ModelConfig, build_model
 
 MIXERS = ("sessa", "attention", "mamba2")
+# Hybrid stacks: a per-layer pattern cycled over the depth.
+HYBRIDS = ("sessa,attention", "mamba2,sessa,attention")
 
 
 def _cfg(mixer, block="gated", **kw):
@@ -87,15 +89,41 @@ def test_prenorm_mlp_block_uses_gate_inside_mamba2():
 
 
 # (tests/test_mamba2.py checks the Mamba-2 LM's decode.)
-@pytest.mark.parametrize("mixer, tie", [("sessa", True), ("attention", False)])
-def test_lm_decode_matches_forward(mixer, tie):
-  model = build_model(_cfg(mixer, tie_embeddings=tie), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("mixer, tie, layers", [
+    ("sessa", True, 2), ("attention", False, 2), (HYBRIDS[0], True, 2),
+    (HYBRIDS[1], False, 4)])
+def test_lm_decode_matches_forward(mixer, tie, layers):
+  model = build_model(_cfg(mixer, tie_embeddings=tie, n_layers=layers),
+                      rngs=nnx.Rngs(0))
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 9)), jnp.int32)
   logits = _forward(model, tokens)
   assert logits.shape == (2, 9, 32) and logits.dtype == jnp.float32
   pert = _forward(model, tokens.at[:, 6].set((tokens[:, 6] + 1) % 32))
   np.testing.assert_array_equal(logits[:, :6], pert[:, :6])
   assert _rel(_prefill_then_decode(model, tokens, 4), logits) < 1e-5
+
+
+def test_hybrid_pattern_cycles_over_the_depth():
+  cfg = _cfg(HYBRIDS[1], n_layers=4)
+  assert cfg.layer_mixers == ("mamba2", "sessa", "attention", "mamba2")
+  model = build_model(cfg, rngs=nnx.Rngs(0))
+  kinds = [type(b.mixer).__name__ for b in model.blocks]
+  assert kinds == ["Mamba2Mixer", "SessaMixer", "AttentionMixer",
+                   "Mamba2Mixer"]
+  assert all(b.cfg == cfg.layer(i) and b.cfg.mixer == m
+             for i, (b, m) in enumerate(zip(model.blocks, cfg.layer_mixers)))
+  assert _cfg("sessa").layer(1) == _cfg("sessa")
+
+
+@pytest.mark.parametrize("mixer, message", [
+    ("sessa,rnn", "model.mixer='rnn' (in pattern 'sessa,rnn') is not one of"),
+    ("sessa,", "model.mixer='' (in pattern 'sessa,') is not one of"),
+    ("sessa,attention,mamba2", "names 3 layers but model.n_layers=2"),
+])
+def test_bad_hybrid_pattern_names_the_key(mixer, message):
+  with pytest.raises(ValueError, match=message.replace(".", r"\.").replace(
+      "(", r"\(").replace(")", r"\)")):
+    _cfg(mixer)
 
 
 def test_lm_parts_compose_and_tying():

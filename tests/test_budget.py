@@ -9,6 +9,7 @@ from sessa_jax.models import build_model
 from sessa_jax.models.config import ModelConfig
 
 MIXERS = ("sessa", "attention", "mamba2")
+HYBRIDS = ("sessa,attention", "attention,mamba2")
 SMALL = dict(d_model=16, n_heads=4, vocab_size=23, n_layers=2, ssm_head_dim=8,
              ssm_state=4, ssm_chunk=8)
 
@@ -23,7 +24,7 @@ def test_sessa_block_has_9d2_11d_1_params(d):
   assert budget.count_params(cfg) == 37 * d + expected + 2 * d
 
 
-@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("mixer", MIXERS + HYBRIDS)
 @pytest.mark.parametrize("block,tie", [("gated", True), ("prenorm_mlp", False)])
 def test_count_matches_instantiated_model(mixer, block, tie):
   cfg = ModelConfig(mixer=mixer, block=block, tie_embeddings=tie, **SMALL)
@@ -54,6 +55,21 @@ def test_flops_follow_the_convention():
   assert budget.flops_per_token(no_fb, t) == budget.flops_per_token(att, t)
 
 
+@pytest.mark.parametrize("first, second", [("sessa", "attention"),
+                                           ("mamba2", "sessa")])
+def test_hybrid_flops_and_params_add_up_per_layer(first, second):
+  # Two blocks, one of each mixer: half of each pure stack's block costs.
+  hybrid = ModelConfig(mixer=f"{first},{second}", **SMALL)
+  pure = [hybrid.replace(mixer=m) for m in (first, second)]
+  head = 2 * hybrid.d_model * hybrid.vocab_size
+  for t in (8, 100):
+    assert budget.flops_per_token(hybrid, t) == pytest.approx(
+        head + sum(budget.flops_per_token(c, t) - head for c in pure) / 2)
+  embed_norm = budget.count_params(pure[0]) - 2 * budget.block_params(pure[0])
+  assert budget.count_params(hybrid) == embed_norm + sum(
+      budget.block_params(c) for c in pure)
+
+
 def test_mamba2_flops():
   cfg = ModelConfig(mixer="mamba2", **SMALL)
   d, e, n, ell = cfg.d_model, cfg.ssm_inner, cfg.ssm_state, cfg.ssm_chunk
@@ -68,7 +84,7 @@ def test_mamba2_flops():
   assert budget.flops_per_token(cfg, 4) < budget.flops_per_token(cfg, 8)
 
 
-@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("mixer", MIXERS + HYBRIDS)
 def test_match_lands_within_two_percent(mixer):
   cfg = ModelConfig(mixer=mixer, n_layers=4, n_heads=4, ssm_head_dim=16,
                     ssm_state=16)
@@ -85,9 +101,14 @@ def test_width_step():
   assert budget.width_step(ModelConfig(mixer="mamba2", ssm_head_dim=64)) == 32
   assert budget.width_step(
       ModelConfig(mixer="mamba2", ssm_head_dim=8, ssm_expand=3)) == 8
+  # A hybrid stack needs a width valid for each of its mixers.
+  assert budget.width_step(ModelConfig(mixer="sessa,mamba2", n_heads=2,
+                                       ssm_head_dim=64)) == 32
+  assert budget.width_step(ModelConfig(mixer="sessa,mamba2", d_model=96,
+                                       n_heads=6, ssm_head_dim=16)) == 24
 
 
-@pytest.mark.parametrize("mixer", ("sessa", "mamba2"))
+@pytest.mark.parametrize("mixer", ("sessa", "mamba2", "attention,sessa"))
 def test_match_small_models_use_the_fine_knob(mixer):
   # Near 140k parameters neighbouring widths are >2% apart; the feedback width
   # (Sessa) or state size (Mamba-2) closes the gap.

@@ -118,7 +118,7 @@ def test_auto_is_chunked_on_cpu_and_bad_impl_names_choices():
 def test_sharded_over_eight_devices_equals_unsharded():
   mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"),
                        axis_types=(AxisType.Auto,) * 3)
-  assert feedback._batch_axes(mesh, 8) == ("data", "fsdp")
+  assert feedback._batch_axes(mesh, 8, ("data", "fsdp")) == ("data", "fsdp")
   args = _inputs(11, 8, 19, 8, 4, jnp.float32)
   want = _value_and_grads(
       lambda *a: feedback_chunked.feedback_solve_chunked(*a, chunk=8), *args)
@@ -132,7 +132,7 @@ def test_sharded_over_eight_devices_equals_unsharded():
   for name, x, y in zip(("s", "dq", "dk", "dgamma", "df"), got, want):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=name)
   # A batch that does not divide over the shards runs unsharded.
-  assert feedback._batch_axes(mesh, 6) == ()
+  assert feedback._batch_axes(mesh, 6, ("data", "fsdp")) == ()
 
 
 def test_jitted_sessa_block_with_auto_matches_float64_dense():

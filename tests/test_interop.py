@@ -1,6 +1,6 @@
 """The Sessa block against the official layer and an independent NumPy model.
 
-`_reference_layer` below is a float64 NumPy transcription of DESIGN §2 written
+`_reference_layer` below is a float64 NumPy transcription of docs/design.md#the-sessa-layer written
 from the spec alone (it does not use package code): LayerNorm -> W_in ->
 GELU(a) -> [RoPE multi-head causal attention (+W_o when H > 1) -> f;
 strictly causal single-head feedback softmax, gain, forward substitution ->

@@ -189,7 +189,7 @@ def feedback_impulse_response(q_btk: jax.Array, k_btk: jax.Array,
                               impl: str | None = None) -> InfluenceCurve:
   """|s_{tau+l}| for a unit impulse f = e_tau through the feedback solve alone.
 
-  The routing (q_b, k_b) and gains are held at recorded values, so this is a
+  The routing (q_fb, k_fb) and gains are held at recorded values, so this is a
   column of (I - diag(gamma) A)^-1: one solve carries every source at once, one
   channel per source.
 

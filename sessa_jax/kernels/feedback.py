@@ -1,6 +1,6 @@
 """The public feedback-solve op: one signature, several implementations.
 
-`feedback_solve` solves Sessa's feedback system (DESIGN §4)
+`feedback_solve` solves Sessa's feedback system (docs/design.md#feedback-solve)
 
   s_t = f_t + gamma_t * sum_{j<t} A_tj s_j,   A = strictly causal softmax(q k^T)
 
@@ -14,8 +14,9 @@ with one of `IMPLS`:
 * `auto`: `chunked` on CPU, `pallas` on TPU and GPU.
 
 Sharding: the op is independent per sequence, so under a mesh it runs per
-batch shard through `jax.shard_map` over the mesh's batch axes ('data' and
-'fsdp', whichever exist), needing no communication. The mesh is the `mesh=`
+batch shard through `jax.shard_map` over the mesh's batch axes (argument
+`batch_axes`, by default the trainer's `mesh_axes.BATCH_AXES`, whichever
+exist), needing no communication. The mesh is the `mesh=`
 argument when given, else the mesh set by `jax.set_mesh` (the abstract mesh
 seen while tracing). Axes already manual (inside another shard_map) are left
 alone; a batch that does not divide the shard count runs unsharded.
@@ -26,11 +27,12 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec as P
 
+from sessa_jax import mesh_axes
 from sessa_jax.kernels import feedback_chunked
 from sessa_jax.kernels import feedback_ref
 
+# The implementation names; `ModelConfig.feedback_impl` takes one of these.
 IMPLS = ("auto", "dense", "chunked", "pallas")
-BATCH_AXES = ("data", "fsdp")
 
 
 def resolve_impl(impl: str) -> str:
@@ -43,24 +45,25 @@ def resolve_impl(impl: str) -> str:
   return "chunked" if jax.default_backend() == "cpu" else "pallas"
 
 
-def _solve_local(q_b, k_b, gamma, f, *, impl, chunk, scale):
+def _solve_local(q_fb, k_fb, gamma, f, *, impl, chunk, scale):
   if impl == "dense":
-    return feedback_ref.feedback_solve_dense(q_b, k_b, gamma, f, scale=scale)
+    return feedback_ref.feedback_solve_dense(q_fb, k_fb, gamma, f, scale=scale)
   if impl == "chunked":
     return feedback_chunked.feedback_solve_chunked(
-        q_b, k_b, gamma, f, chunk=chunk, scale=scale)
+        q_fb, k_fb, gamma, f, chunk=chunk, scale=scale)
   # Imported lazily: Pallas pulls in backend-specific lowering modules.
   from sessa_jax.kernels import feedback_pallas  # pylint: disable=g-import-not-at-top
   return feedback_pallas.feedback_solve_pallas(
-      q_b, k_b, gamma, f, chunk=chunk, scale=scale)
+      q_fb, k_fb, gamma, f, chunk=chunk, scale=scale)
 
 
-def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
+def _batch_axes(mesh, batch: int,
+                batch_axes: tuple[str, ...]) -> tuple[str, ...]:
   """Mesh axes to shard the batch over; empty when there is nothing to do."""
   if mesh is None or mesh.empty:
     return ()
   manual = set(getattr(mesh, "manual_axes", ()))
-  axes = tuple(a for a in BATCH_AXES
+  axes = tuple(a for a in batch_axes
                if a in mesh.axis_names and a not in manual
                and mesh.shape[a] > 1)
   shards = 1
@@ -69,49 +72,53 @@ def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
   return axes if axes and batch % shards == 0 else ()
 
 
-def feedback_solve(q_b: jax.Array, k_b: jax.Array, gamma: jax.Array,
+def feedback_solve(q_fb: jax.Array, k_fb: jax.Array, gamma: jax.Array,
                    f: jax.Array, *, impl: str = "auto",
                    chunk: int | None = None,
                    scale: float | None = None,
                    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None
-                   = None) -> jax.Array:
+                   = None,
+                   batch_axes: tuple[str, ...] = mesh_axes.BATCH_AXES
+                   ) -> jax.Array:
   """Solves Sessa's feedback system s_t = f_t + gamma_t sum_{j<t} A_tj s_j.
 
-  A is the strictly causal softmax of scale * q_b k_b^T (row 0 all zeros).
+  A is the strictly causal softmax of scale * q_fb k_fb^T (row 0 all zeros).
   Computation is in float32 (float64 for float64 inputs); bfloat16 inputs
   give a bfloat16 result.
 
   Args:
-    q_b: feedback queries (B, T, K).
-    k_b: feedback keys (B, T, K).
+    q_fb: feedback queries (B, T, K).
+    k_fb: feedback keys (B, T, K).
     gamma: gains (B, T).
     f: right-hand side (B, T, D).
     impl: implementation name, one of `IMPLS`.
     chunk: chunk size of the blocked implementations (None: their default).
     scale: logit scale; defaults to K ** -0.5.
-    mesh: mesh whose batch axes ('data', 'fsdp') shard the batch; defaults
-      to the mesh set with `jax.set_mesh`, if any.
+    mesh: mesh whose `batch_axes` shard the batch; defaults to the mesh set
+      with `jax.set_mesh`, if any.
+    batch_axes: the mesh axes the batch is split over (those present are
+      used); defaults to the trainer's, `mesh_axes.BATCH_AXES`.
 
   Returns:
     s (B, T, D) in the dtype of `f`.
   """
   impl = resolve_impl(impl)
-  if q_b.ndim != 3 or k_b.shape != q_b.shape or gamma.shape != q_b.shape[:2] \
-      or f.shape[:2] != q_b.shape[:2] or f.ndim != 3:
+  if q_fb.ndim != 3 or k_fb.shape != q_fb.shape or gamma.shape != q_fb.shape[:2] \
+      or f.shape[:2] != q_fb.shape[:2] or f.ndim != 3:
     raise ValueError(
-        "feedback_solve expects q_b, k_b (B, T, K), gamma (B, T), f (B, T, D);"
-        f" got {q_b.shape}, {k_b.shape}, {gamma.shape}, {f.shape}")
+        "feedback_solve expects q_fb, k_fb (B, T, K), gamma (B, T), f (B, T, D);"
+        f" got {q_fb.shape}, {k_fb.shape}, {gamma.shape}, {f.shape}")
   if scale is None:
-    scale = q_b.shape[-1] ** -0.5
+    scale = q_fb.shape[-1] ** -0.5
 
-  def local(q_b, k_b, gamma, f):
-    return _solve_local(q_b, k_b, gamma, f, impl=impl, chunk=chunk,
+  def local(q_fb, k_fb, gamma, f):
+    return _solve_local(q_fb, k_fb, gamma, f, impl=impl, chunk=chunk,
                         scale=scale)
 
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  axes = _batch_axes(mesh, q_b.shape[0])
+  axes = _batch_axes(mesh, q_fb.shape[0], tuple(batch_axes))
   if not axes:
-    return local(q_b, k_b, gamma, f)
+    return local(q_fb, k_fb, gamma, f)
   spec = P(axes)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4,
-                       out_specs=spec, check_vma=False)(q_b, k_b, gamma, f)
+                       out_specs=spec, check_vma=False)(q_fb, k_fb, gamma, f)

@@ -1,8 +1,8 @@
 """Blocked feedback solve in plain JAX: O(T·D) memory, all large matmuls.
 
 Solves s = (I - diag(gamma) A)^{-1} f, A the strictly causal softmax of
-scale * q k^T (DESIGN §4), chunk by chunk in time order (`lax.fori_loop`,
-so the program size does not grow with T). Chunk i (C rows) walks the
+scale * q k^T (docs/design.md#feedback-solve), chunk by chunk in time
+order (`lax.fori_loop`, so the program size does not grow with T). Chunk i (C rows) walks the
 earlier key chunks with an online softmax (flash-attention style: running
 max, sum and A s), which yields the row log-sum-exp and the earlier chunks'
 contribution in a single pass over the logits:
@@ -26,71 +26,29 @@ again, A^T w, w s^T, dq, dk), as in flash attention.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
+from sessa_jax.kernels import blocks
 from sessa_jax.kernels.blocks import get_block, online_softmax_step, put_block
-
-DEFAULT_CHUNK = 256
-
 
 def _strict_lower(n: int) -> jax.Array:
   return jnp.tril(jnp.ones((n, n), dtype=bool), k=-1)
 
 
-_LEAF = 16  # Blocks this small are inverted by repeated squaring.
-
-
-def unit_lower_inverse(n_bcc: jax.Array) -> jax.Array:
-  """(I - N)^{-1} for strictly lower-triangular N, batched, all matmuls.
-
-  Blocks of up to `_LEAF` rows use (I - N)^{-1} = (I + N)(I + N^2)(I + N^4)...
-  Larger ones are padded to a power of two and split in halves, whose
-  inverses are found together in one batched recursive call:
-  [[X11, 0], [X22 N21 X11, X22]].
-
-  Args:
-    n_bcc: strictly lower-triangular matrices (..., C, C).
-
-  Returns:
-    The inverses (..., C, C).
-  """
-  c = n_bcc.shape[-1]
-  if c <= _LEAF:
-    x = jnp.eye(c, dtype=n_bcc.dtype) + n_bcc
-    power, reach = n_bcc, 2
-    while reach < c:
-      power = power @ power
-      x = x + x @ power
-      reach *= 2
-    return x
-  padded = 1 << (c - 1).bit_length()
-  if padded != c:
-    pad = [(0, 0)] * (n_bcc.ndim - 2) + [(0, padded - c)] * 2
-    return unit_lower_inverse(jnp.pad(n_bcc, pad))[..., :c, :c]
-  h = c // 2
-  x_both = unit_lower_inverse(
-      jnp.stack([n_bcc[..., :h, :h], n_bcc[..., h:, h:]]))
-  x11, x22 = x_both[0], x_both[1]
-  x21 = x22 @ n_bcc[..., h:, :h] @ x11
-  top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
-  return jnp.concatenate([top, jnp.concatenate([x21, x22], axis=-1)], axis=-2)
-
-
 def _unit_lower_solve(a_bcc, gamma_bc, rhs_bcd, *, transpose: bool):
   """Solves (I - diag(gamma) A) x = rhs, or its transpose, per batch row."""
-  inv = unit_lower_inverse(gamma_bc[..., None] * a_bcc)
+  inv = blocks.unit_lower_inverse(gamma_bc[..., None] * a_bcc)
   return jnp.einsum("bsc,bsd->bcd" if transpose else "bcs,bsd->bcd",
                     inv, rhs_bcd)
 
 
-def _forward(q_btk, k_btk, gamma_bt, f_btd, chunk, scale):
+def _forward(q_btk, k_btk, gamma_bt, f_btd, settings):
   """Returns s, ctx = A s and the row log-sum-exp (0 for row 0).
 
   T must be a multiple of `chunk`.
   """
+  chunk, scale = settings
   b, t, _ = q_btk.shape
   c, d = chunk, f_btd.shape[-1]
   dtype = f_btd.dtype
@@ -129,7 +87,7 @@ def _forward(q_btk, k_btk, gamma_bt, f_btd, chunk, scale):
   return jax.lax.fori_loop(0, t // c, chunk_step, init)
 
 
-def _backward(chunk, scale, res, g_btd):
+def _backward(settings, res, g_btd):
   """Cotangents of (q, k, gamma, f) from the adjoint recurrence.
 
   Key chunks are visited last to first. Chunk j first gathers what the rows
@@ -137,6 +95,7 @@ def _backward(chunk, scale, res, g_btd):
   row chunks), which completes the adjoint right-hand side, then solves its
   own transposed diagonal block.
   """
+  chunk, scale = settings
   q_btk, k_btk, gamma_bt, s_btd, ctx_btd, lse_bt = res
   b, t, _ = q_btk.shape
   c = chunk
@@ -186,19 +145,6 @@ def _backward(chunk, scale, res, g_btd):
   return dq * scale, dk * scale, dgamma, u
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _solve(q_btk, k_btk, gamma_bt, f_btd, chunk, scale):
-  return _forward(q_btk, k_btk, gamma_bt, f_btd, chunk, scale)[0]
-
-
-def _solve_fwd(q_btk, k_btk, gamma_bt, f_btd, chunk, scale):
-  s, ctx, lse = _forward(q_btk, k_btk, gamma_bt, f_btd, chunk, scale)
-  return s, (q_btk, k_btk, gamma_bt, s, ctx, lse)
-
-
-_solve.defvjp(_solve_fwd, _backward)
-
-
 def feedback_solve_chunked(q_btk: jax.Array, k_btk: jax.Array,
                            gamma_bt: jax.Array, f_btd: jax.Array, *,
                            chunk: int | None = None,
@@ -213,25 +159,14 @@ def feedback_solve_chunked(q_btk: jax.Array, k_btk: jax.Array,
     k_btk: feedback keys (B, T, K).
     gamma_bt: per-token gains (B, T).
     f_btd: right-hand side (B, T, D).
-    chunk: rows solved per block; defaults to `DEFAULT_CHUNK`. T need not be
-      a multiple of it.
+    chunk: rows solved per block; defaults to `blocks.DEFAULT_CHUNK`. T
+      need not be a multiple of it.
     scale: logit scale; defaults to K ** -0.5.
 
   Returns:
     s (B, T, D) with s_t = f_t + gamma_t * sum_{j<t} A_tj s_j.
   """
-  chunk = DEFAULT_CHUNK if chunk is None else int(chunk)
-  if chunk < 1:
-    raise ValueError(f"feedback_solve chunk must be >= 1, got {chunk}")
-  if scale is None:
-    scale = q_btk.shape[-1] ** -0.5
-  compute = jnp.result_type(q_btk, k_btk, gamma_bt, f_btd, jnp.float32)
-  t = q_btk.shape[1]
-  chunk = min(chunk, t)
-  pad = -t % chunk
-  # Padding goes after the last row; causality keeps it out of real rows.
-  time_pad = lambda x: jnp.pad(
-      x.astype(compute), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  s = _solve(time_pad(q_btk), time_pad(k_btk), time_pad(gamma_bt),
-             time_pad(f_btd), chunk, float(scale))
-  return s[:, :t].astype(f_btd.dtype)
+  chunk = min(blocks.resolve_chunk(chunk), q_btk.shape[1])
+  return blocks.blocked_feedback_solve(
+      _forward, _backward, q_btk, k_btk, gamma_bt, f_btd, multiple=chunk,
+      settings=lambda scale, compute: (chunk, scale), scale=scale)

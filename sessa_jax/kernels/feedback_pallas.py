@@ -1,6 +1,7 @@
 """Feedback solve with its O(T²) passes as Pallas kernels (TPU and GPU).
 
-The algorithm of `feedback_chunked` (DESIGN §4), arranged for accelerators:
+The algorithm of `feedback_chunked` (docs/design.md#feedback-solve),
+arranged for accelerators:
 
 1. `row_stats`: every row's log-sum-exp over the key chunks before its own
    (a parallel flash-style pass), merged with the diagonal chunk's in JAX.
@@ -41,14 +42,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sessa_jax.kernels import feedback_chunked
+from sessa_jax.kernels import blocks
 from sessa_jax.kernels import feedback_pallas_gpu
 from sessa_jax.kernels import feedback_pallas_tpu
 
 BACKENDS = {"tpu": feedback_pallas_tpu, "gpu": feedback_pallas_gpu}
-# Rows per chunk: the diagonal blocks solved in JAX and the leaves of the
-# divide-and-conquer, whose depth (and traced program size) is T / chunk.
-DEFAULT_CHUNK = 256
 TPU_TILE = 128
 # Largest (tile x feature width) operand tile of the GPU kernels, in bytes.
 # Measured on an H200 at K = D = 256: 64 rows of bfloat16 and 32 rows of
@@ -121,7 +119,8 @@ def _row_lse(q_btk, k_btk, setup):
   chunk, scale = setup.chunk, setup.scale
   lse_off = setup.op("row_stats")(q_btk, k_btk, group=setup.group)
   q, k = _chunked(q_btk, chunk), _chunked(k_btk, chunk)
-  logits = jnp.einsum("bnck,bnsk->bncs", q, k) * scale
+  logits = jnp.einsum("bnck,bnsk->bncs", q, k,
+                      preferred_element_type=lse_off.dtype) * scale
   mask = jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)
   lse_diag = jax.nn.logsumexp(jnp.where(mask, logits, -jnp.inf), axis=-1)
   lse = jnp.logaddexp(lse_off, _unchunked(lse_diag))
@@ -134,7 +133,7 @@ def _forward(q_btk, k_btk, gamma_bt, f_btd, setup):
   lse = _row_lse(q_btk.astype(mm_dtype), k_btk.astype(mm_dtype), setup)
   a_diag = _diagonal(q_btk, k_btk, lse, chunk, scale)
   gamma = _chunked(gamma_bt, chunk)
-  inv = feedback_chunked.unit_lower_inverse(gamma[..., None] * a_diag)
+  inv = blocks.unit_lower_inverse(gamma[..., None] * a_diag)
   f = _chunked(f_btd, chunk)
   s = [None] * n
   ctx_off = [jnp.zeros_like(f[:, 0])] * n
@@ -168,7 +167,7 @@ def _backward(setup, res, g_btd):
   n = q_btk.shape[1] // chunk
   a_diag = _diagonal(q_btk, k_btk, lse, chunk, scale)
   gamma = _chunked(gamma_bt, chunk)
-  inv = feedback_chunked.unit_lower_inverse(gamma[..., None] * a_diag)
+  inv = blocks.unit_lower_inverse(gamma[..., None] * a_diag)
   ctx = _chunked(ctx_btd, chunk)
   rhs = [g for g in jnp.moveaxis(_chunked(g_btd, chunk), 1, 0)]
   dk_off = [jnp.zeros_like(k_btk[:, :chunk])] * n
@@ -229,19 +228,6 @@ def _check_tiles(backend, chunk, tile, interpret):
                      f"rows; Triton's dots need 16: use a multiple of 16")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _solve(q_btk, k_btk, gamma_bt, f_btd, setup):
-  return _forward(q_btk, k_btk, gamma_bt, f_btd, setup)[0]
-
-
-def _solve_fwd(q_btk, k_btk, gamma_bt, f_btd, setup):
-  s, ctx, lse = _forward(q_btk, k_btk, gamma_bt, f_btd, setup)
-  return s, (q_btk, k_btk, gamma_bt, s, ctx, lse)
-
-
-_solve.defvjp(_solve_fwd, _backward)
-
-
 def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
                           gamma_bt: jax.Array, f_btd: jax.Array, *,
                           chunk: int | None = None,
@@ -257,7 +243,7 @@ def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
     gamma_bt: per-token gains (B, T).
     f_btd: right-hand side (B, T, D).
     chunk: rows per chunk: the diagonal blocks solved in plain JAX and the
-      leaves of the divide-and-conquer (`DEFAULT_CHUNK`). T is padded up to
+      leaves of the divide-and-conquer (`blocks.DEFAULT_CHUNK`). T is padded up to
       a multiple of it.
     tile: the kernels' tile height, dividing `chunk`: a multiple of 8 on
       TPU, a power of two on GPU (at least 16 when compiled). Defaults per
@@ -281,20 +267,14 @@ def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
   compute = jnp.result_type(q_btk, k_btk, gamma_bt, f_btd, jnp.float32)
   mm_dtype = jnp.dtype(
       jnp.bfloat16 if q_btk.dtype == jnp.bfloat16 else compute)
-  chunk = DEFAULT_CHUNK if chunk is None else int(chunk)
+  chunk = blocks.resolve_chunk(chunk)
   if tile is None:
     tile = default_tile(backend, chunk,
                         max(q_btk.shape[-1], f_btd.shape[-1]), mm_dtype)
   tile = int(tile)
   _check_tiles(backend, chunk, tile, interpret)
-  if scale is None:
-    scale = q_btk.shape[-1] ** -0.5
-  t = q_btk.shape[1]
-  pad = -t % chunk
-  time_pad = lambda x: jnp.pad(
-      x.astype(compute), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  setup = _Setup(backend, bool(interpret), chunk, tile, float(scale),
-                 mm_dtype)
-  s = _solve(time_pad(q_btk), time_pad(k_btk), time_pad(gamma_bt),
-             time_pad(f_btd), setup)
-  return s[:, :t].astype(f_btd.dtype)
+  return blocks.blocked_feedback_solve(
+      _forward, _backward, q_btk, k_btk, gamma_bt, f_btd, multiple=chunk,
+      settings=lambda scale, compute: _Setup(
+          backend, bool(interpret), chunk, tile, scale, mm_dtype),
+      scale=scale)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sessa_jax.kernels.blocks import masked_softmax
+
 
 def feedback_matrix(q_btk: jax.Array, k_btk: jax.Array,
                     scale: float) -> jax.Array:
@@ -25,25 +27,6 @@ def feedback_matrix(q_btk: jax.Array, k_btk: jax.Array,
   t = q_btk.shape[1]
   logits = jnp.einsum("btk,bsk->bts", q_btk, k_btk) * scale
   return masked_softmax(logits, jnp.tril(jnp.ones((t, t), dtype=bool), k=-1))
-
-
-def masked_softmax(logits: jax.Array, allowed: jax.Array) -> jax.Array:
-  """Softmax over the last axis restricted to `allowed`; empty rows are zero.
-
-  Args:
-    logits: scores (..., S).
-    allowed: boolean mask broadcastable to `logits`.
-
-  Returns:
-    Weights of the shape of `logits`, zero where not allowed and on rows
-    with nothing allowed (Sessa's first feedback row).
-  """
-  logits = jnp.where(allowed, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  weights = jnp.where(allowed, jnp.exp(logits - row_max), 0.0)
-  denom = jnp.sum(weights, axis=-1, keepdims=True)
-  return weights / jnp.where(denom > 0, denom, 1.0)
 
 
 def feedback_solve_dense(q_btk: jax.Array, k_btk: jax.Array, gamma_bt: jax.Array,

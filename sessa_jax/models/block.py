@@ -1,6 +1,6 @@
 """MixerBlock: the macro-block every sequence mixer lives in.
 
-`gated` (DESIGN §2, the Sessa paper's block):
+`gated` (the Sessa paper's block, docs/design.md#the-gated-block):
   h = LN(x); (a, g) = split(h W_in + b_in); s = Mixer(GELU(a));
   y = x + (s * g) W_out + b_out
 `prenorm_mlp` (a conventional Transformer / Mamba-2 layer):

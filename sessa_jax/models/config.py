@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from sessa_jax.kernels.feedback import IMPLS as FEEDBACK_IMPLS
+
 MIXERS = ("sessa", "attention", "mamba2")
 BLOCKS = ("gated", "prenorm_mlp")
 GAMMA_FORMS = ("tanh_bias", "tanh")
 DTYPES = ("float32", "bfloat16", "float64")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")
-FEEDBACK_IMPLS = ("auto", "dense", "chunked", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,9 +19,12 @@ class ModelConfig:
   """Hyperparameters of a language model and of each of its blocks.
 
   Attributes:
-    mixer: sequence mixer inside every block: one of `MIXERS`.
-    block: `gated` (the Sessa paper's macro-block, DESIGN §2) or `prenorm_mlp`
-      (pre-norm mixer sublayer followed by a pre-norm MLP sublayer).
+    mixer: sequence mixer of the blocks: one of `MIXERS`, or a hybrid stack
+      written as a comma-separated pattern of them (e.g. `sessa,attention`)
+      that is cycled over the depth: block i runs `layer_mixers[i]`.
+    block: `gated` (the Sessa paper's macro-block,
+      docs/design.md#the-gated-block) or `prenorm_mlp` (pre-norm mixer
+      sublayer followed by a pre-norm MLP sublayer).
     vocab_size: number of token ids.
     d_model: residual width D.
     n_layers: number of blocks.
@@ -84,6 +88,17 @@ class ModelConfig:
     self.validate()
 
   @property
+  def layer_mixers(self) -> tuple[str, ...]:
+    """The mixer of each block: `mixer`'s pattern cycled over `n_layers`."""
+    pattern = self.mixer.split(",")
+    return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
+
+  def layer(self, index: int) -> "ModelConfig":
+    """The single-mixer config of block `index` (itself when not hybrid)."""
+    mixer = self.layer_mixers[index]
+    return self if mixer == self.mixer else self.replace(mixer=mixer)
+
+  @property
   def kv_heads(self) -> int:
     return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
@@ -101,7 +116,12 @@ class ModelConfig:
 
   def validate(self) -> None:
     """Raises ValueError naming the offending `model.<key>`."""
-    _choice("mixer", self.mixer, MIXERS)
+    pattern = self.mixer.split(",")
+    for mixer in pattern:
+      if mixer not in MIXERS:
+        where = "" if len(pattern) == 1 else f" (in pattern {self.mixer!r})"
+        raise ValueError(f"model.mixer={mixer!r}{where} is not one of: "
+                         f"{', '.join(MIXERS)}")
     _choice("block", self.block, BLOCKS)
     _choice("gamma_form", self.gamma_form, GAMMA_FORMS)
     _choice("dtype", self.dtype, DTYPES)
@@ -113,7 +133,11 @@ class ModelConfig:
                 "ssm_conv", "ssm_chunk"):
       if getattr(self, key) is not None and getattr(self, key) < 1:
         raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
-    if self.mixer in ("sessa", "attention"):
+    if self.n_layers is not None and len(pattern) > self.n_layers:
+      raise ValueError(
+          f"model.mixer={self.mixer!r} names {len(pattern)} layers but "
+          f"model.n_layers={self.n_layers}")
+    if {"sessa", "attention"} & set(pattern):
       if self.d_model % self.n_heads:
         raise ValueError(
             f"model.d_model={self.d_model} is not divisible by "
@@ -126,14 +150,14 @@ class ModelConfig:
         raise ValueError(
             f"model.n_heads={self.n_heads} is not divisible by "
             f"model.n_kv_heads={self.kv_heads}")
-    if self.mixer == "sessa":
+    if "sessa" in pattern:
       if not 0.0 < self.gamma_max < 1.0:
         raise ValueError(
             f"model.gamma_max must lie in (0, 1), got {self.gamma_max}")
       if self.feedback_dim is not None and self.feedback_dim < 1:
         raise ValueError(
             f"model.feedback_dim must be >= 1, got {self.feedback_dim}")
-    if self.mixer == "mamba2" and self.ssm_inner % self.ssm_head_dim:
+    if "mamba2" in pattern and self.ssm_inner % self.ssm_head_dim:
       raise ValueError(
           f"model.ssm_head_dim={self.ssm_head_dim} does not divide the inner "
           f"width ssm_expand*d_model={self.ssm_inner}")

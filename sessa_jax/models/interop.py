@@ -53,7 +53,8 @@ def sessa_block_from_torch(state: Mapping[str, Any], *, n_heads: int,
   """Builds a gated Sessa `MixerBlock` computing the official layer's function.
 
   Args:
-    state: the official `SessaLayer` state_dict (names as in DESIGN §2).
+    state: the official `SessaLayer` state_dict (names in
+      docs/design.md#official-parameter-names).
     n_heads: query heads H the layer was built with.
     n_kv_heads: key/value heads (None means H).
     gamma_max: the layer's gain bound.

@@ -15,7 +15,7 @@ from sessa_jax.models.norms import LayerNorm
 
 
 class LanguageModel(nnx.Module):
-  """Causal language model over any mixer.
+  """Causal language model over any mixer, or a hybrid stack of them.
 
   Parameters are stored in `cfg.param_dtype`, activations run in `cfg.dtype`,
   logits are float32 (float64 for float64 models). The embedding is
@@ -30,8 +30,8 @@ class LanguageModel(nnx.Module):
     param_dtype = jnp.dtype(cfg.param_dtype)
     self.embedding = param(rngs, jax.nn.initializers.normal(d ** -0.5),
                            (v, d), ("vocab", "embed"), param_dtype)
-    self.blocks = nnx.List([MixerBlock(cfg, rngs=rngs)
-                            for _ in range(cfg.n_layers)])
+    self.blocks = nnx.List([MixerBlock(cfg.layer(i), rngs=rngs)
+                            for i in range(cfg.n_layers)])
     self.final_norm = LayerNorm(d, rngs=rngs, param_dtype=param_dtype)
     self.head = (None if cfg.tie_embeddings else
                  Linear(d, v, rngs=rngs, use_bias=False, axes=("embed", "vocab"),
@@ -114,7 +114,7 @@ class LanguageModel(nnx.Module):
 
 
 def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> LanguageModel:
-  """The model described by `cfg` (a LanguageModel over `cfg.mixer`)."""
+  """The model described by `cfg` (a LanguageModel over `cfg.layer_mixers`)."""
   return LanguageModel(cfg, rngs=rngs)
 
 

@@ -6,10 +6,11 @@ f = Attn(a) (W_o only when H > 1). The feedback branch routes earlier mixer
 outputs back in:
 
   s_t = f_t + gamma_t * sum_{j<t} A_tj s_j,
-  A_t. = softmax_{j<t}(K^-1/2 q_b,t . k_b,j)   (row 0 all zeros),
+  A_t. = softmax_{j<t}(K^-1/2 q_fb,t . k_fb,j)   (row 0 all zeros),
   gamma_t = gamma_max * tanh(gamma_bias + a_t . w_gamma),
 
-a unit lower-triangular system solved in float32 (DESIGN §2).
+a unit lower-triangular system solved in float32
+(docs/design.md#the-sessa-layer; shape letters: docs/design.md#shape-letters).
 """
 
 from __future__ import annotations
@@ -65,19 +66,19 @@ class SessaMixer(nnx.Module):
     """The feedback routing's inputs for mixer input a (B, T, D).
 
     Returns:
-      (q_b, k_b, gamma): feedback queries and keys (B, T, K) and gains (B, T).
+      (q_fb, k_fb, gamma): feedback queries and keys (B, T, K) and gains (B, T).
     """
-    q_b, k_b = jnp.split(self.proj_fb(a_btd), 2, axis=-1)
-    return q_b, k_b, self.gain(a_btd)
+    q_fb, k_fb = jnp.split(self.proj_fb(a_btd), 2, axis=-1)
+    return q_fb, k_fb, self.gain(a_btd)
 
   def _solve(self, a_btd: jax.Array, f_btd: jax.Array):
     """Returns (s in float32 or wider, feedback keys)."""
-    q_b, k_b, gamma = self.feedback_inputs(a_btd)
+    q_fb, k_fb, gamma = self.feedback_inputs(a_btd)
     f = f_btd.astype(jnp.promote_types(f_btd.dtype, jnp.float32))
-    s = kernels.feedback_solve(q_b, k_b, gamma, f, impl=self.cfg.feedback_impl,
+    s = kernels.feedback_solve(q_fb, k_fb, gamma, f, impl=self.cfg.feedback_impl,
                                chunk=self.cfg.feedback_chunk,
                                scale=self.fb_scale)
-    return s, k_b
+    return s, k_fb
 
   def __call__(self, a_btd: jax.Array) -> jax.Array:
     """Full causal forward: (B, T, D) -> s (B, T, D) in the input dtype."""
@@ -111,9 +112,9 @@ class SessaMixer(nnx.Module):
     f, cache = self.attn.prefill(a_btd, max_len)
     if not self.cfg.feedback:
       return f, cache
-    s, k_b = self._solve(a_btd, f)
+    s, k_fb = self._solve(a_btd, f)
     pad = ((0, 0), (0, max_len - a_btd.shape[1]), (0, 0))
-    cache["k_fb"] = jnp.pad(k_b, pad)
+    cache["k_fb"] = jnp.pad(k_fb, pad)
     cache["s"] = jnp.pad(s.astype(self._s_dtype), pad)
     return s.astype(a_btd.dtype), cache
 
@@ -121,7 +122,7 @@ class SessaMixer(nnx.Module):
     """Processes one token at position t = cache['pos'] in O(t * D).
 
     f_t comes from the cached forward attention; then
-    s_t = f_t + gamma_t * softmax_{j<t}(q_b,t . k_b,j) S[<t], reading only
+    s_t = f_t + gamma_t * softmax_{j<t}(q_fb,t . k_fb,j) S[<t], reading only
     the t filled rows of the cache (`cached_attention.attend`).
 
     Args:
@@ -136,15 +137,15 @@ class SessaMixer(nnx.Module):
     f, attn_cache = self.attn.decode_step(a_bd, attn_cache)
     if not self.cfg.feedback:
       return f, attn_cache
-    q_b, k_b, gamma = self.feedback_inputs(a_bd[:, None])
-    k_fb = jax.lax.dynamic_update_slice_in_dim(
-        cache["k_fb"], k_b.astype(cache["k_fb"].dtype), pos, axis=1)
+    q_fb, k_fb, gamma = self.feedback_inputs(a_bd[:, None])
+    keys_fb = jax.lax.dynamic_update_slice_in_dim(
+        cache["k_fb"], k_fb.astype(cache["k_fb"].dtype), pos, axis=1)
     # One head: q (B, 1, K) over keys (B, S, K) and past outputs s (B, S, D).
-    read = cached_attention.attend(q_b, k_fb, cache["s"], pos,
+    read = cached_attention.attend(q_fb, keys_fb, cache["s"], pos,
                                    scale=self.fb_scale)[:, 0]
     compute = self._s_dtype
     s_bd = f.astype(compute) + gamma[:, 0, None].astype(compute) * read
     s_cache = jax.lax.dynamic_update_slice_in_dim(
         cache["s"], s_bd[:, None].astype(cache["s"].dtype), pos, axis=1)
-    cache = dict(attn_cache, k_fb=k_fb, s=s_cache)
+    cache = dict(attn_cache, k_fb=keys_fb, s=s_cache)
     return s_bd.astype(a_bd.dtype), cache

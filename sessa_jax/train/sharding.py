@@ -19,11 +19,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from sessa_jax.mesh_axes import BATCH_AXES, MESH_AXES
 from sessa_jax.train.config import MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_RULES: Mapping[str, Any] = {
-    "batch": ("data", "fsdp"),
+    "batch": BATCH_AXES,
     "embed": "fsdp",
     "hidden": "tensor",
     "vocab": "tensor",
