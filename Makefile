@@ -42,7 +42,9 @@ test-slow: install
 run: install
 	$(PY) launch.py --config=configs/default.py --workdir=workdirs/default
 
-## Benchmarks: prints a table and writes experiments/results/bench_cpu.json.
+## Benchmarks: prints tables and writes workdirs/bench/bench{,_decode}_cpu.json
+## (python experiments/bench.py --out_dir experiments/results updates the
+## committed results).
 bench: install
 	$(PY) experiments/bench.py
 

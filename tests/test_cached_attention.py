@@ -9,6 +9,7 @@ from flax import nnx
 
 from sessa_jax.models import LanguageModel, MixerBlock, ModelConfig
 from sessa_jax.models import cached_attention
+from test_block_lm import _prefill_then_decode
 
 
 def _normal(seed, shape):
@@ -38,23 +39,6 @@ def test_attend_matches_masked_softmax_across_blocks(length):
                              rtol=2e-5, atol=2e-6)
 
 
-def _decode_all(module, x, prompt_len, max_len):
-  """Prefill x[:, :prompt_len] into a cache of capacity max_len; decode the rest."""
-
-  @nnx.jit
-  def run(module, x):
-    y, cache = module.prefill(x[:, :prompt_len], max_len)
-
-    def step(cache, x_t):
-      y_t, cache = module.decode_step(x_t, cache)
-      return cache, y_t
-
-    _, rest = jax.lax.scan(step, cache, jnp.swapaxes(x[:, prompt_len:], 0, 1))
-    return jnp.concatenate([y, jnp.swapaxes(rest, 0, 1)], axis=1)
-
-  return run(module, x)
-
-
 @pytest.mark.parametrize("mixer", ["sessa", "attention"])
 def test_decode_equals_forward_across_cache_blocks(mixer, monkeypatch):
   monkeypatch.setattr(cached_attention, "DECODE_BLOCK", 4)
@@ -65,7 +49,7 @@ def test_decode_equals_forward_across_cache_blocks(mixer, monkeypatch):
   want = nnx.jit(lambda m, x: m(x))(block, x)
   # Prompts ending inside, at and right after a block; capacity 23 overhangs.
   for prompt_len in (1, 4, 6):
-    got = _decode_all(block, x, prompt_len, 23)
+    got = _prefill_then_decode(block, x, prompt_len, max_len=23)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5,
                                err_msg=f"prompt {prompt_len}")
 
