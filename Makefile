@@ -34,7 +34,8 @@ lock:
 test: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
 
-## Slower checks (long sequences, multi-process, full sweeps).
+## Only the tests marked `slow` (the two-process run, grain worker processes),
+## which `make test` leaves out.
 test-slow: install
 	$(PY) -m pytest -q -m slow tests
 

@@ -8,15 +8,19 @@ r"""Train, evaluate, sample from or dry-run a config; or run a sweep.
   python launch.py --sweep=experiments/matched_budget.py:tiny \
       --workdir=workdirs/matched_budget_tiny
 
-Relaunching with the same --workdir resumes from its newest checkpoint.
 --mode=eval and --mode=sample read the run's config from WORKDIR/config.json
 when --config is not given.
+Relaunching with the same --workdir resumes from its newest checkpoint; one
+run at a time may use a workdir (WORKDIR/run.lock). Exit status: 0 done, 1
+error (one line; --verbose for the traceback), 75 (trainer.EXIT_PREEMPTED)
+stopped by SIGTERM after saving a checkpoint: relaunch to resume.
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or set
 JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID), or --distributed
 where JAX detects the cluster itself (Cloud TPU, SLURM).
 """
 
 import json
+import sys
 
 from absl import app
 from absl import flags
@@ -66,12 +70,56 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "Index of this process (multi-host).")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "On an error, print the traceback, not just its message "
+    "(also with --verbosity=0 or higher).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with cluster "
     "auto-detection (Cloud TPU pods, SLURM, Open MPI).")
 
 
-def main(argv):
+def _error_exit(message: str) -> None:
+  print(f"launch.py: error: {message}", file=sys.stderr)
+  raise SystemExit(1)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config errors (loading, overrides) one line."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    if "--verbose" in argv:
+      raise
+    if isinstance(e, flags.Error):  # A config file's error: its last line.
+      lines = [line for line in str(e).splitlines() if line.strip()]
+      _error_exit(" ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
+                  + " (--verbose for the traceback)")
+    if not isinstance(e, (AttributeError, KeyError)):
+      _error_exit(f"{type(e).__name__}: {e} (--verbose for the traceback)")
+    # config_flags: an override of a key the config does not have.
+    cause = e
+    while isinstance(cause, BaseException) and cause.args:
+      cause = cause.args[0]
+    key, _, hint = str(cause).partition("\n")
+    key = key.strip("'\"")
+    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+             and key in a.split("=")[0].split(".")]
+    _error_exit(f"{given[0] if given else '--config'}: unknown config key "
+                f"{key!r}{'; ' + hint if hint else ''}")
+
+
+def _sample() -> None:
+  """--mode=sample: prints continuations of --prompt from a checkpoint."""
+  run = loading.load(_WORKDIR.value, _STEP.value)
+  samples = sampling.continue_text(
+      run, _PROMPT.value, _NUM_TOKENS.value, num_samples=_NUM_SAMPLES.value,
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, seed=_SEED.value)
+  print(f"{_WORKDIR.value}, step {run.step}:")
+  print(sampling.format_samples(_PROMPT.value, samples))
+
+
+def _run(argv) -> int:
+  """Trains, evaluates, samples, dry-runs or sweeps; returns the exit status."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
@@ -82,19 +130,14 @@ def main(argv):
                                   _PROCESS_ID.value, auto=_DISTRIBUTED.value)
   if _SWEEP.value:
     results = sweep.run_sweep(_SWEEP.value, _WORKDIR.value, force=_FORCE.value)
-    if any(r["status"] != "ok" for r in results.values()):
-      raise SystemExit(1)
-    return
+    statuses = {r["status"] for r in results.values()}
+    if statuses & {"preempted", "pending"}:
+      return trainer.EXIT_PREEMPTED
+    return 0 if statuses <= {"ok"} else 1
   if _MODE.value == "sample":
-    run = loading.load(_WORKDIR.value, _STEP.value)
-    samples = sampling.continue_text(
-        run, _PROMPT.value, _NUM_TOKENS.value, num_samples=_NUM_SAMPLES.value,
-        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, seed=_SEED.value)
-    print(f"{_WORKDIR.value}, step {run.step}:")
-    print(sampling.format_samples(_PROMPT.value, samples))
-    return
-  config = _CONFIG.value
-  overrides = {}
+    _sample()
+    return 0
+  config, overrides = _CONFIG.value, {}
   if config is not None:
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
   elif _MODE.value == "eval":
@@ -103,7 +146,7 @@ def main(argv):
     raise app.UsageError("pass --config=configs/<file>.py[:arg] (or --sweep)")
   if _DRY_RUN.value:
     trainer.dry_run(config, _WORKDIR.value, overrides=overrides)
-    return
+    return 0
   if _MODE.value == "train":
     summary = trainer.train(config, _WORKDIR.value, force=_FORCE.value,
                             overrides=overrides)
@@ -111,7 +154,20 @@ def main(argv):
     summary = trainer.evaluate(config, _WORKDIR.value, force=_FORCE.value,
                                step=_STEP.value)
   print(json.dumps(summary, indent=2, sort_keys=True))
+  return trainer.EXIT_PREEMPTED if summary.get("preempted") else 0
+
+
+def main(argv):
+  try:
+    status = _run(argv)
+  except app.UsageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if _VERBOSE.value or logging.get_verbosity() >= logging.INFO:
+      raise
+    _error_exit(f"{type(e).__name__}: {e} (--verbose for the traceback)")
+  raise SystemExit(status)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,23 +1,32 @@
-"""GPU check of the Pallas feedback kernels: compile, compare, time.
+"""GPU check of the Pallas feedback solve: compile, compare, time, in one call.
 
-One command, meant to finish within 8 minutes on one H100/H200:
+The one prepared GPU script, meant to finish within 5 minutes on one
+H100/H200:
 
-  python experiments/gpu_check.py [--out experiments/results/gpu_check.json]
+  python experiments/gpu_check.py                    # -> workdirs/gpu_check/
+  python experiments/gpu_check.py --out_dir experiments/results  # commit it
 
 1. Compiles the GPU (Triton) Pallas kernels for real and compares values and
-   gradients of all four inputs with the dense float32 oracle: float32
+   the gradients of all four inputs with the dense float32 oracle: float32
    inputs at a T that is a power of two and at one that is not (T = 1500
-   pads to 24 chunks, so the solve's rectangles are not powers of two), and
-   bfloat16 inputs (the oracle sees the same rounded values). float32 dots
-   may use TF32, hence the loose tolerances.
-2. Times forward+backward in bfloat16 for T = 4k ... 32k (B = 2, K = D = 256)
-   for `pallas`, `chunked` (plain JAX) and `dense`, and cuDNN causal
-   attention of the same shape (4 heads of 64) as a yardstick.
+   pads to 6 chunks, so rectangles are cut short by the end of the
+   sequence), and bfloat16 inputs (the oracle sees the same rounded values;
+   the chunked solve's error is recorded beside the Pallas one). float32
+   dots may use TF32, hence the loose tolerances.
+2. Times forward+backward in bfloat16 for T = 4k, 16k, 32k (B = 2, K = D =
+   256) for `pallas` (with its compile time), `chunked` (plain JAX) and
+   `dense`, and cuDNN causal attention of the same width as yardsticks: 4
+   heads of 64, and 1 head of 256 (the feedback's shape) where cuDNN takes
+   it.
 3. Times one MixerBlock forward+backward (D = 256, 4 heads, bfloat16
-   compute) for Sessa with the Pallas and the chunked solve, attention
-   (cuDNN) and Mamba-2: tokens/s.
-4. Writes everything as JSON after each case, so a timeout keeps what was
-   measured; a case that fails records its error and the rest still run.
+   compute) at T = 4k and 16k for Sessa with the Pallas and the chunked
+   solve, attention (cuDNN) and Mamba-2: tokens/s.
+4. Writes `gpu_check.json` after each case (a timeout keeps what was
+   measured; a failing case records its error and the rest still run), then
+   `gpu_check.md` (tables), and prints the ratios the targets are stated in:
+   Pallas / cuDNN (4 x 64) time per T, Sessa / attention MixerBlock
+   tokens/s per T, and the Pallas compile time at the longest T and its
+   ratio to the shortest's.
 
 `--dry_run` runs the same code on CPU with tiny shapes, the kernels in
 interpret mode and cuDNN skipped; the test suite uses it.
@@ -47,10 +56,11 @@ from sessa_jax.kernels import feedback_pallas  # pylint: disable=g-import-not-at
 from sessa_jax.kernels import feedback_ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sessa_jax.models import ModelConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-DEFAULT_OUT = ROOT / "experiments" / "results" / "gpu_check.json"
+DEFAULT_OUT_DIR = ROOT / "workdirs" / "gpu_check"
 # Relative max error allowed against the dense float32 oracle, by input
 # dtype (float32 dots may use TF32; bfloat16 keeps 8 bits of mantissa).
 TOLERANCE = {"float32": 2e-2, "bfloat16": 5e-2}
+NAMES = ("s", "dq", "dk", "dgamma", "df")
 
 
 def _inputs(b, t, width, dtype, seed=0):
@@ -71,6 +81,7 @@ def _value_and_grads(solve):
 
 
 def _time(fn, args, runs=3):
+  """(median seconds of `runs` calls, seconds of the first, compiling call)."""
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
   compile_s = time.perf_counter() - start
@@ -128,22 +139,103 @@ def check_correctness(b, t, width, chunk, interpret, dtype, impl="pallas"):
   want = _value_and_grads(feedback_ref.feedback_solve_dense)(
       *[x.astype(jnp.float32) for x in args])
   errors = {}
-  for name, x, y in zip(("s", "dq", "dk", "dgamma", "df"), got, want):
+  for name, x, y in zip(NAMES, got, want):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     errors[name] = float(np.max(np.abs(x - y)) / np.max(np.abs(y)))
   return errors
 
 
+def ratios(result) -> dict:
+  """The figures the targets are stated in, from a result's rows."""
+  times = {(r["t"], r["impl"], r.get("heads")): r["seconds"]
+           for r in result["timings"] if "seconds" in r}
+  heads = result["config"]["heads"]
+  out = {"pallas_over_cudnn": {}, "sessa_over_attention_tokens": {},
+         "pallas_compile_s": {}}
+  for r in result["timings"]:
+    if r["impl"] == "pallas" and "compile_s" in r:
+      out["pallas_compile_s"][r["t"]] = r["compile_s"]
+      cudnn = times.get((r["t"], "cudnn_attention", heads))
+      if cudnn:
+        out["pallas_over_cudnn"][r["t"]] = r["seconds"] / cudnn
+  tokens = {(r["t"], r["mixer"], r.get("feedback_impl")): r["tokens_per_s"]
+            for r in result["layers"] if "tokens_per_s" in r}
+  for (t, mixer, impl), rate in tokens.items():
+    attention = tokens.get((t, "attention", None))
+    if mixer == "sessa" and impl == "pallas" and attention:
+      out["sessa_over_attention_tokens"][t] = rate / attention
+  compiles = out["pallas_compile_s"]
+  if len(compiles) > 1:
+    out["compile_longest_over_shortest"] = (compiles[max(compiles)]
+                                            / compiles[min(compiles)])
+  return out
+
+
+def _ms(row):
+  if "seconds" in row:
+    return f"{row['seconds'] * 1e3:.3g} ms"
+  return "error" if "error" in row else row.get("skipped", "")
+
+
+def markdown(result) -> str:
+  """The result as markdown tables."""
+  cfg = result["config"]
+  lines = [f"# GPU check on {result['device']} (JAX {result['jax']})", "",
+           f"`python experiments/gpu_check.py{result['argv']}`; B = "
+           f"{cfg['batch']}, K = D = {cfg['width']}, chunk {cfg['chunk']}, "
+           f"tiles {cfg['tile']}; {result['wall_s']:.0f} s in all.", "",
+           "## Correctness against the dense float32 oracle", "",
+           "Relative max error of the Pallas solve (chunked in brackets).",
+           "", "| inputs | T | " + " | ".join(NAMES) + " | ok |",
+           "| --- | --- |" + " --- |" * (len(NAMES) + 1)]
+  for row in result["correctness"]:
+    errors = row.get("rel_max_error", {})
+    chunked = row.get("chunked_rel_max_error", {})
+    cells = [f"{errors[n]:.1e}" + (f" ({chunked[n]:.1e})" if n in chunked
+                                   else "") if n in errors else "error"
+             for n in NAMES]
+    lines.append(f"| {row['dtype']} | {row['t']} | " + " | ".join(cells)
+                 + f" | {row['ok']} |")
+  impls = list(dict.fromkeys(
+      (r["impl"], r.get("heads")) for r in result["timings"]))
+  head = [impl if h is None else f"{impl} {h} x {cfg['width'] // h}"
+          for impl, h in impls]
+  lines += ["", "## Feedback solve forward+backward, bfloat16", "",
+            "| T | " + " | ".join(head) + " | pallas compile |",
+            "| --- |" + " --- |" * (len(head) + 1)]
+  for t in dict.fromkeys(r["t"] for r in result["timings"]):
+    rows = {(r["impl"], r.get("heads")): r for r in result["timings"]
+            if r["t"] == t}
+    compile_s = rows.get(("pallas", None), {}).get("compile_s")
+    lines.append(f"| {t} | " + " | ".join(
+        _ms(rows.get(key, {})) for key in impls) + " | "
+        + (f"{compile_s:.1f} s" if compile_s else "") + " |")
+  lines += ["", "## One MixerBlock forward+backward, bfloat16, tokens/s", "",
+            "| T | mixer | tokens/s |", "| --- | --- | --- |"]
+  for row in result["layers"]:
+    name = row["mixer"] + (f" ({row['feedback_impl']})"
+                           if "feedback_impl" in row else "")
+    rate = (f"{row['tokens_per_s']:.3g}" if "tokens_per_s" in row
+            else _ms(row))
+    lines.append(f"| {row['t']} | {name} | {rate} |")
+  lines += ["", "## Ratios", "", "```",
+            json.dumps(result["ratios"], indent=1), "```", ""]
+  return "\n".join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default=str(DEFAULT_OUT))
+  parser.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR),
+                      help="where gpu_check.json and gpu_check.md go "
+                           "(experiments/results to update the committed "
+                           "ones)")
   parser.add_argument("--dry_run", action="store_true",
                       help="tiny shapes on CPU, kernels in interpret mode")
   parser.add_argument("--lengths", default=None,
                       help="comma-separated T values to time the solve at")
   parser.add_argument("--layer_lengths", default=None,
                       help="comma-separated T values to time layers at")
-  parser.add_argument("--budget_s", type=float, default=360.0,
+  parser.add_argument("--budget_s", type=float, default=240.0,
                       help="stop starting new timings after this many seconds")
   args = parser.parse_args(argv)
 
@@ -158,8 +250,8 @@ def main(argv=None):
     # chunk None: each solve's default (256-row chunks; Pallas tiles of 64
     # rows for bfloat16 operands, 32 for float32: `default_tile`).
     b, width, heads, chunk = 2, 256, 4, None
-    checks = [(1024, "float32"), (1500, "float32"), (4096, "bfloat16")]
-    lengths = [4096, 8192, 16384, 32768]
+    checks = [(1024, "float32"), (1500, "float32"), (1024, "bfloat16")]
+    lengths = [4096, 16384, 32768]
     layer_lengths = [4096, 16384]
   if args.lengths is not None:
     lengths = [int(x) for x in args.lengths.split(",") if x]
@@ -171,11 +263,12 @@ def main(argv=None):
                                                jnp.dtype(dtype))
            for dtype in TOLERANCE}
   started = time.time()
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
+  out_dir = pathlib.Path(args.out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
   result = {
       "device": str(jax.devices()[0].device_kind),
       "jax": jax.__version__,
+      "argv": "".join(" " + a for a in (argv or sys.argv[1:])),
       "dry_run": args.dry_run,
       "config": {"batch": b, "width": width, "heads": heads,
                  "chunk": pallas_chunk, "tile": tiles,
@@ -187,7 +280,9 @@ def main(argv=None):
 
   def save():
     result["wall_s"] = time.time() - started
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    result["ratios"] = ratios(result)
+    (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1)
+                                            + "\n")
 
   def record(section, row):
     result[section].append(row)
@@ -227,15 +322,16 @@ def main(argv=None):
         _time_into(row, lambda: (_value_and_grads(solve),
                                  _inputs(b, t, width, jnp.bfloat16)))
       record("timings", row)
-    row = {"t": t, "impl": "cudnn_attention", "heads": heads}
-    if not on_gpu:
-      row["skipped"] = "cuDNN needs a GPU"
-    elif over_budget():
-      row["skipped"] = "time budget spent"
-    else:
-      _time_into(row, lambda: _attention(b, t, width, heads, jnp.bfloat16,
-                                         "cudnn"))
-    record("timings", row)
+    for n_heads in (heads, 1):
+      row = {"t": t, "impl": "cudnn_attention", "heads": n_heads}
+      if not on_gpu:
+        row["skipped"] = "cuDNN needs a GPU"
+      elif over_budget():
+        row["skipped"] = "time budget spent"
+      else:
+        _time_into(row, lambda: _attention(b, t, width, n_heads,
+                                           jnp.bfloat16, "cudnn"))
+      record("timings", row)
 
   layer_cases = [("sessa", "pallas"), ("sessa", "chunked"),
                  ("attention", "auto"), ("mamba2", "auto")]
@@ -254,7 +350,11 @@ def main(argv=None):
         if "seconds" in row:
           row["tokens_per_s"] = b * t / row["seconds"]
       record("layers", row)
-  print(f"wrote {out} in {time.time() - started:.0f} s")
+  save()
+  (out_dir / "gpu_check.md").write_text(markdown(result))
+  print("ratios:", json.dumps(result["ratios"], indent=1))
+  print(f"wrote {out_dir}/gpu_check.{{json,md}} in "
+        f"{time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

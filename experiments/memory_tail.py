@@ -36,6 +36,7 @@ import sessa_jax
 from sessa_jax import data as data_lib
 from sessa_jax import models
 from sessa_jax.analysis import influence
+from sessa_jax.analysis import plot_style
 from sessa_jax.analysis import plots
 from sessa_jax.models.config import ModelConfig
 
@@ -121,22 +122,23 @@ def measure(model: models.LanguageModel, tokens_bt: np.ndarray, *,
 def plot(results: Mapping[str, Mapping[str, Any]], path: pathlib.Path,
          title: str) -> None:
   """One log-log figure: influence per model with its fit; Sessa impulses."""
-  fig, ax = plt.subplots(figsize=(7, 4.6))
-  for i, (label, result) in enumerate(results.items()):
-    color = f"C{i}"
+  fig, ax = plt.subplots(figsize=(10, 4.6))
+  for label, result in results.items():
+    color = plot_style.color(label)
     curve = result["influence"]
     lags = np.asarray(curve["lags"])
-    ax.loglog(lags, curve["influence"], color=color, marker=".",
+    ax.loglog(lags, curve["influence"], marker=".",
+              **plot_style.line_style(label),
               label=f"{label}: slope {curve['slope']:.2f}")
     lo, hi = curve["window"]
     fit = lags[(lags >= lo) & (lags <= hi)]
     if fit.size and np.isfinite(curve["slope"]):
       ax.loglog(fit, np.exp(curve["intercept"]) * fit ** curve["slope"],
                 color=color, ls="--", lw=1)
-    for layer, entry in enumerate(result.get("layers", [])):
-      impulse = entry["impulse"]
-      ax.loglog(impulse["lags"], impulse["influence"], color=color, ls=":",
-                alpha=0.7,
+    for k, entry in enumerate(result.get("layers", [])):
+      impulse, layer = entry["impulse"], entry.get("layer", k)
+      ax.loglog(impulse["lags"], impulse["influence"], color=color,
+                alpha=0.8, **plot_style.layer_style(k),
                 label=(f"{label} feedback impulse, layer {layer}: exponent "
                        f"{entry['bound']['fitted_exponent']:.2f} "
                        f"(1-γmax·c₂ = {entry['bound']['paper_exponent']:.2f})"))
@@ -144,9 +146,9 @@ def plot(results: Mapping[str, Mapping[str, Any]], path: pathlib.Path,
   ax.set_ylabel("‖∂h[τ+ℓ] / ∂x[τ]‖  (mean over τ, batch)")
   ax.set_title(title)
   ax.grid(alpha=0.3, which="both")
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
 
 

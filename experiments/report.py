@@ -1,28 +1,43 @@
-r"""Tables and plots for a finished study (a sweep's workdir).
+r"""Tables, statistics and plots for a study (a sweep's workdir).
 
-  python experiments/report.py /path/to/sweep_dir [--study=NAME] \
-      [--out=experiments/results] [--memory_tail_task=diffuse_mqar] \
-      [--command="python launch.py --sweep=..."]
+  python experiments/report.py workdirs/my_study [--study=NAME] \
+      [--out=DIR] [--sweep=experiments/matched_budget.py:cpu_long] \
+      [--memory_tail_task=diffuse_mqar] [--command="python launch.py ..."]
 
-Reads every run directory under DIR (`config.json`, `metrics.jsonl`,
-`summary.json`) and writes `OUT/<study>.md`: one table per task with mixer,
-parameters, FLOPs per token, each metric's mean ± std over seeds and the wall
-time, beside the Sessa paper's figure where the paper has one; plus PNGs:
-learning curves per task, diffuse_mqar accuracy against lag, and the memory
-tail (influence against lag) of one trained run per mixer. The tables are
-also printed.
+Reads every run directory under the sweep dir (`config.json`,
+`metrics.jsonl`, `summary.json`) and writes, under OUT (default
+`workdirs/reports/<study>`; the committed `experiments/results/` is written
+only when named with --out):
+
+  <study>.json  per task and mixer: parameters, FLOPs per token, seeds, the
+                test metric per seed and every table column per seed, steps,
+                wall times and the shared config; every table cell is
+                recomputed from it (`render_tables`).
+  <study>.md    one table per task (mean ± sample std over seeds, beside the
+                Sessa paper's figure), then for every pair of mixers the
+                difference of the test metric with a 95% Welch interval and
+                whether it is resolved; plots: learning curves per task,
+                diffuse_mqar accuracy against lag, and the memory tail of one
+                trained run per mixer.
+
+With --sweep, points of the sweep that have not finished are listed and the
+report is marked partial. The tables are also printed.
 """
 
 import collections
 import dataclasses
 import importlib.util
 import json
+import os
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import argparse
 
 import numpy as np
+from scipy import stats
+
+from sessa_jax.analysis import plot_style
 
 from sessa_jax.analysis import plots
 
@@ -51,6 +66,9 @@ PAPER = {
     "text": ("test/perplexity", {"sessa": 8.37, "attention": 7.67,
                                  "mamba2": 7.72}),
 }
+# The test metric the pairwise comparison uses, per task.
+METRIC = {"symbol_soup": "test/accuracy", "diffuse_mqar": "test/accuracy",
+          "mqar": "test/accuracy", "text": "test/perplexity"}
 MIXER_ORDER = ("sessa", "attention", "mamba2")
 LONG_CONTEXT_ORDER = ("diffuse_mqar", "symbol_soup", "mqar", "text")
 
@@ -79,8 +97,8 @@ class Run:
     """Mixer name, marking the no-feedback ablation and the MLP block."""
     model = self.config.get("model", {})
     label = self.mixer
-    if self.mixer == "sessa" and model.get("feedback") is False:
-      label += " (no feedback)"
+    if "sessa" in self.mixer.split(",") and model.get("feedback") is False:
+      label += plot_style.ABLATION_SUFFIX
     if model.get("block") == "prenorm_mlp":
       label += " + MLP"
     return label
@@ -132,64 +150,192 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
   return float(values.mean()), std
 
 
-def _fmt(values: Sequence[float], fmt: str) -> str:
+def _fmt(values: Sequence[float | None], fmt: str) -> str:
+  values = [v for v in values if v is not None]
   if not values:
     return "—"
   mean, std = _mean_std(values)
   return fmt.format(mean) + ("" if std is None else " ± " + fmt.format(std))
 
 
-def _human(n: float) -> str:
+def _human(n: float | None) -> str:
+  if n is None:
+    return "—"
   for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
     if abs(n) >= scale:
       return f"{n / scale:.2f}{unit}"
   return f"{n:.0f}"
 
 
-def task_table(task: str, runs: Sequence[Run]) -> list[str]:
-  """Markdown lines: one row per mixer label, seeds aggregated."""
-  columns = COLUMNS.get(task, DEFAULT_COLUMNS)
-  paper_key, paper = PAPER.get(task, (None, {}))
+def _portable(path: str) -> str:
+  """A comma-separated list of paths with absolute ones made relative to cwd."""
+  return ",".join(os.path.relpath(p) if os.path.isabs(p) else p
+                  for p in path.split(","))
+
+
+def _shared_config(runs: Sequence[Run]) -> dict[str, Any]:
+  """The config of a group of seeds: the first run's, without its seed."""
+  config = json.loads(json.dumps(runs[0].config))
+  config.get("train", {}).pop("seed", None)
+  data = config.get("data", {})
+  for key, value in data.items():
+    if key.endswith("path") and isinstance(value, str) and value:
+      data[key] = _portable(value)
+  return config
+
+
+def mixer_results(task: str, runs: Sequence[Run]) -> dict[str, Any]:
+  """The JSON entry of one mixer of one task (its seeds' runs)."""
+  done = sorted((r for r in runs if r.summary is not None),
+                key=lambda r: r.seed)
+  first = done[0].summary if done else {}
+  keys = [c[0] for c in COLUMNS.get(task, DEFAULT_COLUMNS)]
+  metric = METRIC.get(task, "test/accuracy")
+  return {
+      "params": first.get("params"),
+      "flops_per_token": first.get("flops_per_token"),
+      "seeds": [r.seed for r in done],
+      "test": [r.value(metric) for r in done],
+      "values": {k: [r.value(k) for r in done]
+                 for k in dict.fromkeys(keys + [metric])},
+      "steps": first.get("steps"),
+      "wall_time_s": [r.summary.get("wall_time_s") for r in done],
+      "launched": len(runs),
+      "runs": sorted(r.name for r in runs),
+      "config": _shared_config(done or runs),
+  }
+
+
+def study_results(runs: Sequence[Run], study: str, *, source: str = "",
+                  commands: Sequence[str] = (),
+                  planned: Sequence[str] = ()) -> dict[str, Any]:
+  """The study's machine-readable results (the module docstring's JSON).
+
+  Args:
+    runs: every run of the study.
+    study: the study's name.
+    source: where the runs were read from, as shown to a reader.
+    commands: shell commands that produced the runs.
+    planned: every point name of the sweep, when known; those without a
+      finished run are listed under "not_finished".
+  """
+  by_task = collections.defaultdict(lambda: collections.defaultdict(list))
+  for run in runs:
+    by_task[run.task][run.label].append(run)
+  tasks = {}
+  for task in sorted(by_task, key=lambda t: (t not in LONG_CONTEXT_ORDER, t)):
+    metric = METRIC.get(task, "test/accuracy")
+    paper_key, paper = PAPER.get(task, (None, {}))
+    groups = by_task[task]
+    tasks[task] = {
+        "metric": metric.split("/")[-1],
+        "metric_key": metric,
+        "columns": [list(c) for c in COLUMNS.get(task, DEFAULT_COLUMNS)],
+        "paper": {"key": paper_key, "values": dict(paper)} if paper else None,
+        "mixers": {label: mixer_results(task, groups[label])
+                   for label in sorted(groups, key=_label_key)},
+    }
+  points = set(planned) | {r.name for r in runs}
+  finished = {r.name for r in runs if r.summary is not None}
+  return {"study": study, "source": source, "commands": list(commands),
+          "points": len(points), "runs": len(runs), "finished": len(finished),
+          "not_finished": sorted(points - finished), "tasks": tasks}
+
+
+def task_table(entry: Mapping[str, Any]) -> list[str]:
+  """Markdown lines of one task's table, from its JSON entry."""
+  columns, paper = entry["columns"], entry["paper"]
   header = ["mixer", "params", "FLOPs/token"] + [c[1] for c in columns]
   if paper:
-    header.append(f"paper {paper_key.split('/')[-1]}")
+    header.append(f"paper {paper['key'].split('/')[-1]}")
   header += ["seeds", "steps", "wall time (s)"]
-  lines = ["| " + " | ".join(header) + " |",
-           "|" + "---|" * len(header)]
-  by_label = collections.defaultdict(list)
-  for run in runs:
-    by_label[run.label].append(run)
-  for label in sorted(by_label, key=_label_key):
-    group = by_label[label]
-    done = [r for r in group if r.summary is not None]
-    first = done[0].summary if done else {}
-    row = [label] + [_human(first[k]) if k in first else "—"
-                     for k in ("params", "flops_per_token")]
-    for key, _, fmt in columns:
-      values = [r.value(key) for r in done]
-      row.append(_fmt([v for v in values if v is not None], fmt))
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for label, mixer in entry["mixers"].items():
+    row = [label, _human(mixer["params"]), _human(mixer["flops_per_token"])]
+    row += [_fmt(mixer["values"][key], fmt) for key, _, fmt in columns]
     if paper:
-      ref = paper.get(label)
+      ref = paper["values"].get(label)
       row.append("—" if ref is None else f"{ref:g}")
-    row.append(f"{len(done)}/{len(group)}")
-    row.append(str(first.get("steps", "—")))
-    row.append(_fmt([r.summary["wall_time_s"] for r in done
-                     if "wall_time_s" in r.summary], "{:.0f}"))
+    row += [f"{len(mixer['seeds'])}/{mixer['launched']}",
+            str(mixer["steps"] if mixer["steps"] is not None else "—"),
+            _fmt(mixer["wall_time_s"], "{:.0f}")]
     lines.append("| " + " | ".join(row) + " |")
   return lines
 
 
-def _settings(runs: Sequence[Run]) -> str:
-  """One line with the training settings the runs of a task share."""
+def welch_interval(a: Sequence[float], b: Sequence[float],
+                   level: float = 0.95) -> tuple[float, float, float] | None:
+  """mean(a) - mean(b) and its Welch t interval; None below 2 values each."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.size < 2 or b.size < 2:
+    return None
+  diff = float(a.mean() - b.mean())
+  va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+  se = float(np.sqrt(va + vb))
+  if se == 0.0:
+    return diff, diff, diff
+  dof = se ** 4 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+  half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
+  return diff, diff - half, diff + half
+
+
+def comparison_lines(entry: Mapping[str, Any]) -> list[str]:
+  """Pairwise differences of the test metric, with 95% Welch intervals."""
+  metric = entry["metric_key"]
+  values = {label: [v for v in m["values"][metric] if v is not None]
+            for label, m in entry["mixers"].items()}
+  labels = list(values)
+  rows, resolved, unresolved, too_few = [], [], [], []
+  for i, a in enumerate(labels):
+    for b in labels[i + 1:]:
+      interval = welch_interval(values[a], values[b])
+      if interval is None:
+        too_few.append(f"{a} − {b}")
+        continue
+      diff, lo, hi = interval
+      sure = lo > 0 or hi < 0
+      (resolved if sure else unresolved).append(f"{a} − {b}")
+      rows.append(f"| {a} − {b} | {diff:+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
+                  f"{'yes' if sure else 'no'} |")
+  if not rows and not too_few:
+    return []
+  lines = [f"Differences of {metric} (row mixer minus column mixer, mean over "
+           "seeds) with 95% Welch t intervals over seeds; resolved when the "
+           "interval excludes 0.", ""]
+  if rows:
+    lines += ["| difference | mean | 95% interval | resolved |",
+              "|---|---|---|---|"] + rows + [""]
+  words = []
+  if resolved:
+    words.append("Resolved: " + ", ".join(resolved) + ".")
+  if unresolved:
+    words.append("Not resolved (the interval includes 0): "
+                 + ", ".join(unresolved) + ".")
+  if too_few:
+    words.append("Fewer than two finished seeds, no interval: "
+                 + ", ".join(too_few) + ".")
+  return lines + [" ".join(words), ""]
+
+
+def settings_line(entry: Mapping[str, Any]) -> str:
+  """One line with the training settings every mixer of a task shares."""
   keys = (("data", "seq_len", "seq_len {}"), ("train", "steps", "{} steps"),
           ("train", "batch_size", "batch {}"), ("train", "lr", "peak lr {}"))
+  configs = [m["config"] for m in entry["mixers"].values()]
   parts = []
   for section, key, fmt in keys:
-    values = {json.dumps(r.config.get(section, {}).get(key)) for r in runs}
+    values = {json.dumps(c.get(section, {}).get(key)) for c in configs}
     if len(values) == 1 and values != {"null"}:
       parts.append(fmt.format(json.loads(values.pop())))
   return ("Shared by every run of this task: " + ", ".join(parts) + "."
           if parts else "")
+
+
+def render_tables(results: Mapping[str, Any]) -> dict[str, list[str]]:
+  """Markdown lines per task (settings, table, comparison) from the JSON."""
+  return {task: [settings_line(entry), ""] + task_table(entry) + [""]
+          + comparison_lines(entry)
+          for task, entry in results["tasks"].items()}
 
 
 def _curve(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -201,31 +347,36 @@ def _curve(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(steps), np.asarray(values, np.float64)
 
 
+def _legend_outside(ax) -> None:
+  ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+
+
 def plot_learning_curves(task: str, runs: Sequence[Run],
                          path: pathlib.Path) -> bool:
   """Training loss and the main eval metric against step, one line per run."""
   eval_key = {"text": "eval/perplexity"}.get(task, "eval/accuracy")
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  colors = {}
-  drawn = False
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+  labelled, drawn = set(), False
   for run in sorted(runs, key=lambda r: (_label_key(r.label), r.seed)):
-    color = colors.setdefault(run.label, f"C{len(colors)}")
     for ax, key in zip(axes, ("train/loss", eval_key)):
       steps, values = _curve(run, key)
       if steps.size:
         drawn = True
-        ax.plot(steps, values, color=color, alpha=0.85, marker="." if
-                steps.size < 20 else None,
-                label=run.label if run.seed == min(
-                    r.seed for r in runs if r.label == run.label) else None)
+        style = plot_style.line_style(run.label)
+        if steps.size >= 20:
+          style.pop("marker", None)
+        ax.plot(steps, values, alpha=0.85, **{"marker": ".", **style},
+                label=None if run.label in labelled else run.label)
+        if ax is axes[-1]:
+          labelled.add(run.label)
   for ax, key in zip(axes, ("train/loss", eval_key)):
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
-  axes[0].legend()
+  _legend_outside(axes[-1])
   fig.suptitle(f"{task}: learning curves (one line per seed)")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
   return drawn
 
@@ -240,25 +391,27 @@ def plot_accuracy_by_lag(runs: Sequence[Run], path: pathlib.Path) -> bool:
   if not by_label:
     return False
   train_max = _train_max_lag(runs)
-  fig, ax = plt.subplots(figsize=(6.5, 4))
+  fig, ax = plt.subplots(figsize=(8.5, 4))
   for label in sorted(by_label, key=_label_key):
     bins = sorted(set().union(*by_label[label]))
     acc = np.array([[t.get(b, np.nan) for b in bins] for t in by_label[label]])
-    mean = np.nanmean(acc, axis=0)
-    ax.plot(bins, mean, marker="o", label=label)
+    ax.plot(bins, np.nanmean(acc, axis=0), **{"marker": "o",
+                                              **plot_style.line_style(label)},
+            label=label)
     if acc.shape[0] > 1:
-      ax.fill_between(bins, np.nanmin(acc, 0), np.nanmax(acc, 0), alpha=0.2)
+      ax.fill_between(bins, np.nanmin(acc, 0), np.nanmax(acc, 0), alpha=0.15,
+                      color=plot_style.color(label))
   if train_max:
-    ax.axvline(train_max, color="gray", ls="--", lw=1,
+    ax.axvline(train_max, color="gray", ls=":", lw=1,
                label="longest training lag")
   ax.set_xscale("log")
   ax.set_xlabel("lag (upper edge of bin, tokens)")
   ax.set_ylabel("test token accuracy")
-  ax.set_title("diffuse_mqar: accuracy against lag")
+  ax.set_title("diffuse_mqar: accuracy against lag (band: min..max over seeds)")
   ax.grid(alpha=0.3)
-  ax.legend()
+  _legend_outside(ax)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
   return True
 
@@ -297,7 +450,7 @@ def memory_tail_section(runs: Sequence[Run], task_choice: str,
                      f"that task; choices: auto, none, {', '.join(sorted(tasks))}")
   chosen = {}
   for run in sorted(done, key=lambda r: (_label_key(r.label), r.seed)):
-    if run.task == task and run.label in MIXER_ORDER:
+    if run.task == task and not run.label.endswith(plot_style.ABLATION_SUFFIX):
       chosen.setdefault(run.label, run)
   if not chosen:
     return []
@@ -315,50 +468,71 @@ def memory_tail_section(runs: Sequence[Run], task_choice: str,
     lines.append(f"| {label} | {curve['slope']:.3f} | "
                  f"{curve['window'][0]}..{curve['window'][1]} |")
   for label, result in results.items():
-    if result.get("bound"):
-      b = result["bound"]
-      lines += ["", f"{label} feedback impulse response (layer 0, recorded "
-                f"routing): fitted exponent {b['fitted_exponent']:.3f}; "
-                f"c₂ = {b['c2']:.3g}, γ_max = {b['gamma_max']:g}, "
-                f"1 − γ_max·c₂ = {b['paper_exponent']:.3f}; recorded "
-                f"γ_min = {b['gamma_min']:.3f}, 1 − γ_min·c₂ = "
+    for entry in result.get("layers", []):
+      b = entry["bound"]
+      lines += ["", f"{label} feedback impulse response (layer "
+                f"{entry['layer']}, recorded routing): fitted exponent "
+                f"{b['fitted_exponent']:.3f}; c₂ = {b['c2']:.3g}, γ_max = "
+                f"{b['gamma_max']:g}, 1 − γ_max·c₂ = {b['paper_exponent']:.3f}"
+                f"; recorded γ_min = {b['gamma_min']:.3f}, 1 − γ_min·c₂ = "
                 f"{b['floor_exponent']:.3f}; negative gains on "
                 f"{b['negative_gain_fraction']:.0%} of tokens (the paper's "
                 "regime assumes γ ≥ 0)."]
   return lines + [""]
 
 
+def _shown(path: pathlib.Path) -> str:
+  """A path as a reader of the report should see it: relative, not absolute."""
+  path = path.resolve()
+  try:
+    return str(path.relative_to(pathlib.Path.cwd()))
+  except ValueError:
+    return path.name
+
+
 def write_report(root: pathlib.Path, out_dir: pathlib.Path, study: str,
                  memory_tail_task: str = "auto",
-                 commands: Sequence[str] = ()) -> pathlib.Path:
-  """Writes OUT/<study>.md and its PNGs; prints the tables; returns the .md.
+                 commands: Sequence[str] = (),
+                 planned: Sequence[str] = ()) -> pathlib.Path:
+  """Writes OUT/<study>.json, OUT/<study>.md and its PNGs; returns the .md.
 
   Args:
     root: the sweep directory (run directories below it).
-    out_dir: where the .md and PNGs go.
+    out_dir: where the .json, .md and PNGs go.
     study: file-name stem and title.
     memory_tail_task: see `memory_tail_section`.
     commands: shell commands that produced `root`, listed in the report.
+    planned: every point name of the sweep, if known (marks a partial study).
   """
   runs = load_runs(root)
   if not runs:
     raise FileNotFoundError(f"no run directories (config.json) under {root}")
   out_dir.mkdir(parents=True, exist_ok=True)
+  cwd = str(pathlib.Path.cwd()) + os.sep
+  results = study_results(runs, study, source=_shown(root),
+                          commands=[c.replace(cwd, "") for c in commands],
+                          planned=planned)
+  json_path = out_dir / f"{study}.json"
+  json_path.write_text(json.dumps(results, indent=1) + "\n")
+  lines = [f"# {study}", ""]
+  if results["not_finished"]:
+    lines += [f"**Partial**: {results['finished']} of "
+              f"{results['points']} points finished; the "
+              "others are listed at the end.", ""]
+  lines += [f"Runs read from `{results['source']}`: {results['runs']} "
+            f"({results['finished']} finished). Metrics are mean ± sample "
+            "std over seeds; `seeds` counts finished/launched runs. Paper "
+            "figures are from the Sessa paper's matched-budget tables (text: "
+            "SimpleStories, not the corpus here). Every number is in "
+            f"`{json_path.name}`.", ""]
+  if results["commands"]:
+    lines += ["Produced by:", "", "```"] + results["commands"] + ["```", ""]
   by_task = collections.defaultdict(list)
   for run in runs:
     by_task[run.task].append(run)
-  lines = [f"# {study}", "",
-           f"Runs read from `{root}`: {len(runs)} "
-           f"({sum(r.summary is not None for r in runs)} finished). Metrics "
-           "are mean ± sample std over seeds; `seeds` counts finished/launched "
-           "runs. Paper figures are from the Sessa paper's matched-budget "
-           "tables (text: SimpleStories, not the corpus here).", ""]
-  if commands:
-    lines += ["Produced by:", "", "```"] + list(commands) + ["```", ""]
-  for task in sorted(by_task, key=lambda t: (t not in LONG_CONTEXT_ORDER, t)):
-    table = task_table(task, by_task[task])
+  for task, table in render_tables(results).items():
     print(f"\n{task}\n" + "\n".join(table))
-    lines += [f"## {task}", "", _settings(by_task[task]), ""] + table + [""]
+    lines += [f"## {task}", ""] + table
     png = out_dir / f"{study}_curves_{task}.png"
     if plot_learning_curves(task, by_task[task], png):
       lines += [f"![{task} learning curves]({png.name})", ""]
@@ -368,12 +542,12 @@ def write_report(root: pathlib.Path, out_dir: pathlib.Path, study: str,
       lines += ["## diffuse_mqar: accuracy against lag", "",
                 f"![accuracy by lag]({png.name})", ""]
   lines += memory_tail_section(runs, memory_tail_task, out_dir, study)
-  failed = [r.name for r in runs if r.summary is None]
-  if failed:
-    lines += ["Unfinished or failed runs: " + ", ".join(failed), ""]
+  if results["not_finished"]:
+    lines += ["Not finished (failed, running or not started): "
+              + ", ".join(results["not_finished"]), ""]
   md = out_dir / f"{study}.md"
   md.write_text("\n".join(lines))
-  print(f"\nwrote {md}")
+  print(f"\nwrote {md} and {json_path}")
   return md
 
 
@@ -381,9 +555,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("dir", type=pathlib.Path, help="the study's sweep dir")
   parser.add_argument("--study", help="study name; defaults to DIR's name")
-  parser.add_argument("--out", type=pathlib.Path,
-                      default=pathlib.Path(__file__).parent / "results",
-                      help="where the .md and PNGs are written")
+  parser.add_argument(
+      "--out", type=pathlib.Path,
+      help="where the .json, .md and PNGs are written (default "
+      "workdirs/reports/<study>); name experiments/results to update the "
+      "committed results")
+  parser.add_argument(
+      "--sweep", help="the sweep spec that made DIR (e.g. "
+      "experiments/matched_budget.py:cpu_long): its unfinished points are "
+      "listed and the report is marked partial")
   parser.add_argument(
       "--memory_tail_task", default="auto",
       help="task whose seed-0 runs get the memory-tail plot; 'auto' picks "
@@ -392,8 +572,13 @@ def main(argv: Sequence[str] | None = None) -> None:
       "--command", action="append", default=[],
       help="a command that produced DIR, recorded in the report (repeatable)")
   args = parser.parse_args(argv)
-  write_report(args.dir, args.out, args.study or args.dir.name,
-               args.memory_tail_task, args.command)
+  study = args.study or args.dir.name
+  planned = ()
+  if args.sweep:
+    from sessa_jax.train import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+    planned = tuple(sweep_lib.load_sweep(args.sweep))
+  write_report(args.dir, args.out or pathlib.Path("workdirs/reports") / study,
+               study, args.memory_tail_task, args.command, planned)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def load(workdir: str | pathlib.Path, step: int | None = None, *,
   Args:
     workdir: a run directory written by `launch.py` (config.json,
       checkpoints/).
-    step: the checkpoint's step; None takes the newest.
+    step: the checkpoint's step; None takes the newest readable one.
     model_overrides: ModelConfig fields to change that leave the parameters
       as they are, e.g. {'feedback_impl': 'dense'}.
 
@@ -80,6 +80,7 @@ def load(workdir: str | pathlib.Path, step: int | None = None, *,
   Raises:
     FileNotFoundError: no config.json, no checkpoint, or no checkpoint of
       `step` (the message lists the saved steps).
+    CheckpointRestoreError: no checkpoint can be read into this model.
   """
   workdir = pathlib.Path(workdir)
   config = read_config(workdir)
@@ -94,12 +95,10 @@ def load(workdir: str | pathlib.Path, step: int | None = None, *,
   directory = workdir / "checkpoints"
   if not directory.is_dir():
     raise FileNotFoundError(f"no checkpoint in {directory}")
-  checkpointer = checkpoint_lib.Checkpointer(directory)
+  checkpointer = checkpoint_lib.Checkpointer(directory, read_only=True)
   try:
-    if step is None:
-      step = checkpointer.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
+    if not checkpointer.all_steps():
+      raise FileNotFoundError(f"no checkpoint in {directory}")
     step, state = checkpointer.restore(layout.abstract, step=step)
   finally:
     checkpointer.close()

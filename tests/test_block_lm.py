@@ -186,7 +186,7 @@ def test_every_param_has_logical_axes(mixer, block):
   cfg = _cfg(mixer, block, tie_embeddings=False)
   model = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
-  allowed = {"embed", "hidden", "vocab", None}
+  allowed = {"embed", "hidden", "heads", "vocab", None}
   for path, var in nnx.to_flat_state(params):
     axes = var.get_metadata().get("out_sharding")
     assert axes is not None and len(axes) == len(var.shape), path

@@ -1,4 +1,4 @@
-"""launch.py as a user runs it: SIGTERM and resume, CLI errors.
+"""launch.py as a user runs it: SIGTERM and resume, the workdir lock, errors.
 
 Helpers here are shared with test_launch_multiprocess.py.
 """
@@ -10,11 +10,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 
 import pytest
 
+from sessa_jax.train import trainer
 from test_train_loop import train_losses
+from test_train_sweep import TINY as TINY_POINT
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
@@ -41,29 +44,35 @@ def launch_env(devices: int) -> dict[str, str]:
   return env
 
 
-def launch(*args, devices=1, **kwargs) -> subprocess.Popen:
+def launch(*args, devices=1, extra_env=None, **kwargs) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args],
-                          cwd=ROOT, env=launch_env(devices), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **kwargs)
+                          cwd=ROOT, env={**launch_env(devices), **(extra_env or {})},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, **kwargs)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+def finish(proc: subprocess.Popen, timeout: float = 240,
+           returncode: int = 0) -> str:
   out, _ = proc.communicate(timeout=timeout)
-  assert proc.returncode == 0, out[-3000:]
+  assert proc.returncode == returncode, out[-3000:]
   return out
+
+
+def wait_for_lines(path: pathlib.Path, lines: int, proc: subprocess.Popen):
+  """Waits until `path` has `lines` lines, while `proc` runs."""
+  deadline = time.time() + 180
+  while not (path.exists() and len(path.read_text().splitlines()) >= lines):
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    assert time.time() < deadline, f"{path} did not reach {lines} lines"
+    time.sleep(0.5)
 
 
 def test_sigterm_saves_a_checkpoint_that_training_resumes_from(tmp_path):
   args = [*TINY, "--config.train.checkpoint_every=1000", f"--workdir={tmp_path}"]
   proc = launch(*args, "--config.train.steps=100000")
-  metrics = tmp_path / "metrics.jsonl"
-  deadline = time.time() + 180
-  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-    assert proc.poll() is None, proc.communicate()[0][-3000:]
-    assert time.time() < deadline, "training did not start"
-    time.sleep(0.5)
+  wait_for_lines(tmp_path / "metrics.jsonl", 3, proc)
   proc.send_signal(signal.SIGTERM)
-  out = finish(proc)
+  out = finish(proc, returncode=trainer.EXIT_PREEMPTED)
   assert '"preempted": true' in out
   saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
   assert len(saved) == 1 and saved[0] >= 3
@@ -85,5 +94,51 @@ def test_sigterm_saves_a_checkpoint_that_training_resumes_from(tmp_path):
 def test_bad_config_fails_at_start_naming_the_choices(tmp_path, args, message):
   proc = launch(*args, f"--workdir={tmp_path}")
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode != 0
+  assert proc.returncode == 1
   assert message in out, out[-3000:]
+  assert "Traceback" not in out  # One line; --verbose adds the traceback.
+
+
+def test_second_launch_into_a_running_workdir_is_refused(tmp_path):
+  args = [*TINY, "--config.train.checkpoint_every=1000", f"--workdir={tmp_path}"]
+  first = launch(*args, "--config.train.steps=100000")
+  wait_for_lines(tmp_path / "metrics.jsonl", 2, first)
+  second = launch(*args, "--config.train.steps=100000", "--config.train.lr=0.003")
+  out = finish(second, returncode=1)
+  assert f"is in use by pid {first.pid} on host" in out, out[-3000:]
+  assert "Traceback" not in out
+  assert first.poll() is None
+  first.send_signal(signal.SIGTERM)
+  finish(first, returncode=trainer.EXIT_PREEMPTED)
+  steps = [s for s, _ in train_losses(tmp_path)]
+  assert steps == list(range(1, len(steps) + 1))  # One run's sequence only.
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_sweep_which_resumes_on_relaunch(tmp_path):
+  spec = tmp_path / "two_points.py"
+  spec.write_text(textwrap.dedent(f"""
+      import os
+      POINT = {{"config": "configs/mqar.py:tiny", **{TINY_POINT!r},
+               "train.steps": int(os.environ.get("SWEEP_STEPS", "100000")),
+               "train.checkpoint_every": 1000}}
+
+      def sweep(preset):
+        return {{"first": POINT, "second": {{**POINT, "train.lr": 0.003}}}}
+      """))
+  runs = tmp_path / "runs"
+  proc = launch(f"--sweep={spec}", f"--workdir={runs}")
+  wait_for_lines(runs / "first" / "metrics.jsonl", 2, proc)
+  proc.send_signal(signal.SIGTERM)
+  finish(proc, returncode=trainer.EXIT_PREEMPTED)
+  results = json.loads((runs / "sweep_summary.json").read_text())
+  assert results["first"]["status"] == "preempted"
+  assert results["second"] == {"status": "pending"}
+  assert not (runs / "second").exists()
+  stopped_at = results["first"]["step"]
+  finish(launch(f"--sweep={spec}", f"--workdir={runs}",
+                extra_env={"SWEEP_STEPS": str(stopped_at + 2)}))
+  results = json.loads((runs / "sweep_summary.json").read_text())
+  assert {r["status"] for r in results.values()} == {"ok"}
+  assert [s for s, _ in train_losses(runs / "first")] == list(
+      range(1, stopped_at + 3))

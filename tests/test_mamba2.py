@@ -152,11 +152,14 @@ def test_init_ranges():
 
 def test_parameters_carry_logical_axes():
   m = _mixer(True)
-  allowed = {"embed", "hidden", "vocab", None}
+  allowed = {"embed", "hidden", "heads", "vocab", None}
   for path, var in nnx.to_flat_state(nnx.state(m, nnx.Param)):
     axes = var.get_metadata()["out_sharding"]
     assert len(axes) == var[...].ndim, path
     assert set(axes) <= allowed, path
+  # Per-head vectors split over 'tensor' with the heads of the inner width.
+  assert m.a_log.get_metadata()["out_sharding"] == ("heads",)
+  assert m.dt_proj.kernel.get_metadata()["out_sharding"] == ("embed", "heads")
 
 
 def test_gradients_match_finite_differences():

@@ -6,6 +6,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from sessa_jax import budget
 from sessa_jax import data as data_lib
@@ -29,7 +30,7 @@ report = _load("report")
 def _model_cfg(point, vocab_size):
   fields = {k.split(".", 1)[1]: v for k, v in point.items()
             if k.startswith("model.")}
-  return ModelConfig.from_mapping({**fields, "vocab_size": vocab_size})
+  return ModelConfig(**fields, vocab_size=vocab_size)
 
 
 def _groups(points):
@@ -39,30 +40,51 @@ def _groups(points):
   return by_task
 
 
-def test_cpu_preset_is_matched(monkeypatch):
+@pytest.mark.parametrize("preset, variants, seeds, settings", [
+    ("cpu", {"sessa", "attention", "mamba2"}, 2, {None}),
+    ("cpu_long", {"sessa", "attention", "mamba2", "sessa+attention"}, 3,
+     {None}),
+    ("tune", {"sessa", "attention"}, 1, {"lr3e-3", "lr1e-2"}),
+])
+def test_presets_are_matched(monkeypatch, preset, variants, seeds, settings):
   monkeypatch.setattr(matched_budget, "AUSTEN", pathlib.Path("/nonexistent"))
-  points = matched_budget.sweep("cpu")
+  points = matched_budget.sweep(preset)
   by_task = _groups(points)
   assert set(by_task) == {"symbol_soup", "diffuse_mqar"}  # No corpus: no text.
   for task, group in by_task.items():
-    variants = {name.split(".")[1] for name in group}
-    ablation = {"sessa_nofb"} if task == "diffuse_mqar" else set()
-    assert variants == {"sessa", "attention", "mamba2"} | ablation
-    assert {name.split(".")[2] for name in group} == {"s0", "s1"}
+    parts = [name.split(".") for name in group]
+    ablation = ({"sessa_nofb"} if preset == "cpu" and task == "diffuse_mqar"
+                else set())
+    assert {p[1] for p in parts} == variants | ablation
+    assert {p[-1] for p in parts} == {f"s{i}" for i in range(seeds)}
+    assert {p[2] if len(p) == 4 else None for p in parts} == settings
     data = {k.split(".", 1)[1]: v for k, v in next(iter(group.values())).items()
             if k.startswith("data.")}
     vocab = data_lib.get_task({"task": task, **data}).vocab_size
     counts = {n: budget.count_params(_model_cfg(p, vocab))
               for n, p in group.items()}
-    target = counts[f"{task}.sessa.s0"]
+    target = next(c for n, c in counts.items() if ".sessa." in n)
     assert all(abs(c / target - 1) <= 0.02 for c in counts.values()), counts
+    # Every variant of a grid setting trains with the same data and schedule.
     shared = lambda p: {k: v for k, v in p.items()  # pylint: disable=g-long-lambda
                         if k.startswith(("train.", "data.")) and k != "train.seed"}
-    assert all(shared(p) == shared(next(iter(group.values())))
-               for p in group.values())
+    for setting in settings:
+      same = [p for n, p in group.items()
+              if setting is None or f".{setting}." in n]
+      assert all(shared(p) == shared(same[0]) for p in same)
     assert all(p["model.feedback"] is (".sessa_nofb." not in n)
                for n, p in group.items())
-    assert all(p["config"].startswith(f"configs/{task}.py:") for p in group.values())
+    assert all(p["config"] == f"configs/{task}.py" for p in group.values())
+    assert all(p["model.mixer"] == n.split(".")[1].replace("+", ",")
+               for n, p in group.items() if "nofb" not in n)
+
+
+def test_points_come_seed_by_seed():
+  names = list(matched_budget.sweep("cpu_long"))
+  first = names[:len(names) // 3]
+  assert all(n.endswith(".s0") for n in first)
+  assert {n.split(".")[1] for n in first} == {
+      "sessa", "attention", "mamba2", "sessa+attention"}
 
 
 def test_text_task_follows_the_corpus(monkeypatch, tmp_path):
@@ -72,7 +94,7 @@ def test_text_task_follows_the_corpus(monkeypatch, tmp_path):
   text = _groups(points)["text"]
   assert len(text) == 3 * 3  # Three mixers, three seeds, no ablation.
   assert all(p["data.path"] == str(tmp_path / "*.txt") for p in text.values())
-  with pytest.raises(ValueError, match="not one of: tiny, cpu, paper"):
+  with pytest.raises(ValueError, match="not one of: tiny, cpu, tune, cpu_long, paper"):
     matched_budget.sweep("laptop")
   with pytest.raises(ValueError, match="expected text=GLOB or seeds=N"):
     matched_budget.sweep("cpu,seeds=zero")
@@ -125,6 +147,53 @@ def test_report_tables_and_plots(tmp_path, capsys):
   assert "| sessa |" in capsys.readouterr().out
   for png in ("study_curves_diffuse_mqar.png", "study_accuracy_by_lag.png"):
     assert (out / png).stat().st_size > 1000 and f"({png})" in text
+  # Two seeds each: sessa - attention = 0.3 ± t(0.975, 1) * 0.1 (Welch, the
+  # attention seeds agree); one seed of the ablation gives no interval.
+  half = stats.t.ppf(0.975, 1) * std / np.sqrt(2)
+  assert (f"| sessa − attention | +0.3000 | [{0.3 - half:+.4f}, "
+          f"{0.3 + half:+.4f}] | no |") in text
+  assert "Not resolved (the interval includes 0): sessa − attention." in text
+  assert "no interval: sessa − sessa (no feedback)" in text
+
+
+def test_report_json_round_trips_every_table(tmp_path):
+  runs = tmp_path / "study"
+  for seed, acc in enumerate([0.61, 0.65, 0.7]):
+    _fake_run(runs, f"symbol_soup.sessa.s{seed}", task="symbol_soup",
+              mixer="sessa", seed=seed, acc=acc)
+    _fake_run(runs, f"symbol_soup.sessa,attention.s{seed}", task="symbol_soup",
+              mixer="sessa,attention", seed=seed, acc=acc / 3)
+  md = report.write_report(runs, tmp_path / "out", "study",
+                           memory_tail_task="none",
+                           planned=["symbol_soup.sessa.s0", "text.sessa.s0",
+                                    *(p.name for p in runs.iterdir())])
+  results = json.loads((tmp_path / "out" / "study.json").read_text())
+  entry = results["tasks"]["symbol_soup"]
+  assert entry["metric"] == "accuracy"
+  hybrid = entry["mixers"]["sessa,attention"]
+  assert hybrid["seeds"] == [0, 1, 2] and hybrid["params"] == 78210
+  np.testing.assert_allclose(hybrid["test"], [0.61 / 3, 0.65 / 3, 0.7 / 3])
+  assert hybrid["config"]["model"]["mixer"] == "sessa,attention"
+  assert "seed" not in hybrid["config"]["train"]
+  assert results["not_finished"] == ["text.sessa.s0"]
+  text = md.read_text()
+  assert text.startswith("# study\n\n**Partial**: 6 of 7 points finished")
+  # Every table and comparison is recomputed from the JSON alone.
+  for lines in report.render_tables(results).values():
+    assert "\n".join(lines) in text
+  assert "Resolved: sessa − sessa,attention." in text
+  assert str(tmp_path) not in text and str(tmp_path) not in json.dumps(
+      results)
+
+
+def test_welch_interval_matches_scipy():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(1.0, 0.3, 5), rng.normal(0.6, 0.1, 3)
+  diff, lo, hi = report.welch_interval(a, b)
+  ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+  np.testing.assert_allclose([diff, lo, hi],
+                             [a.mean() - b.mean(), ci.low, ci.high])
+  assert report.welch_interval(a, b[:1]) is None
 
 
 def test_tiny_sweep_and_report_end_to_end(tmp_path, monkeypatch):
@@ -135,12 +204,18 @@ def test_tiny_sweep_and_report_end_to_end(tmp_path, monkeypatch):
   assert {r["status"] for r in results.values()} == {"ok"}, results
   out = tmp_path / "results"
   md = report.write_report(tmp_path / "tiny", out, "tiny")
+  tiny = json.loads((out / "tiny.json").read_text())["tasks"]["diffuse_mqar"]
+  assert set(tiny["mixers"]) == {"sessa", "attention", "sessa,attention"}
   text = md.read_text()
   assert "| sessa |" in text and "| attention |" in text
+  assert "| sessa,attention |" in text
   for png in ("tiny_curves_diffuse_mqar.png", "tiny_accuracy_by_lag.png",
               "tiny_memory_tail.png"):
     assert (out / png).stat().st_size > 1000, png
   tail = json.loads((out / "tiny_memory_tail.json").read_text())
-  assert set(tail) == {"sessa", "attention"}
+  assert set(tail) == {"sessa", "attention", "sessa,attention"}
+  # The hybrid's one Sessa layer (layer 0) gets its feedback impulse response.
+  assert [e["layer"] for e in tail["sessa,attention"]["layers"]] == [0]
+  assert [e["layer"] for e in tail["sessa"]["layers"]] == [0, 1]
   assert np.isfinite(tail["attention"]["influence"]["slope"])
   assert 0 <= tail["sessa"]["bound"]["c2"] <= 1

@@ -44,9 +44,12 @@ def test_config_argument_picks_mixer_and_size():
 
 
 @pytest.mark.parametrize("section,key,message", [
-    ("train", "learning_rate", r"unknown key train\.learning_rate; known keys: .*lr"),
-    ("mesh", "model", r"unknown key mesh\.model; known keys: data, fsdp, tensor"),
-    ("model", "width", r"unknown key model\.width; known keys: .*d_model"),
+    ("train", "learning_rate",
+     r"unknown config key 'train\.learning_rate'; known keys of train: .*lr"),
+    ("mesh", "model",
+     r"unknown config key 'mesh\.model'; known keys of mesh: data, fsdp, tensor"),
+    ("model", "width",
+     r"unknown config key 'model\.width'; known keys of model: .*d_model"),
 ])
 def test_unknown_key_names_choices(section, key, message):
   raw = _config().to_dict()
@@ -81,7 +84,8 @@ def test_overrides_set_dotted_keys_and_reject_unknown_ones():
   config = config_lib.apply_overrides(_config(), {"train.lr": 0.5,
                                                   "model.n_kv_heads": 1})
   assert config.train.lr == 0.5 and config.model.n_kv_heads == 1
-  with pytest.raises(ValueError, match="unknown config key 'train.lrr'; known keys of train: .*lr"):
+  with pytest.raises(ValueError, match="unknown config key 'train.lrr'; known keys of train: .*lr"
+                     r".* \(did you mean 'train.lr'\?\)"):
     config_lib.apply_overrides(_config(), {"train.lrr": 0.5})
 
 
@@ -136,8 +140,13 @@ def test_logical_rules_map_names_to_mesh_axes():
   assert spec((None, "embed"), (3, 16), mesh) == P(None, "fsdp")
   assert spec(("vocab", "embed"), (33, 16), mesh) == P(None, "fsdp")  # 33 odd
   assert spec(None, (4,), mesh) == P()
-  with pytest.raises(ValueError, match="unknown logical axis 'heads'"):
-    spec(("heads",), (4,), mesh)
+  # Activations: the batch takes 'fsdp' first, so their embed dim stays whole.
+  assert spec(("batch", "sequence", "embed"), (8, 5, 16), mesh) == P(
+      ("data", "fsdp"), None, None)
+  assert spec(("batch", "sequence", "heads", "head_dim"), (8, 5, 4, 4),
+              mesh) == P(("data", "fsdp"), None, "tensor", None)
+  with pytest.raises(ValueError, match="unknown logical axis 'layers'"):
+    spec(("layers",), (4,), mesh)
 
 
 def test_config_dict_round_trips_through_json():

@@ -1,9 +1,13 @@
 """Sweeps: every point in its own workdir, failures reported, the rest still run."""
 
 import json
+import os
 import pathlib
+import signal
 import tempfile
 import textwrap
+import threading
+import time
 
 import jax
 
@@ -63,3 +67,28 @@ def test_failing_points_are_reported_and_the_others_run(tmp_path, capsys):
 def test_preset_picks_points(tmp_path):
   points = sweep.load_sweep(f"{_sweep_file(tmp_path)}:quick")
   assert sorted(points) == ["bad_heads", "bad_key", "lr0.01"]
+
+
+def test_sigterm_saves_the_running_point_and_starts_no_other(tmp_path):
+  spec = tmp_path / "two_points.py"
+  spec.write_text(textwrap.dedent(f"""
+      POINT = {{"config": {str(ROOT / "configs" / "mqar.py")!r}, **{TINY!r},
+               "train.steps": 100000, "train.checkpoint_every": 1000}}
+
+      def sweep(preset):
+        return {{"first": POINT, "second": {{**POINT, "train.lr": 0.003}}}}
+      """))
+  metrics = tmp_path / "runs" / "first" / "metrics.jsonl"
+
+  def terminate_once_training():
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+      time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=terminate_once_training, daemon=True).start()
+  results = sweep.run_sweep(str(spec), tmp_path / "runs")
+  assert results["first"]["status"] == "preempted"
+  assert results["second"] == {"status": "pending"}
+  assert not (tmp_path / "runs" / "second").exists()
+  assert [int(p.name) for p in (tmp_path / "runs" / "first" / "checkpoints").iterdir()
+         ] == [results["first"]["step"]]

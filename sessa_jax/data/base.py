@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
+from sessa_jax import checks
+
 SPLITS = ("train", "val", "test")
 PAD_ID = 0
 # Keys every task accepts: the registry and the pipeline read `task` and
@@ -85,12 +87,6 @@ def _check_type(name: str, value: Any, default: Any) -> Any:
   return value
 
 
-def check_positive(name: str, value: int | float, minimum: int | float = 1):
-  """Raises a ValueError naming `data.<name>` unless value >= minimum."""
-  if value < minimum:
-    raise ValueError(f"data.{name} must be >= {minimum}, got {value}")
-
-
 class Task(abc.ABC):
   """A dataset of fixed-length examples, each a pure function of its index.
 
@@ -102,6 +98,9 @@ class Task(abc.ABC):
     bytes_per_token: UTF-8 bytes per token (text only, for bits per byte).
     special_tokens: token name -> id for tokens with a role in the format.
     uses_workdir: whether the constructor takes `workdir` (a cache location).
+    path_use: what the task does with `data.path`: `unused` (a generated
+      task; the path must be empty), `optional` or `required`.
+    positive_keys: config fields that must be >= 1 (`seq_len` always is).
   """
 
   name: ClassVar[str]
@@ -109,11 +108,19 @@ class Task(abc.ABC):
   metrics: tuple[str, ...] = ("accuracy",)
   bytes_per_token: float | None = None
   uses_workdir: ClassVar[bool] = False
+  path_use: ClassVar[str] = "unused"
+  positive_keys: ClassVar[tuple[str, ...]] = ()
 
   def __init__(self, cfg: TaskConfig):
-    check_positive("seq_len", cfg.seq_len)
-    if cfg.seed < 0:
-      raise ValueError(f"data.seed must be >= 0, got {cfg.seed}")
+    """Checks what every task shares: seq_len, seed, path, positive_keys."""
+    checks.at_least("data", cfg, ("seq_len",) + self.positive_keys)
+    checks.at_least("data", cfg, ("seed",), minimum=0)
+    if cfg.path and self.path_use == "unused":
+      raise ValueError(
+          f"data.path is not used by task {self.name}, got {cfg.path!r}")
+    if not cfg.path and self.path_use == "required":
+      raise ValueError(
+          f"data.path must name the files task {self.name} reads (a glob)")
     self.cfg = cfg
 
   @property
@@ -136,6 +143,11 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def example(self, split: str, index: int) -> dict[str, np.ndarray]:
     """Example `index` of `split`: a dict of (seq_len,) numpy arrays."""
+
+  def source(self, split: str) -> str:
+    """Where `split` comes from, for error messages ('' when generated)."""
+    del split
+    return ""
 
   def __repr__(self) -> str:
     return f"{type(self).__name__}({self.cfg})"

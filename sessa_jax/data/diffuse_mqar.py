@@ -22,6 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
+from sessa_jax import checks
 from sessa_jax.data import base
 
 BOS_ID, SEP_ID = 1, 2
@@ -69,17 +70,13 @@ class DiffuseMQAR(base.Task):
 
   name = "diffuse_mqar"
   Config = DiffuseMQARConfig
+  positive_keys = ("num_pairs", "value_vocab", "filler_vocab", "min_lag",
+                   "test_lag_multiplier", "num_train", "num_val", "num_test")
 
   def __init__(self, cfg: DiffuseMQARConfig):
     super().__init__(cfg)
-    if cfg.path:
-      raise ValueError(
-          f"data.path is not used by task diffuse_mqar, got {cfg.path!r}")
-    for key in ("num_pairs", "value_vocab", "filler_vocab", "min_lag",
-                "test_lag_multiplier", "num_train", "num_val", "num_test"):
-      base.check_positive(key, getattr(cfg, key))
-    base.check_positive("key_len", cfg.key_len, 2)
-    base.check_positive("key_vocab", cfg.key_vocab, cfg.num_pairs + 1)
+    checks.at_least("data", cfg, ("key_len",), minimum=2)
+    checks.at_least("data", cfg, ("key_vocab",), minimum=cfg.num_pairs + 1)
     if not 0 <= cfg.num_queries <= cfg.num_pairs:
       raise ValueError(
           f"data.num_queries must be in [0, num_pairs={cfg.num_pairs}], got "

@@ -46,13 +46,10 @@ class MQAR(base.Task):
 
   name = "mqar"
   Config = MQARConfig
+  positive_keys = ("num_kv_pairs", "num_train", "num_val", "num_test")
 
   def __init__(self, cfg: MQARConfig):
     super().__init__(cfg)
-    if cfg.path:
-      raise ValueError(f"data.path is not used by task mqar, got {cfg.path!r}")
-    for key in ("num_kv_pairs", "num_train", "num_val", "num_test"):
-      base.check_positive(key, getattr(cfg, key))
     if cfg.power_a <= 0:
       raise ValueError(f"data.power_a must be > 0, got {cfg.power_a}")
     half = cfg.vocab_size // 2

@@ -96,9 +96,11 @@ def make_iterator(
     raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
   num = task.num_examples(split)
   if num < batch_size:
+    source = task.source(split)
     raise ValueError(
-        f"split {split!r} of task {task.name!r} has {num} examples, fewer "
-        f"than one batch of {batch_size}")
+        f"split {split!r} of task {task.name!r}"
+        f"{f' ({source})' if source else ''} has {num} examples, fewer than "
+        f"one batch of {batch_size}")
   local_batch_size = batch_size // process_count
 
   ds = grain.MapDataset.range(num)

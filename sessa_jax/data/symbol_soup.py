@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from sessa_jax import checks
 from sessa_jax.data import base
 
 ALPHABET = "abcdefghijklmnop"
@@ -438,6 +439,7 @@ class SymbolSoup(base.Task):
 
   name = "symbol_soup"
   Config = SymbolSoupConfig
+  path_use = "optional"
 
   def __init__(self, cfg: SymbolSoupConfig):
     super().__init__(cfg)
@@ -448,8 +450,7 @@ class SymbolSoup(base.Task):
         longest = max((len(x) for x in self._files[split][0]), default=0)
         base.pad(np.zeros(longest), cfg.seq_len, f"the longest example of {path}")
     else:
-      for split in base.SPLITS:
-        base.check_positive(f"num_{split}", getattr(cfg, f"num_{split}"))
+      checks.at_least("data", cfg, [f"num_{split}" for split in base.SPLITS])
       _, hi = letter_range(cfg.min_tokens, cfg.max_tokens)
       base.pad(np.zeros(2 * hi + 13), cfg.seq_len,
                f"with max_tokens={cfg.max_tokens} the longest example")

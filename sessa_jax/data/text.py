@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from sessa_jax import checks
 from sessa_jax.data import base
 from sessa_jax.data import tokenizers
 
@@ -88,16 +89,12 @@ class Text(base.Task):
   Config = TextConfig
   metrics = ("perplexity", "bits_per_byte", "accuracy")
   uses_workdir = True
+  path_use = "required"
 
   def __init__(self, cfg: TextConfig, workdir: str | None = None):
     super().__init__(cfg)
-    if not cfg.path:
-      raise ValueError("data.path must name the training files (a glob)")
-    for key, value, choices in (("format", cfg.format, FORMATS),
-                                ("tokenizer", cfg.tokenizer, TOKENIZERS)):
-      if value not in choices:
-        raise ValueError(
-            f"data.{key}={value!r} is not one of: {', '.join(choices)}")
+    checks.one_of("data", "format", cfg.format, FORMATS)
+    checks.one_of("data", "tokenizer", cfg.tokenizer, TOKENIZERS)
     held_out = {"val": cfg.val_fraction, "test": cfg.test_fraction}
     if min(held_out.values()) < 0 or sum(held_out.values()) >= 1:
       raise ValueError(
@@ -111,6 +108,15 @@ class Text(base.Task):
       if getattr(cfg, key):
         files[split] = expand_globs(getattr(cfg, key), key)
         held_out[split] = 0.0
+    self._sources = {}  # For error messages: where each split comes from.
+    for split in base.SPLITS:
+      key = "path" if split == "train" else f"{split}_path"
+      if split in files:
+        shown = ", ".join(files[split][:3]) + (
+            ", ..." if len(files[split]) > 3 else "")
+        self._sources[split] = f"data.{key}={getattr(cfg, key)!r}: {shown}"
+      else:
+        self._sources[split] = f"held out from data.path={cfg.path!r}"
 
     if cfg.format == "text":
       docs = {split: [read_text(f) for f in fs] for split, fs in files.items()}
@@ -142,7 +148,7 @@ class Text(base.Task):
       return tokenizers.ByteTokenizer()
     if cfg.spm_model:
       return tokenizers.SentencePieceTokenizer.load(cfg.spm_model)
-    base.check_positive("vocab_size", cfg.vocab_size, 260)
+    checks.at_least("data", cfg, ("vocab_size",), minimum=260)
     return tokenizers.SentencePieceTokenizer.train(
         train_docs, cfg.vocab_size, self._cache_dir)
 
@@ -188,6 +194,11 @@ class Text(base.Task):
   def num_examples(self, split: str) -> int:
     base.check_split(split)
     return max(0, (len(self.streams[split]) - 1) // self.seq_len)
+
+  def source(self, split: str) -> str:
+    base.check_split(split)
+    tokens = len(self.streams[split])
+    return f"{self._sources[split]}; {tokens} tokens"
 
   def example(self, split: str, index: int) -> dict[str, np.ndarray]:
     base.check_index(split, index, self.num_examples(split))

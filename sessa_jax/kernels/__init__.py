@@ -1,4 +1,7 @@
-"""Hot loops, each with a plain-JAX reference beside it."""
+"""Hot loops, each with a plain-JAX reference beside it.
+
+Shape letters in names (`q_btk`, `a_bcc`): docs/design.md#shape-letters.
+"""
 
 from sessa_jax.kernels.feedback import feedback_solve
 

@@ -1,36 +1,48 @@
 """Feedback solve with its O(T²) passes as Pallas kernels (TPU and GPU).
 
 The algorithm of `feedback_chunked` (docs/design.md#feedback-solve),
-arranged for accelerators:
+arranged for accelerators as one compiled loop over chunks per direction:
 
 1. `row_stats`: every row's log-sum-exp over the key chunks before its own
-   (a parallel flash-style pass), merged with the diagonal chunk's in JAX.
-   With exact log-sum-exps, A = exp(logits - lse) blocks from different
-   passes simply add.
+   (one parallel flash-style pass), merged with the diagonal chunk's, all
+   in float32 (float64 for float64 inputs) whatever the input dtype. With
+   exact log-sum-exps, A = exp(logits - lse) blocks computed in different
+   launches simply add.
 2. The diagonal C x C blocks of all chunks at once (batched, O(T·C)): A_ii
-   and the inverses (I - gamma_i A_ii)^{-1} by blocked recursion.
-3. Forward substitution as a divide-and-conquer over chunks: solve the left
-   half, let the right half's rows read it in one parallel `row_apply`
-   rectangle, solve the right half. Every rectangle is a full-width kernel
-   launch, so the sequential depth is the number of chunks while the work
-   in each launch parallelises over all its rows.
-4. Backward: the adjoint u = (I - M)^{-T} g by the mirrored recursion (right
-   half first; `col_apply` rectangles give the left keys both their adjoint
-   contribution A^T (gamma u) and their dk), then one parallel `row_grad`
-   pass for dq, plus the diagonal blocks in JAX.
+   and the inverses (I - gamma_i A_ii)^{-1}.
+3. Forward substitution: a `lax.fori_loop` over the n = T / C chunks
+   ("leaves"). Leaf i solves s_i = (I - gamma_i A_ii)^{-1} (f_i + gamma_i
+   ctx_i); then, with 2^l the lowest set bit of i + 1, one `rect_apply`
+   launch lets rows of chunks [i + 1, i + 1 + 2^l) read the keys of chunks
+   [i + 1 - 2^l, i + 1), adding A s to their context ctx in place. Every
+   (row chunk, key chunk) pair below the diagonal is covered by exactly one
+   rectangle (the one of the highest bit where the two chunk indices
+   differ), after its keys are solved and before its rows are: the order of
+   a divide-and-conquer over chunks, as a loop. The rectangle's offsets and
+   extents are run-time operands, so the traced program (and the compile
+   time) does not grow with T, while each launch parallelises over all its
+   rows.
+4. Backward: the adjoint u = (I - M)^{-T} g by the mirrored loop, leaves
+   from last to first; after leaf j (> 0) one `rect_col` launch on rows of
+   chunks [j, j + 2^l) and keys of chunks [j - 2^l, j), 2^l the lowest set
+   bit of j, adds A^T (gamma u) to the keys' adjoint right-hand side and
+   accumulates dk; on GPU the same launch accumulates dq with atomic adds,
+   on TPU (no atomics) one causal `row_grad` pass after the loop does. The
+   diagonal blocks' share of the gradients is batched JAX.
 
-Two sizes: the chunk C (rows of each diagonal block, leaves of the
-recursion; default 256) and the kernels' tile height, which divides C and is
-what fits the hardware (128 on TPU; on GPU 64 rows of bfloat16 or 32 of
-float32 at width 256). The causal kernels skip whole chunks, so the diagonal
-blocks are counted once. The recursion is unrolled at trace time: its depth,
-the number of kernel launches and the compile time grow with T / C, which a
-larger chunk keeps small (an H200 compiled chunk = tile = 64 at T = 32768 in
-105 s).
+Matmul work, in causal passes P (one product over all pairs j < t with
+contraction K = D): forward 3P (statistics 1, rectangles 2), backward 5P on
+GPU (rectangles: logits, A^T w, w s^T, dk, dq) and 7P on TPU (rectangles 4,
+`row_grad` 3); `tests/test_feedback_flops.py` audits it.
 
-Kernels come from `feedback_pallas_tpu` (Mosaic, sequential reduction axis
-with VMEM scratch) or `feedback_pallas_gpu` (Triton, in-kernel loops). On
-CPU they run in interpret mode, which is how the tests check them.
+Two sizes: the chunk C (rows of each diagonal block and loop leaf, default
+`blocks.DEFAULT_CHUNK`) and the kernels' tile height, which divides C and
+is what fits the hardware (`default_tile`). Kernels come from
+`feedback_pallas_tpu` (Mosaic: scalar-prefetched schedule, grids sized at
+run time, sequential reduction axis with VMEM scratch) or
+`feedback_pallas_gpu` (Triton: fixed grids, in-kernel loops, split
+reductions with atomic adds). On CPU they run in interpret mode, which is
+how the tests check them.
 """
 
 from __future__ import annotations
@@ -41,13 +53,17 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 
 from sessa_jax.kernels import blocks
 from sessa_jax.kernels import feedback_pallas_gpu
 from sessa_jax.kernels import feedback_pallas_tpu
+from sessa_jax.kernels.blocks import get_block, put_block
 
 BACKENDS = {"tpu": feedback_pallas_tpu, "gpu": feedback_pallas_gpu}
-TPU_TILE = 128
+# TPU tile height: blocks of hundreds of rows keep the MXU busy per grid
+# step; (256, K) and (256, D) tiles of float32 fit VMEM with room to spare.
+TPU_TILE = 256
 # Largest (tile x feature width) operand tile of the GPU kernels, in bytes.
 # Measured on an H200 at K = D = 256: 64 rows of bfloat16 and 32 rows of
 # float32 compile; 64 rows of float32 ask for more shared memory than a
@@ -58,7 +74,7 @@ GPU_TILE_BYTES = 32 * 1024
 class _Setup(NamedTuple):
   """Static (hashable) settings of one solve."""
   backend: str
-  interpret: bool
+  interpret: bool | pltpu.InterpretParams
   chunk: int
   tile: int
   scale: float
@@ -66,14 +82,18 @@ class _Setup(NamedTuple):
 
   @property
   def group(self) -> int:
-    """Kernel tiles per chunk: the causal passes skip whole chunks."""
+    """Kernel tiles per chunk."""
     return self.chunk // self.tile
 
-  def op(self, name):
+  @property
+  def kernels(self):
+    return BACKENDS[self.backend]
+
+  def op(self, name, **static):
     """Kernel `name` of this backend, with tiles of `tile` rows."""
-    return functools.partial(getattr(BACKENDS[self.backend], name),
-                             block=self.tile, scale=self.scale,
-                             interpret=self.interpret)
+    return functools.partial(getattr(self.kernels, name), block=self.tile,
+                             scale=self.scale, interpret=self.interpret,
+                             **static)
 
 
 def _default_backend() -> str:
@@ -89,7 +109,7 @@ def default_tile(backend: str, chunk: int, width: int, mm_dtype) -> int:
   """
   if backend == "tpu":
     return math.gcd(chunk, TPU_TILE)
-  tile_row = max(16, 1 << (width - 1).bit_length()) * mm_dtype.itemsize
+  tile_row = feedback_pallas_gpu.feature_width(width) * mm_dtype.itemsize
   cap = 64
   while cap > 16 and cap * tile_row > GPU_TILE_BYTES:
     cap //= 2
@@ -105,112 +125,156 @@ def _unchunked(x):
   return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
-def _diagonal(q_btk, k_btk, lse_bt, chunk, scale):
+def _diagonal_logits(q_btk, k_btk, setup, dtype):
+  """Logits of every chunk's diagonal block (B, N, C, C) in `dtype`."""
+  q, k = _chunked(q_btk, setup.chunk), _chunked(k_btk, setup.chunk)
+  return jnp.einsum("bnck,bnsk->bncs", q, k,
+                    preferred_element_type=dtype) * setup.scale
+
+
+def _strict_lower(chunk):
+  return jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)
+
+
+def _diagonal(q_btk, k_btk, lse_bt, setup):
   """A_ii of every chunk, (B, N, C, C), from the full-row log-sum-exp."""
-  q, k = _chunked(q_btk, chunk), _chunked(k_btk, chunk)
-  logits = jnp.einsum("bnck,bnsk->bncs", q, k) * scale
-  mask = jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)
-  lse = _chunked(lse_bt, chunk)[..., None]
-  return jnp.where(mask, jnp.exp(logits - lse), 0.0)
+  logits = _diagonal_logits(q_btk, k_btk, setup, lse_bt.dtype)
+  lse = _chunked(lse_bt, setup.chunk)[..., None]
+  return jnp.where(_strict_lower(setup.chunk), jnp.exp(logits - lse), 0.0)
 
 
 def _row_lse(q_btk, k_btk, setup):
-  """Log-sum-exp over all earlier keys per row (0 for row 0)."""
-  chunk, scale = setup.chunk, setup.scale
-  lse_off = setup.op("row_stats")(q_btk, k_btk, group=setup.group)
-  q, k = _chunked(q_btk, chunk), _chunked(k_btk, chunk)
-  logits = jnp.einsum("bnck,bnsk->bncs", q, k,
-                      preferred_element_type=lse_off.dtype) * scale
-  mask = jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)
-  lse_diag = jax.nn.logsumexp(jnp.where(mask, logits, -jnp.inf), axis=-1)
+  """Log-sum-exp over all earlier keys per row (0 for row 0), float32+."""
+  lse_off = setup.op("row_stats", group=setup.group)(q_btk, k_btk)
+  logits = _diagonal_logits(q_btk, k_btk, setup, lse_off.dtype)
+  lse_diag = jax.nn.logsumexp(
+      jnp.where(_strict_lower(setup.chunk), logits, -jnp.inf), axis=-1)
   lse = jnp.logaddexp(lse_off, _unchunked(lse_diag))
   return jnp.where(jnp.isfinite(lse), lse, 0.0)
 
 
+def _lowest_bit(x):
+  return x & -x
+
+
+def _largest_side(n: int, group: int) -> int:
+  """Tiles on a side of the largest rectangle of an n-chunk solve."""
+  return (1 << max(n - 1, 1).bit_length() - 1) * group
+
+
+def _schedule(row0, n_rows, key0, side, group):
+  """The rectangle operand of the kernels, in tiles (int32 (4,))."""
+  return jnp.stack([row0, n_rows, key0, side]).astype(jnp.int32) * group
+
+
+class _Mirror(NamedTuple):
+  """An array and, when the kernels take another dtype, its copy in it."""
+  value: jax.Array
+  mm: jax.Array | None
+
+  @classmethod
+  def zeros_like(cls, x, mm_dtype):
+    return cls(jnp.zeros_like(x), None if x.dtype == mm_dtype else
+               jnp.zeros(x.shape, mm_dtype))
+
+  def put(self, block, i, chunk):
+    return _Mirror(
+        put_block(self.value, block, i, chunk),
+        None if self.mm is None else
+        put_block(self.mm, block.astype(self.mm.dtype), i, chunk))
+
+  @property
+  def for_kernels(self):
+    return self.value if self.mm is None else self.mm
+
+
 def _forward(q_btk, k_btk, gamma_bt, f_btd, setup):
-  chunk, scale, mm_dtype = setup.chunk, setup.scale, setup.mm_dtype
+  chunk, mm_dtype = setup.chunk, setup.mm_dtype
   n = q_btk.shape[1] // chunk
-  lse = _row_lse(q_btk.astype(mm_dtype), k_btk.astype(mm_dtype), setup)
-  a_diag = _diagonal(q_btk, k_btk, lse, chunk, scale)
-  gamma = _chunked(gamma_bt, chunk)
-  inv = blocks.unit_lower_inverse(gamma[..., None] * a_diag)
-  f = _chunked(f_btd, chunk)
-  s = [None] * n
-  ctx_off = [jnp.zeros_like(f[:, 0])] * n
-  rows = lambda x, lo, hi: x[:, lo * chunk:hi * chunk].astype(mm_dtype)
+  q_mm, k_mm = q_btk.astype(mm_dtype), k_btk.astype(mm_dtype)
+  lse = _row_lse(q_mm, k_mm, setup)
+  a_diag = _diagonal(q_btk, k_btk, lse, setup)
+  inv = blocks.unit_lower_inverse(_chunked(gamma_bt, chunk)[..., None]
+                                  * a_diag)
+  rect = setup.op("rect_apply", side_max=_largest_side(n, setup.group))
 
-  def solve(lo, hi):
-    if hi - lo == 1:
-      rhs = f[:, lo] + gamma[:, lo, :, None] * ctx_off[lo]
-      s[lo] = jnp.einsum("bcs,bsd->bcd", inv[:, lo], rhs)
-      return
-    mid = (lo + hi) // 2
-    solve(lo, mid)
-    read = setup.op("row_apply")(
-        rows(q_btk, mid, hi), rows(k_btk, lo, mid),
-        jnp.concatenate(s[lo:mid], axis=1).astype(mm_dtype),
-        lse[:, mid * chunk:hi * chunk])
-    for i in range(mid, hi):
-      ctx_off[i] = ctx_off[i] + read[:, (i - mid) * chunk:(i - mid + 1) * chunk]
-    solve(mid, hi)
+  def leaf(i, s, ctx_off):
+    gamma_i = get_block(gamma_bt, i, chunk)[..., None]
+    rhs = get_block(f_btd, i, chunk) + gamma_i * get_block(ctx_off, i, chunk)
+    s_i = jnp.einsum("bcs,bsd->bcd",
+                     jax.lax.dynamic_index_in_dim(inv, i, 1, False), rhs)
+    return s.put(s_i, i, chunk)
 
-  solve(0, n)
-  s_bnd = jnp.stack(s, axis=1)
-  ctx = jnp.stack(ctx_off, axis=1) + jnp.einsum("bncs,bnsd->bncd", a_diag,
-                                                s_bnd)
-  return _unchunked(s_bnd), _unchunked(ctx), lse
+  def step(i, carry):
+    s, ctx_off = carry
+    s = leaf(i, s, ctx_off)
+    side = _lowest_bit(i + 1)
+    sched = _schedule(i + 1, jnp.minimum(side, n - 1 - i), i + 1 - side,
+                      side, setup.group)
+    return s, rect(sched, q_mm, k_mm, s.for_kernels, lse, ctx_off)
+
+  init = (_Mirror.zeros_like(f_btd, mm_dtype), jnp.zeros_like(f_btd))
+  s, ctx_off = jax.lax.fori_loop(0, n - 1, step, init)
+  s = leaf(n - 1, s, ctx_off).value
+  ctx = ctx_off + _unchunked(jnp.einsum("bncs,bnsd->bncd", a_diag,
+                                        _chunked(s, chunk)))
+  return s, ctx, lse
 
 
 def _backward(setup, res, g_btd):
   chunk, scale, mm_dtype = setup.chunk, setup.scale, setup.mm_dtype
   q_btk, k_btk, gamma_bt, s_btd, ctx_btd, lse = res
   n = q_btk.shape[1] // chunk
-  a_diag = _diagonal(q_btk, k_btk, lse, chunk, scale)
-  gamma = _chunked(gamma_bt, chunk)
-  inv = blocks.unit_lower_inverse(gamma[..., None] * a_diag)
-  ctx = _chunked(ctx_btd, chunk)
-  rhs = [g for g in jnp.moveaxis(_chunked(g_btd, chunk), 1, 0)]
-  dk_off = [jnp.zeros_like(k_btk[:, :chunk])] * n
-  u, w, delta = [None] * n, [None] * n, [None] * n
-  rows = lambda x, lo, hi: x[:, lo * chunk:hi * chunk]
+  q_mm, k_mm, s_mm = (x.astype(mm_dtype) for x in (q_btk, k_btk, s_btd))
+  a_diag = _diagonal(q_btk, k_btk, lse, setup)
+  inv = blocks.unit_lower_inverse(_chunked(gamma_bt, chunk)[..., None]
+                                  * a_diag)
+  dq_in_loop = setup.kernels.DQ_IN_COLUMN_PASS
+  col = setup.op("rect_col", side_max=_largest_side(n, setup.group))
 
-  def adjoint(lo, hi):
-    if hi - lo == 1:
-      u[lo] = jnp.einsum("bsc,bsd->bcd", inv[:, lo], rhs[lo])
-      w[lo] = gamma[:, lo, :, None] * u[lo]
-      delta[lo] = gamma[:, lo] * jnp.sum(u[lo] * ctx[:, lo], axis=-1)
-      return
-    mid = (lo + hi) // 2
-    adjoint(mid, hi)
-    dv, dk = setup.op("col_apply")(
-        rows(q_btk, mid, hi).astype(mm_dtype),
-        rows(k_btk, lo, mid).astype(mm_dtype),
-        jnp.concatenate(w[mid:hi], axis=1).astype(mm_dtype),
-        rows(s_btd, lo, mid).astype(mm_dtype),
-        jnp.concatenate(delta[mid:hi], axis=1), rows(lse, mid, hi))
-    for j in range(lo, mid):
-      part = slice((j - lo) * chunk, (j - lo + 1) * chunk)
-      rhs[j] = rhs[j] + dv[:, part]
-      dk_off[j] = dk_off[j] + dk[:, part]
-    adjoint(lo, mid)
+  def leaf(j, u, w, delta, rhs):
+    u_j = jnp.einsum("bsc,bsd->bcd",
+                     jax.lax.dynamic_index_in_dim(inv, j, 1, False),
+                     get_block(rhs, j, chunk))
+    gamma_j = get_block(gamma_bt, j, chunk)
+    delta_j = gamma_j * jnp.sum(u_j * get_block(ctx_btd, j, chunk), axis=-1)
+    return (put_block(u, u_j, j, chunk),
+            w.put(gamma_j[..., None] * u_j, j, chunk),
+            put_block(delta, delta_j, j, chunk))
 
-  adjoint(0, n)
-  u_btd = jnp.concatenate(u, axis=1)
-  w_btd = jnp.concatenate(w, axis=1)
-  delta_bt = jnp.concatenate(delta, axis=1)
-  dq = setup.op("row_grad")(
-      q_btk.astype(mm_dtype), k_btk.astype(mm_dtype), s_btd.astype(mm_dtype),
-      w_btd.astype(mm_dtype), delta_bt, lse, group=setup.group)
+  def step(i, carry):
+    j = n - 1 - i
+    u, w, delta, rhs, *grads = carry
+    u, w, delta = leaf(j, u, w, delta, rhs)
+    side = _lowest_bit(j)
+    sched = _schedule(j, jnp.minimum(side, n - j), j - side, side,
+                      setup.group)
+    acc = col(sched, q_mm, k_mm, w.for_kernels, s_mm, delta, lse, rhs,
+              *grads)
+    return (u, w, delta, *acc)
+
+  init = (jnp.zeros_like(g_btd), _Mirror.zeros_like(g_btd, mm_dtype),
+          jnp.zeros(g_btd.shape[:2], g_btd.dtype), g_btd,
+          jnp.zeros_like(k_btk)) + ((jnp.zeros_like(q_btk),) if dq_in_loop
+                                    else ())
+  u, w, delta, rhs, dk, *dq = jax.lax.fori_loop(0, n - 1, step, init)
+  u, w, delta = leaf(0, u, w, delta, rhs)
+  w = w.value
+  if dq_in_loop:
+    dq = dq[0]
+  else:
+    dq = setup.op("row_grad", group=setup.group)(
+        q_mm, k_mm, s_mm, w.astype(mm_dtype), delta, lse)
   # The diagonal blocks' share of the logit gradient.
-  w_c, s_c = _chunked(w_btd, chunk), _chunked(s_btd, chunk)
-  ds = a_diag * (jnp.einsum("bncd,bnsd->bncs", w_c, s_c)
-                 - _chunked(delta_bt, chunk)[..., None])
+  ds = a_diag * (jnp.einsum("bncd,bnsd->bncs", _chunked(w, chunk),
+                            _chunked(s_btd, chunk))
+                 - _chunked(delta, chunk)[..., None])
   dq = dq + _unchunked(jnp.einsum("bncs,bnsk->bnck", ds,
                                   _chunked(k_btk, chunk)))
-  dk = jnp.concatenate(dk_off, axis=1) + _unchunked(
-      jnp.einsum("bncs,bnck->bnsk", ds, _chunked(q_btk, chunk)))
-  dgamma = jnp.sum(u_btd * ctx_btd, axis=-1)
-  return dq * scale, dk * scale, dgamma, u_btd
+  dk = dk + _unchunked(jnp.einsum("bncs,bnck->bnsk", ds,
+                                  _chunked(q_btk, chunk)))
+  dgamma = jnp.sum(u * ctx_btd, axis=-1)
+  return dq * scale, dk * scale, dgamma, u
 
 
 def _check_tiles(backend, chunk, tile, interpret):
@@ -228,13 +292,18 @@ def _check_tiles(backend, chunk, tile, interpret):
                      f"rows; Triton's dots need 16: use a multiple of 16")
 
 
+def _pad_features(x, width):
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+
+
 def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
                           gamma_bt: jax.Array, f_btd: jax.Array, *,
                           chunk: int | None = None,
                           tile: int | None = None,
                           scale: float | None = None,
                           backend: str | None = None,
-                          interpret: bool | None = None) -> jax.Array:
+                          interpret: bool | pltpu.InterpretParams | None
+                          = None) -> jax.Array:
   """Feedback solve whose O(T²) passes are Pallas kernels.
 
   Args:
@@ -243,8 +312,8 @@ def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
     gamma_bt: per-token gains (B, T).
     f_btd: right-hand side (B, T, D).
     chunk: rows per chunk: the diagonal blocks solved in plain JAX and the
-      leaves of the divide-and-conquer (`blocks.DEFAULT_CHUNK`). T is padded up to
-      a multiple of it.
+      leaves of the loop (`blocks.DEFAULT_CHUNK`). T is padded up to a
+      multiple of it.
     tile: the kernels' tile height, dividing `chunk`: a multiple of 8 on
       TPU, a power of two on GPU (at least 16 when compiled). Defaults per
       backend, width and dtype (`default_tile`).
@@ -252,11 +321,13 @@ def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
     backend: `tpu` or `gpu` kernels; defaults to the platform's (TPU kernels
       when running on CPU).
     interpret: run the kernels in interpret mode; defaults to True on CPU.
+      The TPU kernels also take the TPU interpreter's settings (e.g. its
+      race detector).
 
   Returns:
-    s (B, T, D) in the dtype of `f_btd`. Solves accumulate in float32
-    (float64 inputs compute in float64); bfloat16 inputs feed the kernels'
-    matmuls as bfloat16.
+    s (B, T, D) in the dtype of `f_btd`. Solves and row statistics are in
+    float32 (float64 inputs compute in float64); bfloat16 inputs feed the
+    kernels' matmuls as bfloat16.
   """
   backend = _default_backend() if backend is None else backend
   if backend not in BACKENDS:
@@ -273,8 +344,15 @@ def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
                         max(q_btk.shape[-1], f_btd.shape[-1]), mm_dtype)
   tile = int(tile)
   _check_tiles(backend, chunk, tile, interpret)
-  return blocks.blocked_feedback_solve(
-      _forward, _backward, q_btk, k_btk, gamma_bt, f_btd, multiple=chunk,
+  if scale is None:
+    scale = q_btk.shape[-1] ** -0.5
+  # Zero feature padding is exact: it adds nothing to any dot product.
+  width = BACKENDS[backend].feature_width
+  kd, d = width(q_btk.shape[-1]), width(f_btd.shape[-1])
+  s = blocks.blocked_feedback_solve(
+      _forward, _backward, _pad_features(q_btk, kd), _pad_features(k_btk, kd),
+      gamma_bt, _pad_features(f_btd, d), multiple=chunk,
       settings=lambda scale, compute: _Setup(
-          backend, bool(interpret), chunk, tile, scale, mm_dtype),
+          backend, interpret, chunk, tile, scale, mm_dtype),
       scale=scale)
+  return s[..., :f_btd.shape[-1]]

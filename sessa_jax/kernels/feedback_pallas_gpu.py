@@ -1,15 +1,31 @@
 """GPU (Triton) kernels for the O(T²) passes of the feedback solve.
 
-The same four passes as `feedback_pallas_tpu`, laid out the GPU way: the
-grid is (B, outer blocks), all parallel, and each program walks the
-reduction blocks itself with a `fori_loop`, keeping its running state in
-registers. The reduction side is passed whole (one (T, K) block per batch
-row) and sliced with `pl.ds`. Triton wants power-of-two block shapes, so
-the feature widths are zero-padded up to one (exact: padded channels add
-nothing to any dot product) and the tile must be a power of two. Passing
-`plgpu.CompilerParams` selects the Triton lowering.
+Three kernels, each one `pallas_call` whose grid is (B, programs), all
+parallel; each program walks its reduction tiles with an in-kernel loop,
+keeping its running state in registers. Sequence-long operands are passed
+whole (one (T, width) block per batch row) and sliced with `pl.ds`.
 
-Semantics, shapes and dtypes match `feedback_pallas_tpu` (see there).
+* `row_stats`: per row, the log-sum-exp over the keys of earlier chunks.
+* `rect_apply`: one rectangle of the forward solve, given at run time: rows
+  [row0, row0 + n_rows) read keys [key0, key0 + side) (in tiles), adding
+  sum_j A_tj s_j to the context `ctx` in place.
+* `rect_col`: one rectangle of the backward solve: keys gather from rows
+  dv_j += sum_t A_tj w_t and dk_j += sum_t dlogit_tj q_t, and rows gather
+  dq_t += sum_j dlogit_tj k_j from the same tiles (no separate dq pass).
+
+The rectangles' extents change from launch to launch while the grid is
+fixed at `max(largest side, MIN_PROGRAMS)` programs: a small rectangle
+splits its reduction axis over the spare programs, and every program adds
+its partial sums with atomic adds (as flash-attention backward kernels do
+for dq). Programs with nothing to do exit at once.
+
+Triton wants power-of-two block shapes: feature widths must be powers of two
+(at least 16; `feature_width`), which the caller gets by zero-padding (exact:
+padded channels add nothing to any dot product), and the tile must be a
+power of two. Passing `plgpu.CompilerParams` selects the Triton lowering.
+Matmul operands keep their dtype (bfloat16 feeds the tensor cores);
+accumulation, statistics and accumulators are float32 (float64 for float64
+inputs).
 """
 
 from __future__ import annotations
@@ -24,18 +40,22 @@ from jax.experimental.pallas import triton as plgpu
 
 from sessa_jax.kernels.blocks import acc_dtype, tile_dot
 
-
-def _pad_features(*xs_btf):
-  """Zero-pads each array's feature axis to a power of two (at least 16)."""
-  padded = []
-  for x in xs_btf:
-    extra = max(16, 1 << (x.shape[-1] - 1).bit_length()) - x.shape[-1]
-    padded.append(
-        x if extra == 0 else jnp.pad(x, [(0, 0), (0, 0), (0, extra)]))
-  return padded
+# Least programs per batch row of a rectangle launch: with B = 2, about two
+# per streaming multiprocessor of an H100/H200 (132 SMs). Interpret mode runs
+# programs one after another, so it takes fewer (the smallest rectangles are
+# still split).
+MIN_PROGRAMS = 128
+MIN_PROGRAMS_INTERPRET = 4
+DQ_IN_COLUMN_PASS = True
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, operand):
+def feature_width(width: int) -> int:
+  """The padded feature width the kernels take: a power of two, >= 16."""
+  return max(16, 1 << (width - 1).bit_length())
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, operand,
+          aliases=None):
   """The pallas_call; `operand` is one input, whose dtype sets the pipeline.
 
   Two pipeline stages (double-buffered loads) for 16-bit operands, one for
@@ -45,25 +65,43 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, operand):
   stages = 2 if operand.dtype.itemsize <= 2 else 1
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape,
+      out_shape=out_shape, input_output_aliases=aliases or {},
       compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=stages),
-      interpret=interpret)
+      interpret=bool(interpret))
 
 
 def _block(width, block):
   return pl.BlockSpec((None, block, width), lambda b, i: (b, i, 0))
 
 
-def _whole(length, width):
-  return pl.BlockSpec((None, length, width), lambda b, i: (b, 0, 0))
+def _whole(x):
+  """The batch row of x (B, T[, width]) as one block."""
+  return pl.BlockSpec((None, *x.shape[1:]),
+                      lambda b, i: (b,) + (0,) * (x.ndim - 1))
 
 
 def _vec_block(block):
   return pl.BlockSpec((None, block), lambda b, i: (b, i))
 
 
-def _vec_whole(length):
-  return pl.BlockSpec((None, length), lambda b, i: (b, 0))
+_SCHEDULE = pl.BlockSpec((4,), lambda b, i: (0,))
+
+
+def _tiles(start, block):
+  """`pl.ds` of tile `start` (a traced tile index) of height `block`."""
+  return pl.ds(pl.multiple_of(start * block, block), block)
+
+
+def _programs(side_max, interpret):
+  """Grid size per batch row of the rectangle kernels."""
+  return max(side_max,
+             MIN_PROGRAMS_INTERPRET if interpret else MIN_PROGRAMS)
+
+
+def _atomic_add_rows(ref, rows, value):
+  """ref[rows, :] += value, atomically (other programs add to it too)."""
+  # The column start is int32 like the rows' (not int64 under x64).
+  plgpu.atomic_add(ref, (rows, pl.ds(jnp.int32(0), ref.shape[-1])), value)
 
 
 def _causal_key_count(r, group):
@@ -77,8 +115,7 @@ def _stats_kernel(q_ref, k_ref, lse_ref, *, block, group, scale):
 
   def body(c, carry):
     m, l = carry
-    keys = pl.ds(c * block, block)
-    logits = tile_dot(q, k_ref[keys, :], trans_b=True) * scale
+    logits = tile_dot(q, k_ref[_tiles(c, block), :], trans_b=True) * scale
     m_new = jnp.maximum(m, jnp.max(logits, axis=1))
     l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), 1)
     return m_new, l
@@ -91,129 +128,134 @@ def _stats_kernel(q_ref, k_ref, lse_ref, *, block, group, scale):
 
 def row_stats(q_btk, k_btk, *, block, group, scale, interpret):
   """Row log-sum-exps over keys of earlier groups, -inf where none: (B, T)."""
-  acc = acc_dtype(q_btk)
-  q_btk, k_btk = _pad_features(q_btk, k_btk)
   b, t, kd = q_btk.shape
-  t_keys = k_btk.shape[1]
   return _call(
       functools.partial(_stats_kernel, block=block, group=group,
                         scale=scale),
-      (b, t // block), [_block(kd, block), _whole(t_keys, kd)],
-      _vec_block(block), jax.ShapeDtypeStruct((b, t), acc),
+      (b, t // block), [_block(kd, block), _whole(k_btk)],
+      _vec_block(block), jax.ShapeDtypeStruct((b, t), acc_dtype(q_btk)),
       interpret, q_btk)(q_btk, k_btk)
 
 
-def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, *, block, scale):
-  q, lse = q_ref[...], lse_ref[...]
+def _share(p, side, extent, programs):
+  """Program p's tile on the rectangle's side and its part of the other axis.
 
-  def body(c, acc):
-    keys = pl.ds(c * block, block)
-    logits = tile_dot(q, k_ref[keys, :], trans_b=True) * scale
-    p = jnp.exp(logits - lse[:, None])
-    v = v_ref[keys, :]
-    return acc + tile_dot(p.astype(v.dtype), v)
+  Program p takes side tile p % side and part p // side of the `extent`
+  tiles of the reduction axis, split into programs // side parts.
 
-  n_keys = k_ref.shape[0] // block
-  out_ref[...] = lax.fori_loop(0, n_keys, body,
-                               jnp.zeros(out_ref.shape, out_ref.dtype))
-
-
-def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, interpret):
-  """sum_j exp(q_t.k_j * scale - lse_t) v_j over all keys: (B, T, D)."""
-  acc = acc_dtype(q_btk)
-  d_in = v_btd.shape[-1]
-  q_btk, k_btk, v_btd = _pad_features(q_btk, k_btk, v_btd)
-  b, t, kd = q_btk.shape
-  d = v_btd.shape[-1]
-  t_keys = k_btk.shape[1]
-  out = _call(
-      functools.partial(_apply_kernel, block=block, scale=scale),
-      (b, t // block),
-      [_block(kd, block), _whole(t_keys, kd), _whole(t_keys, d),
-       _vec_block(block)],
-      _block(d, block), jax.ShapeDtypeStruct((b, t, d), acc),
-      interpret, q_btk)(q_btk, k_btk, v_btd, lse_bt)
-  return out[..., :d_in]
-
-
-def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
-                dk_ref, *, block, scale):
-  k, s = k_ref[...], s_ref[...]
-
-  def body(r, carry):
-    dv, dk = carry
-    rows = pl.ds(r * block, block)
-    q, w = q_ref[rows, :], w_ref[rows, :]
-    p = jnp.exp(tile_dot(q, k, trans_b=True) * scale - lse_ref[rows][:, None])
-    dv = dv + tile_dot(p.astype(w.dtype), w, trans_a=True)
-    ds = p * (tile_dot(w, s, trans_b=True) - delta_ref[rows][:, None])
-    dk = dk + tile_dot(ds.astype(q.dtype), q, trans_a=True)
-    return dv, dk
-
-  n_rows = q_ref.shape[0] // block
-  init = (jnp.zeros(dv_ref.shape, dv_ref.dtype),
-          jnp.zeros(dk_ref.shape, dk_ref.dtype))
-  dv, dk = lax.fori_loop(0, n_rows, body, init)
-  dv_ref[...] = dv
-  dk_ref[...] = dk
-
-
-def col_apply(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, *, block, scale,
-              interpret):
-  """Per key j: (sum_t A_tj w_t, sum_t dlogit_tj q_t) over all rows.
-
-  dlogit is unscaled.
+  Returns:
+    (side tile, first reduction tile, end reduction tile); an empty range
+    when the program has nothing to do.
   """
-  acc = acc_dtype(q_btk)
-  kd_in, d_in = q_btk.shape[-1], w_btd.shape[-1]
-  q_btk, k_btk, w_btd, s_btd = _pad_features(q_btk, k_btk, w_btd, s_btd)
-  b, t_rows, kd = q_btk.shape
-  d = w_btd.shape[-1]
-  t_keys = k_btk.shape[1]
-  dv, dk = _call(
-      functools.partial(_col_kernel, block=block, scale=scale),
-      (b, t_keys // block),
-      [_whole(t_rows, kd), _block(kd, block), _whole(t_rows, d),
-       _block(d, block), _vec_whole(t_rows), _vec_whole(t_rows)],
-      [_block(d, block), _block(kd, block)],
-      [jax.ShapeDtypeStruct((b, t_keys, d), acc),
-       jax.ShapeDtypeStruct((b, t_keys, kd), acc)],
-      interpret, q_btk)(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt)
-  return dv[..., :d_in], dk[..., :kd_in]
+  parts = programs // side
+  per = (extent + parts - 1) // parts
+  part = p // side
+  lo = part * per
+  return p % side, lo, jnp.minimum(extent, lo + per)
 
 
-def _grad_kernel(q_ref, k_ref, s_ref, w_ref, delta_ref, lse_ref, dq_ref, *,
-                 block, group, scale):
-  r = pl.program_id(1)
-  q, w = q_ref[...], w_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
+def _rect_apply_kernel(sched_ref, q_ref, k_ref, s_ref, lse_ref, _, ctx_ref,
+                       *, block, programs, scale):
+  row0, n_rows, key0, side = [sched_ref[i] for i in range(4)]
+  r, lo, hi = _share(pl.program_id(1), side, side, programs)
 
-  def body(c, dq):
-    keys = pl.ds(c * block, block)
-    k = k_ref[keys, :]
-    p = jnp.exp(tile_dot(q, k, trans_b=True) * scale - lse[:, None])
-    ds = p * (tile_dot(w, s_ref[keys, :], trans_b=True) - delta[:, None])
-    return dq + tile_dot(ds.astype(k.dtype), k)
+  @pl.when((r < n_rows) & (lo < hi))
+  def _():
+    rows = _tiles(row0 + r, block)
+    q, lse = q_ref[rows, :], lse_ref[rows]
 
-  dq_ref[...] = lax.fori_loop(0, _causal_key_count(r, group), body,
-                              jnp.zeros(dq_ref.shape, dq_ref.dtype))
+    def body(c, acc):
+      keys = _tiles(key0 + c, block)
+      p = jnp.exp(tile_dot(q, k_ref[keys, :], trans_b=True) * scale
+                  - lse[:, None])
+      s = s_ref[keys, :]
+      return acc + tile_dot(p.astype(s.dtype), s)
+
+    acc = lax.fori_loop(lo, hi, body,
+                        jnp.zeros((block, ctx_ref.shape[-1]), ctx_ref.dtype))
+    _atomic_add_rows(ctx_ref, rows, acc)
 
 
-def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, group,
-             scale, interpret):
-  """Per row t: sum_j dlogit_tj k_j over keys of earlier groups (unscaled)."""
-  acc = acc_dtype(q_btk)
-  kd_in, d_in = q_btk.shape[-1], w_btd.shape[-1]
-  q_btk, k_btk, w_btd, s_btd = _pad_features(q_btk, k_btk, w_btd, s_btd)
-  b, t, kd = q_btk.shape
-  d = w_btd.shape[-1]
-  t_keys = k_btk.shape[1]
-  dq = _call(
-      functools.partial(_grad_kernel, block=block, group=group,
+def rect_apply(sched, q_btk, k_btk, s_btd, lse_bt, ctx_btd, *, block,
+               side_max, scale, interpret):
+  """ctx_t += sum_j exp(q_t.k_j * scale - lse_t) s_j over one rectangle.
+
+  Args:
+    sched: int32 (4,): first row tile, row tiles, first key tile, key tiles
+      (the rectangle's side; rows may be fewer at the end of the sequence).
+    q_btk, k_btk: queries and keys (B, T, K), matmul dtype.
+    s_btd: solved rows (B, T, D), matmul dtype.
+    lse_bt: row log-sum-exps (B, T), float32 or wider.
+    ctx_btd: the context accumulator (B, T, D), updated in place.
+    block: tile height.
+    side_max: the largest side (in tiles) of any rectangle of this solve.
+    scale: logit scale.
+    interpret: run in interpret mode.
+
+  Returns:
+    The updated ctx.
+  """
+  programs = _programs(side_max, interpret)
+  operands = (sched, q_btk, k_btk, s_btd, lse_bt, ctx_btd)
+  return _call(
+      functools.partial(_rect_apply_kernel, block=block, programs=programs,
                         scale=scale),
-      (b, t // block),
-      [_block(kd, block), _whole(t_keys, kd), _whole(t_keys, d),
-       _block(d, block), _vec_block(block), _vec_block(block)],
-      _block(kd, block), jax.ShapeDtypeStruct((b, t, kd), acc),
-      interpret, q_btk)(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt)
-  return dq[..., :kd_in]
+      (q_btk.shape[0], programs), [_SCHEDULE] + [_whole(x) for x in operands[1:]],
+      _whole(ctx_btd), jax.ShapeDtypeStruct(ctx_btd.shape, ctx_btd.dtype),
+      interpret, q_btk, aliases={5: 0})(*operands)
+
+
+def _rect_col_kernel(sched_ref, q_ref, k_ref, w_ref, s_ref, delta_ref,
+                     lse_ref, _, __, ___, dv_ref, dk_ref, dq_ref, *, block,
+                     programs, scale):
+  row0, n_rows, key0, side = [sched_ref[i] for i in range(4)]
+  c, lo, hi = _share(pl.program_id(1), side, n_rows, programs)
+
+  @pl.when(lo < hi)
+  def _():
+    keys = _tiles(key0 + c, block)
+    k, s = k_ref[keys, :], s_ref[keys, :]
+
+    def body(r, carry):
+      dv, dk = carry
+      rows = _tiles(row0 + r, block)
+      q, w = q_ref[rows, :], w_ref[rows, :]
+      p = jnp.exp(tile_dot(q, k, trans_b=True) * scale
+                  - lse_ref[rows][:, None])
+      dv = dv + tile_dot(p.astype(w.dtype), w, trans_a=True)
+      ds = p * (tile_dot(w, s, trans_b=True) - delta_ref[rows][:, None])
+      dk = dk + tile_dot(ds.astype(q.dtype), q, trans_a=True)
+      _atomic_add_rows(dq_ref, rows, tile_dot(ds.astype(k.dtype), k))
+      return dv, dk
+
+    init = (jnp.zeros((block, dv_ref.shape[-1]), dv_ref.dtype),
+            jnp.zeros((block, dk_ref.shape[-1]), dk_ref.dtype))
+    dv, dk = lax.fori_loop(lo, hi, body, init)
+    _atomic_add_rows(dv_ref, keys, dv)
+    _atomic_add_rows(dk_ref, keys, dk)
+
+
+def rect_col(sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
+             dk_btk, dq_btk, *, block, side_max, scale, interpret):
+  """One backward rectangle: dv, dk (keys) and dq (rows), in place.
+
+  For keys j and rows t of the rectangle `sched` (see `rect_apply`), with
+  A_tj = exp(q_t.k_j * scale - lse_t) and dlogit_tj = A_tj (w_t.s_j -
+  delta_t) (unscaled): dv_j += sum_t A_tj w_t, dk_j += sum_t dlogit_tj q_t,
+  dq_t += sum_j dlogit_tj k_j.
+
+  Returns:
+    The updated (dv, dk, dq).
+  """
+  programs = _programs(side_max, interpret)
+  operands = (sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
+              dk_btk, dq_btk)
+  outs = operands[7:]
+  return _call(
+      functools.partial(_rect_col_kernel, block=block, programs=programs,
+                        scale=scale),
+      (q_btk.shape[0], programs),
+      [_SCHEDULE] + [_whole(x) for x in operands[1:]],
+      [_whole(x) for x in outs],
+      [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
+      interpret, q_btk, aliases={7: 0, 8: 1, 9: 2})(*operands)

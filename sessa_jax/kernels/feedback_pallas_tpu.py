@@ -1,21 +1,29 @@
 """Mosaic TPU kernels for the O(T²) passes of the feedback solve.
 
-Four flash-attention style passes over (row block, key block) pairs, each a
-`pallas_call` with grid (B, outer blocks, inner blocks): the inner axis is
-the reduction, marked "arbitrary" so it runs in order, and its running state
+Flash-attention style passes over (row tile, key tile) pairs, each a
+`pallas_call` with grid (B, outer tiles, inner tiles): the inner axis is the
+reduction, marked "arbitrary" so it runs in order, and its running state
 lives in VMEM scratch. Blocks are (C, K) and (C, D) tiles, C a multiple of 8
-(128 in practice) and K, D the full feature widths; per-row scalars travel as
-(B, T, 1) arrays so their (C, 1) tiles are legal too. The two passes over
-the whole sequence (`row_stats`, `row_grad`) are causal by groups of
-`group` consecutive blocks (one chunk of the solve): a row block reads only
-key blocks of earlier groups, the chunks' diagonal blocks being handled
-outside, in plain JAX. The other two (`row_apply`, `col_apply`) run on
-rectangles where every key precedes every row.
+(hundreds of rows in practice) and K, D the full feature widths; per-row
+scalars travel as (B, T, 1) arrays so their (C, 1) tiles are legal too.
+
+* `row_stats` and `row_grad` run over the whole sequence, causal by groups
+  of `group` consecutive tiles (one chunk of the solve): a row tile reads
+  only key tiles of earlier groups, the chunks' diagonal blocks being
+  handled outside, in plain JAX. Skipped steps point their key blocks at the
+  last useful one, so nothing is fetched for them.
+* `rect_apply` and `rect_col` run on one rectangle of the solve's loop
+  (every key precedes every row), whose offsets and extents arrive at run
+  time: the schedule is scalar-prefetched into SMEM, it offsets the block
+  index maps, and it sizes the grid (Mosaic takes dynamic grid bounds), so
+  every grid step does work. Accumulators are updated in place
+  (`input_output_aliases`).
 
 Logits use log-sum-exps `lse` computed by `row_stats`, so A = exp(l - lse)
 needs no rescaling and contributions from different calls simply add.
 Matmul operands keep their input dtype (bfloat16 feeds the MXU directly);
 accumulation and every output are float32 (float64 for float64 inputs).
+There are no atomics on TPU, so dq is `row_grad`'s own pass.
 """
 
 from __future__ import annotations
@@ -29,6 +37,20 @@ from jax.experimental.pallas import tpu as pltpu
 
 from sessa_jax.kernels.blocks import acc_dtype, tile_dot
 
+DQ_IN_COLUMN_PASS = False
+
+
+def feature_width(width: int) -> int:
+  """The feature width the kernels take: any (blocks span it whole)."""
+  return width
+
+
+def _interpret(interpret):
+  """pallas_call's `interpret`: TPU interpreter settings, or False."""
+  if isinstance(interpret, pltpu.InterpretParams):
+    return interpret
+  return pltpu.InterpretParams() if interpret else False
+
 
 def _visible(r, c, group):
   """Whether key block c lies in an earlier group than row block r."""
@@ -41,7 +63,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret):
       out_shape=out_shape, scratch_shapes=scratch,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=pltpu.InterpretParams() if interpret else False)
+      interpret=_interpret(interpret))
 
 
 def _causal_key_index(group):
@@ -52,10 +74,6 @@ def _causal_key_index(group):
   """
   return lambda b, r, c: (
       b, jnp.minimum(c, jnp.maximum((r // group) * group - 1, 0)), 0)
-
-
-def _key_index(b, r, c):
-  return (b, c, 0)
 
 
 def _logits(q_ref, k_ref, scale):
@@ -105,10 +123,31 @@ def row_stats(q_btk, k_btk, *, block, group, scale, interpret):
   return lse[..., 0]
 
 
-# Rows read values: out_t = sum_j A_tj v_j.
+# Rectangles of the solve, extents given at run time.
 
 
-def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, acc_sc, *, scale):
+def _rect_call(kernel, sched, grid, in_specs, out_specs, outs, scratch,
+               aliases, interpret, operands):
+  """A rectangle's pallas_call: `sched` is scalar-prefetched and sets the
+  grid's extents, the accumulators `outs` are updated in place."""
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
+      out_specs=out_specs, scratch_shapes=scratch)
+  return pl.pallas_call(
+      kernel, grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
+      input_output_aliases=aliases,
+      # Grid axes sized at run time must be "arbitrary" (the interpreter
+      # needs parallel extents when tracing); the batch axis stays parallel.
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+      interpret=_interpret(interpret))(
+          sched, *operands)
+
+
+def _rect_apply_kernel(sched_ref, q_ref, k_ref, s_ref, lse_ref, ctx_in_ref,
+                       ctx_ref, acc_sc, *, scale):
+  del sched_ref
   c = pl.program_id(2)
 
   @pl.when(c == 0)
@@ -116,34 +155,41 @@ def _apply_kernel(q_ref, k_ref, v_ref, lse_ref, out_ref, acc_sc, *, scale):
     acc_sc[...] = jnp.zeros(acc_sc.shape, acc_sc.dtype)
 
   p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])
-  acc_sc[...] += tile_dot(p.astype(v_ref.dtype), v_ref[...])
+  acc_sc[...] += tile_dot(p.astype(s_ref.dtype), s_ref[...])
 
   @pl.when(c == pl.num_programs(2) - 1)
   def _():
-    out_ref[...] = acc_sc[...]
+    ctx_ref[...] = ctx_in_ref[...] + acc_sc[...]
 
 
-def row_apply(q_btk, k_btk, v_btd, lse_bt, *, block, scale, interpret):
-  """sum_j exp(q_t.k_j * scale - lse_t) v_j over all keys: (B, T, D)."""
-  acc = acc_dtype(q_btk)
-  b, t, kd = q_btk.shape
-  d = v_btd.shape[-1]
-  n_rows, n_keys = t // block, k_btk.shape[1] // block
-  row = lambda width: pl.BlockSpec((None, block, width),
-                                   lambda b, r, c: (b, r, 0))
-  key = lambda width: pl.BlockSpec((None, block, width), _key_index)
-  return _call(
-      functools.partial(_apply_kernel, scale=scale),
-      (b, n_rows, n_keys), [row(kd), key(kd), key(d), row(1)], row(d),
-      jax.ShapeDtypeStruct((b, t, d), acc), [pltpu.VMEM((block, d), acc)],
-      interpret)(q_btk, k_btk, v_btd, lse_bt[..., None])
+def rect_apply(sched, q_btk, k_btk, s_btd, lse_bt, ctx_btd, *, block,
+               side_max, scale, interpret):
+  """ctx_t += sum_j exp(q_t.k_j * scale - lse_t) s_j over one rectangle.
+
+  The grid (B, row tiles, key tiles) takes its extents from `sched` at run
+  time (see `feedback_pallas_gpu.rect_apply` for the arguments), so no step
+  is idle; `side_max` is unused.
+  """
+  del side_max
+  acc = ctx_btd.dtype
+  b, _, kd = q_btk.shape
+  d = s_btd.shape[-1]
+  row = lambda w: pl.BlockSpec((None, block, w),
+                               lambda b, r, c, sc: (b, sc[0] + r, 0))
+  key = lambda w: pl.BlockSpec((None, block, w),
+                               lambda b, r, c, sc: (b, sc[2] + c, 0))
+  (ctx,) = _rect_call(
+      functools.partial(_rect_apply_kernel, scale=scale), sched,
+      (b, sched[1], sched[3]), [row(kd), key(kd), key(d), row(1), row(d)],
+      [row(d)], [ctx_btd], [pltpu.VMEM((block, d), acc)], {5: 0}, interpret,
+      (q_btk, k_btk, s_btd, lse_bt[..., None], ctx_btd))
+  return ctx
 
 
-# Keys gather from rows: dv_j = sum_t A_tj w_t and dk_j = sum_t dlogit_tj q_t.
-
-
-def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
-                dk_ref, dv_sc, dk_sc, *, scale):
+def _rect_col_kernel(sched_ref, q_ref, k_ref, w_ref, s_ref, delta_ref,
+                     lse_ref, dv_in_ref, dk_in_ref, dv_ref, dk_ref, dv_sc,
+                     dk_sc, *, scale):
+  del sched_ref
   r = pl.program_id(2)
 
   @pl.when(r == 0)
@@ -154,39 +200,41 @@ def _col_kernel(q_ref, k_ref, w_ref, s_ref, delta_ref, lse_ref, dv_ref,
   p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])  # (rows, keys)
   w = w_ref[...]
   dv_sc[...] += tile_dot(p.astype(w.dtype), w, trans_a=True)
-  dp = tile_dot(w, s_ref[...], trans_b=True)
-  ds = p * (dp - delta_ref[...])
+  ds = p * (tile_dot(w, s_ref[...], trans_b=True) - delta_ref[...])
   dk_sc[...] += tile_dot(ds.astype(q_ref.dtype), q_ref[...], trans_a=True)
 
   @pl.when(r == pl.num_programs(2) - 1)
   def _():
-    dv_ref[...] = dv_sc[...]
-    dk_ref[...] = dk_sc[...]
+    dv_ref[...] = dv_in_ref[...] + dv_sc[...]
+    dk_ref[...] = dk_in_ref[...] + dk_sc[...]
 
 
-def col_apply(q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, *, block, scale,
-              interpret):
-  """Per key j: (sum_t A_tj w_t, sum_t dlogit_tj q_t) over all rows.
+def rect_col(sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
+             dk_btk, *, block, side_max, scale, interpret):
+  """One backward rectangle's key side: dv_j += sum_t A_tj w_t and dk_j +=
+  sum_t dlogit_tj q_t (unscaled), in place; grid (B, key tiles, row tiles)
+  sized from `sched` at run time. dq is `row_grad`'s (no atomics on TPU).
 
-  dlogit is unscaled.
+  Returns:
+    The updated (dv, dk).
   """
-  acc = acc_dtype(q_btk)
-  b, t_rows, kd = q_btk.shape
-  t_keys, d = k_btk.shape[1], w_btd.shape[-1]
-  n_rows, n_keys = t_rows // block, t_keys // block
-  row = lambda width: pl.BlockSpec((None, block, width),
-                                   lambda b, c, r: (b, r, 0))
-  key = lambda width: pl.BlockSpec((None, block, width),
-                                   lambda b, c, r: (b, c, 0))
-  return _call(
-      functools.partial(_col_kernel, scale=scale),
-      (b, n_keys, n_rows),
-      [row(kd), key(kd), row(d), key(d), row(1), row(1)], [key(d), key(kd)],
-      [jax.ShapeDtypeStruct((b, t_keys, d), acc),
-       jax.ShapeDtypeStruct((b, t_keys, kd), acc)],
+  del side_max
+  acc = dv_btd.dtype
+  b, _, kd = q_btk.shape
+  d = w_btd.shape[-1]
+  row = lambda w: pl.BlockSpec((None, block, w),
+                               lambda b, c, r, sc: (b, sc[0] + r, 0))
+  key = lambda w: pl.BlockSpec((None, block, w),
+                               lambda b, c, r, sc: (b, sc[2] + c, 0))
+  return tuple(_rect_call(
+      functools.partial(_rect_col_kernel, scale=scale), sched,
+      (b, sched[3], sched[1]),
+      [row(kd), key(kd), row(d), key(d), row(1), row(1), key(d), key(kd)],
+      [key(d), key(kd)], [dv_btd, dk_btk],
       [pltpu.VMEM((block, d), acc), pltpu.VMEM((block, kd), acc)],
-      interpret)(q_btk, k_btk, w_btd, s_btd, delta_bt[..., None],
-                 lse_bt[..., None])
+      {7: 0, 8: 1}, interpret,
+      (q_btk, k_btk, w_btd, s_btd, delta_bt[..., None], lse_bt[..., None],
+       dv_btd, dk_btk)))
 
 
 # Rows gather from keys: dq_t = sum_j dlogit_tj k_j.

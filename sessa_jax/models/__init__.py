@@ -1,4 +1,7 @@
-"""Sequence mixers, the shared block and the language model around them."""
+"""Sequence mixers, the shared block and the language model around them.
+
+Shape letters in names (`x_btd`, `q_bthd`): docs/design.md#shape-letters.
+"""
 
 from sessa_jax.models.attention import AttentionMixer
 from sessa_jax.models.block import MixerBlock, make_mixer

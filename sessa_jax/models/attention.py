@@ -15,6 +15,7 @@ from sessa_jax.models import cached_attention
 from sessa_jax.models import rope
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layers import Linear
+from sessa_jax.models.partitioning import constrain
 
 
 # On CPU, 'auto' switches from XLA's dense attention to the blocked kernel
@@ -113,7 +114,6 @@ class AttentionMixer(nnx.Module):
       use_out_proj: apply W_o after concatenating heads. The `attention`
         mixer always does; Sessa's forward branch only when H > 1.
     """
-    cfg.validate()
     self.cfg = cfg
     d, kv_width = cfg.d_model, cfg.kv_heads * cfg.head_dim
     kw = dict(rngs=rngs, dtype=jnp.dtype(cfg.dtype),
@@ -132,10 +132,13 @@ class AttentionMixer(nnx.Module):
     k = self.k_proj(x_btd).reshape(b, t, cfg.kv_heads, cfg.head_dim)
     v = self.v_proj(x_btd).reshape(b, t, cfg.kv_heads, cfg.head_dim)
     angles_th = rope.angles(positions_t, cfg.head_dim, cfg.rope_base)
-    return rope.apply(q, angles_th), rope.apply(k, angles_th), v
+    q, k = rope.apply(q, angles_th), rope.apply(k, angles_th)
+    return tuple(constrain(x, "batch", "sequence", "heads", "head_dim")
+                 for x in (q, k, v))
 
   def _output(self, o_bthd: jax.Array) -> jax.Array:
     o = o_bthd.reshape(*o_bthd.shape[:2], self.cfg.d_model)
+    o = constrain(o, "batch", "sequence", "hidden")
     return o if self.out_proj is None else self.out_proj(o)
 
   def _forward(self, x_btd: jax.Array):

@@ -17,6 +17,7 @@ from sessa_jax.models.attention import AttentionMixer
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layers import MLP, Linear
 from sessa_jax.models.norms import LayerNorm
+from sessa_jax.models.partitioning import constrain
 from sessa_jax.models.sessa import SessaMixer
 
 
@@ -37,7 +38,6 @@ class MixerBlock(nnx.Module):
   """One residual block around a sequence mixer (see module docstring)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    cfg.validate()
     self.cfg = cfg
     d = cfg.d_model
     kw = dict(rngs=rngs, dtype=jnp.dtype(cfg.dtype),
@@ -68,9 +68,14 @@ class MixerBlock(nnx.Module):
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
     """Full causal forward (B, T, D) -> (B, T, D) in `cfg.dtype`."""
-    x_btd = x_btd.astype(jnp.dtype(self.cfg.dtype))
+    x_btd = constrain(x_btd.astype(jnp.dtype(self.cfg.dtype)),
+                      "batch", "sequence", "embed")
     u, g = self.mixer_input(x_btd)
-    return self._finish(x_btd, self.mixer(u), g)
+    u = constrain(u, "batch", "sequence", "embed")
+    if g is not None:
+      g = constrain(g, "batch", "sequence", "hidden")
+    s = constrain(self.mixer(u), "batch", "sequence", "embed")
+    return constrain(self._finish(x_btd, s, g), "batch", "sequence", "embed")
 
   def prefill(self, x_btd: jax.Array, max_len: int):
     """Forward over a prompt; returns (y_btd, mixer cache of capacity max_len)."""

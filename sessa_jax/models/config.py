@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
+from sessa_jax import checks
 from sessa_jax.kernels.feedback import IMPLS as FEEDBACK_IMPLS
 
 MIXERS = ("sessa", "attention", "mamba2")
@@ -25,7 +26,8 @@ class ModelConfig:
     block: `gated` (the Sessa paper's macro-block,
       docs/design.md#the-gated-block) or `prenorm_mlp` (pre-norm mixer
       sublayer followed by a pre-norm MLP sublayer).
-    vocab_size: number of token ids.
+    vocab_size: number of token ids; None until it is known (the trainer
+      takes the task's), which no model can be built with.
     d_model: residual width D.
     n_layers: number of blocks.
     n_heads: query heads H of the attention branch.
@@ -61,7 +63,7 @@ class ModelConfig:
 
   mixer: str = "sessa"
   block: str = "gated"
-  vocab_size: int = 256
+  vocab_size: int | None = 256
   d_model: int = 64
   n_layers: int = 2
   n_heads: int = 4
@@ -83,9 +85,6 @@ class ModelConfig:
   ssm_chunk: int = 64
   dtype: str = "float32"
   param_dtype: str = "float32"
-
-  def __post_init__(self):
-    self.validate()
 
   @property
   def layer_mixers(self) -> tuple[str, ...]:
@@ -114,25 +113,23 @@ class ModelConfig:
   def ssm_inner(self) -> int:
     return self.ssm_expand * self.d_model
 
-  def validate(self) -> None:
-    """Raises ValueError naming the offending `model.<key>`."""
+  def __post_init__(self):
+    """Validates every field; raises ValueError naming `model.<key>`."""
     pattern = self.mixer.split(",")
     for mixer in pattern:
       if mixer not in MIXERS:
         where = "" if len(pattern) == 1 else f" (in pattern {self.mixer!r})"
         raise ValueError(f"model.mixer={mixer!r}{where} is not one of: "
                          f"{', '.join(MIXERS)}")
-    _choice("block", self.block, BLOCKS)
-    _choice("gamma_form", self.gamma_form, GAMMA_FORMS)
-    _choice("dtype", self.dtype, DTYPES)
-    _choice("param_dtype", self.param_dtype, DTYPES)
-    _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-    _choice("feedback_impl", self.feedback_impl, FEEDBACK_IMPLS)
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio",
-                "feedback_chunk", "ssm_expand", "ssm_head_dim", "ssm_state",
-                "ssm_conv", "ssm_chunk"):
-      if getattr(self, key) is not None and getattr(self, key) < 1:
-        raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+    for key, choices in (("block", BLOCKS), ("gamma_form", GAMMA_FORMS),
+                         ("dtype", DTYPES), ("param_dtype", DTYPES),
+                         ("attention_impl", ATTENTION_IMPLS),
+                         ("feedback_impl", FEEDBACK_IMPLS)):
+      checks.one_of("model", key, getattr(self, key), choices)
+    checks.at_least("model", self, (
+        "vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio",
+        "feedback_chunk", "ssm_expand", "ssm_head_dim", "ssm_state", "ssm_conv",
+        "ssm_chunk"))
     if self.n_layers is not None and len(pattern) > self.n_layers:
       raise ValueError(
           f"model.mixer={self.mixer!r} names {len(pattern)} layers but "
@@ -154,29 +151,12 @@ class ModelConfig:
       if not 0.0 < self.gamma_max < 1.0:
         raise ValueError(
             f"model.gamma_max must lie in (0, 1), got {self.gamma_max}")
-      if self.feedback_dim is not None and self.feedback_dim < 1:
-        raise ValueError(
-            f"model.feedback_dim must be >= 1, got {self.feedback_dim}")
+      checks.at_least("model", self, ("feedback_dim",))
     if "mamba2" in pattern and self.ssm_inner % self.ssm_head_dim:
       raise ValueError(
           f"model.ssm_head_dim={self.ssm_head_dim} does not divide the inner "
           f"width ssm_expand*d_model={self.ssm_inner}")
 
   def replace(self, **changes: Any) -> "ModelConfig":
+    """A copy with `changes` applied, validated like any new config."""
     return dataclasses.replace(self, **changes)
-
-  @classmethod
-  def from_mapping(cls, values: Mapping[str, Any]) -> "ModelConfig":
-    """Builds a config from a dict or ConfigDict; unknown keys are errors."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(
-          f"unknown key model.{unknown[0]}; known keys: {', '.join(sorted(known))}")
-    return cls(**dict(values))
-
-
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ValueError(
-        f"model.{key}={value!r} is not one of: {', '.join(choices)}")

@@ -2,10 +2,11 @@
 
 Every parameter carries logical axis names as flax's `out_sharding` metadata
 ('embed' for a d_model-sized dim, 'hidden' for other projection widths,
-'vocab' for the vocabulary, None for small dims). Under a mesh
-(`jax.set_mesh`) with eager sharding on, flax places the value at creation
-(logical axis rules must then be in scope); elsewhere the names are plain
-metadata that `nnx.get_partition_spec` reads.
+'heads' for per-head vectors, 'vocab' for the vocabulary, None for small
+dims); `sessa_jax.models.partitioning.LOGICAL_RULES` maps them onto the mesh.
+Under a mesh (`jax.set_mesh`) with eager sharding on, flax places the value at
+creation (logical axis rules must then be in scope); elsewhere the names are
+plain metadata that `nnx.get_partition_spec` reads.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from sessa_jax.models.partitioning import constrain
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 Axes = tuple[str | None, ...]
@@ -98,4 +101,7 @@ class MLP(nnx.Module):
                        dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
-    return self.down(jax.nn.gelu(self.up(x_btd), approximate=False))
+    h = jax.nn.gelu(self.up(x_btd), approximate=False)
+    if h.ndim == 3:  # Training and prefill; decoding (B, hidden) runs as is.
+      h = constrain(h, "batch", "sequence", "hidden")
+    return self.down(h)

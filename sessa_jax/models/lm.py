@@ -12,6 +12,7 @@ from sessa_jax.models.block import MixerBlock
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layers import Linear, param
 from sessa_jax.models.norms import LayerNorm
+from sessa_jax.models.partitioning import constrain
 
 
 class LanguageModel(nnx.Module):
@@ -24,7 +25,9 @@ class LanguageModel(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    cfg.validate()
+    if cfg.vocab_size is None:
+      raise ValueError("model.vocab_size is None: a model needs its vocabulary "
+                       "size (the trainer takes the task's)")
     self.cfg = cfg
     d, v = cfg.d_model, cfg.vocab_size
     param_dtype = jnp.dtype(cfg.param_dtype)
@@ -43,7 +46,9 @@ class LanguageModel(nnx.Module):
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """Token ids (...) -> embeddings (..., D) in `cfg.dtype`."""
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self._dtype)
+    # The lookup reads whole rows: gather the table's embed dim (FSDP) first.
+    table_vd = constrain(self.embedding[...], "vocab", None)
+    return jnp.take(table_vd, tokens, axis=0).astype(self._dtype)
 
   def hidden(self, x_btd: jax.Array) -> jax.Array:
     """All blocks and the final norm: (B, T, D) -> (B, T, D)."""
@@ -61,7 +66,9 @@ class LanguageModel(nnx.Module):
 
   def __call__(self, tokens_bt: jax.Array) -> jax.Array:
     """Token ids (B, T) -> next-token logits (B, T, V)."""
-    return self.logits(self.hidden(self.embed(tokens_bt)))
+    x_btd = constrain(self.embed(tokens_bt), "batch", "sequence", "embed")
+    return constrain(self.logits(self.hidden(x_btd)),
+                     "batch", "sequence", "vocab")
 
   def prefill(self, tokens_bt: jax.Array, max_len: int):
     """Runs a prompt; returns (logits_btv, cache) with room for max_len tokens."""

@@ -27,6 +27,7 @@ from flax import nnx
 from sessa_jax.kernels import ssd
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layers import Linear, constant, param, torch_uniform
+from sessa_jax.models.partitioning import constrain
 
 # Initial step sizes softplus(dt_bias) are log-uniform in this range.
 DT_MIN, DT_MAX = 1e-3, 1e-1
@@ -86,11 +87,8 @@ class Mamba2Mixer(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, use_gate: bool):
+    # A mamba2 ModelConfig has checked that P divides E.
     e, p = cfg.ssm_inner, cfg.ssm_head_dim
-    if e % p:
-      raise ValueError(
-          f"model.ssm_head_dim={p} does not divide the inner width "
-          f"model.ssm_expand*model.d_model={e}")
     self.cfg = cfg
     self.use_gate = use_gate
     d, n, k = cfg.d_model, cfg.ssm_state, cfg.ssm_conv
@@ -102,16 +100,17 @@ class Mamba2Mixer(nnx.Module):
     self.z_proj = (Linear(d, e, axes=("embed", "hidden"), **kw)
                    if use_gate else None)
     self.bc_proj = Linear(d, 2 * n, axes=("embed", None), **kw)
-    self.dt_proj = Linear(d, h, axes=("embed", None), **kw)
+    self.dt_proj = Linear(d, h, axes=("embed", "heads"), **kw)
     # PyTorch's Conv1d default: uniform in +-1/sqrt(K) for a depthwise conv.
     conv_init = torch_uniform(k)
     self.conv_x = param(rngs, conv_init, (k, e), (None, "hidden"), param_dtype)
     self.conv_x_bias = param(rngs, conv_init, (e,), ("hidden",), param_dtype)
     self.conv_bc = param(rngs, conv_init, (k, 2 * n), (None, None), param_dtype)
     self.conv_bc_bias = param(rngs, conv_init, (2 * n,), (None,), param_dtype)
-    self.a_log = param(rngs, _a_log_init, (h,), (None,), param_dtype)
-    self.dt_bias = param(rngs, _dt_bias_init, (h,), (None,), param_dtype)
-    self.d_skip = param(rngs, constant(1.0), (h,), (None,), param_dtype)
+    self.a_log = param(rngs, _a_log_init, (h,), ("heads",), param_dtype)
+    self.dt_bias = param(rngs, _dt_bias_init, (h,), ("heads",), param_dtype)
+    self.d_skip = param(rngs, constant(1.0), (h,), ("heads",),
+                        param_dtype)
     self.norm_scale = param(rngs, constant(1.0), (e,), ("hidden",),
                             param_dtype)
     self.out_proj = Linear(e, d, axes=("hidden", "embed"), **kw)
@@ -156,6 +155,10 @@ class Mamba2Mixer(nnx.Module):
     b, t, _ = x_btd.shape
     n, p = cfg.ssm_state, cfg.ssm_head_dim
     xr_bte, bcr_btc, dt_raw, z_bte = self._project(x_btd)
+    xr_bte = constrain(xr_bte, "batch", "sequence", "hidden")
+    if z_bte is not None:
+      z_bte = constrain(z_bte, "batch", "sequence", "hidden")
+    dt_raw = constrain(dt_raw, "batch", "sequence", "heads")
     xc_bte = jax.nn.silu(_causal_conv(xr_bte, self.conv_x[...],
                                       self.conv_x_bias[...], history["conv_x"]))
     bc_btc = jax.nn.silu(_causal_conv(bcr_btc, self.conv_bc[...],
@@ -163,11 +166,14 @@ class Mamba2Mixer(nnx.Module):
                                       history["conv_bc"]))
     b_btn, c_btn = jnp.split(bc_btc.astype(self._acc), [n], axis=-1)
     dt_bth, log_a_bth = self._decay(dt_raw)
-    x_bthp = xc_bte.astype(self._acc).reshape(b, t, self.n_heads, p)
+    x_bthp = constrain(xc_bte.astype(self._acc).reshape(b, t, self.n_heads, p),
+                       "batch", "sequence", "heads", "head_dim")
     y_bthp, state = ssd.ssd(x_bthp * dt_bth[..., None], log_a_bth, b_btn,
                             c_btn, chunk=cfg.ssm_chunk,
                             initial_state=history["ssm"])
-    y_bthp = y_bthp + self.d_skip[...].astype(self._acc)[:, None] * x_bthp
+    y_bthp = constrain(
+        y_bthp + self.d_skip[...].astype(self._acc)[:, None] * x_bthp,
+        "batch", "sequence", "heads", "head_dim")
     y_btd = self._output(y_bthp.reshape(b, t, -1), z_bte)
     return y_btd, {"conv_x": _last_inputs(history["conv_x"], xr_bte),
                    "conv_bc": _last_inputs(history["conv_bc"], bcr_btc),

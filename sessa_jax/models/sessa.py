@@ -24,6 +24,7 @@ from sessa_jax.models import cached_attention
 from sessa_jax.models.attention import AttentionMixer
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layers import Linear, constant, param, torch_uniform
+from sessa_jax.models.partitioning import constrain
 
 
 class SessaMixer(nnx.Module):
@@ -38,7 +39,6 @@ class SessaMixer(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    cfg.validate()
     self.cfg = cfg
     d, k = cfg.d_model, cfg.fb_dim
     param_dtype = jnp.dtype(cfg.param_dtype)
@@ -82,7 +82,7 @@ class SessaMixer(nnx.Module):
 
   def __call__(self, a_btd: jax.Array) -> jax.Array:
     """Full causal forward: (B, T, D) -> s (B, T, D) in the input dtype."""
-    f = self.attn(a_btd)
+    f = constrain(self.attn(a_btd), "batch", "sequence", "embed")
     if not self.cfg.feedback:
       return f
     return self._solve(a_btd, f)[0].astype(a_btd.dtype)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -21,20 +21,36 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint in the directory can be restored into the given target."""
+
+
+def _first_sentence(error: Exception) -> str:
+  """'Type: first sentence' of an error (orbax's run on with advice)."""
+  text = str(error).strip().split("\n")[0]
+  text = text.split(". ")[0].rstrip(".")
+  return f"{type(error).__name__}: {text}"
+
+
 class Checkpointer:
   """Saves and restores (train state, data iterator) pairs by step.
 
   Args:
-    directory: where the step directories live (created if missing).
+    directory: where the step directories live (created if missing, unless
+      `read_only`).
     keep: how many of the newest checkpoints to keep.
+    read_only: never create, save, delete or move anything (evaluation).
   """
 
-  def __init__(self, directory: str | pathlib.Path, keep: int = 3):
+  def __init__(self, directory: str | pathlib.Path, keep: int = 3, *,
+               read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
+    self.read_only = read_only
+    options = (ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0) if read_only else
+               ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=("state", "data"))
+        self.directory, options=options, item_names=("state", "data"))
 
   def all_steps(self) -> list[int]:
     """Steps saved on disk (re-read, so other writers' saves are seen)."""
@@ -44,6 +60,14 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     steps = self.all_steps()
     return steps[-1] if steps else None
+
+  def describe_latest(self) -> str:
+    """A sentence naming the newest checkpoint, or saying there is none."""
+    step = self.latest_step()
+    if step is None:
+      return (f"No checkpoint has been saved in {self.directory}; a relaunch "
+              "starts from step 0")
+    return f"The last good checkpoint is step {step} in {self.directory}"
 
   def save(self, step: int, state: Any, data_iter: Any) -> None:
     """Saves (asynchronously) at `step`; all processes call this.
@@ -58,52 +82,63 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
 
-  def restore(self, abstract_state: Any, data_iter: Any = None, *,
-              step: int | None = None) -> tuple[int, Any] | None:
+  def restore(self, abstract_state: Any, data_iter: Any = None,
+              accept: Callable[[Any], bool] | None = None, *,
+              step: int | None = None) -> tuple[int, Any]:
     """Restores the newest readable checkpoint, or the one at `step`.
 
     Args:
       abstract_state: pytree of `jax.ShapeDtypeStruct` with shardings; the
         restored arrays take these shapes, dtypes and shardings.
       data_iter: the grain iterator, whose position is set in place; None
-        restores the state only.
-      step: restore exactly this step; a missing or unreadable one raises,
-        and nothing is moved.
+        restores the state alone.
+      accept: optional test of a restored state (e.g. all values finite); a
+        state it rejects is treated as unreadable.
+      step: restore this step only (no fallback to an earlier one).
 
     Returns:
-      (step, state), or None when no checkpoint can be read. Unreadable
-      checkpoints newer than the restored one are moved to
-      `<directory>.unreadable/` so that training can save those steps again.
+      (step, state). Unless read-only, unreadable checkpoints newer than the
+      restored one are moved to `<directory>.unreadable/` so that training
+      can save those steps again.
 
     Raises:
-      FileNotFoundError: `step` was given and no checkpoint has it.
+      CheckpointRestoreError: no checkpoint can be restored; the message
+        gives each one's reason.
+      FileNotFoundError: `step` is not among the saved steps (the message
+        lists them).
     """
+    candidates = self.all_steps()
+    if step is not None:
+      if step not in candidates:
+        raise FileNotFoundError(
+            f"no checkpoint of step {step} in {self.directory}; saved steps: "
+            f"{', '.join(map(str, candidates)) or 'none'}")
+      candidates = [step]
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    if step is not None:
-      saved = self.all_steps()
-      if step not in saved:
-        raise FileNotFoundError(
-            f"no checkpoint of step {step} in {self.directory}; saved steps: "
-            f"{', '.join(map(str, saved)) or 'none'}")
-      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-      return step, restored["state"]
-    unreadable = []
-    for newest in reversed(self.all_steps()):
+    unreadable, reasons = [], {}
+    for candidate in reversed(candidates):
       try:
-        restored = self._manager.restore(newest,
+        restored = self._manager.restore(candidate,
                                          args=ocp.args.Composite(**items))
+        if accept is not None and not accept(restored["state"]):
+          raise ValueError("it holds non-finite values")
       except Exception as e:  # pylint: disable=broad-except
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        logging.warning("checkpoint %s/%d cannot be restored (%s: %s); "
-                        "falling back to an earlier one", self.directory,
-                        newest, type(e).__name__, first_line)
-        unreadable.append(newest)
+        reason = _first_sentence(e)
+        logging.warning("checkpoint %s/%d cannot be restored (%s); falling "
+                        "back to an earlier one", self.directory, candidate,
+                        reason)
+        unreadable.append(candidate)
+        reasons.setdefault(reason, []).append(str(candidate))
         continue
-      self._set_aside(unreadable)
-      return newest, restored["state"]
-    return None
+      if not self.read_only:
+        self._set_aside(unreadable)
+      return candidate, restored["state"]
+    raise CheckpointRestoreError(
+        f"no checkpoint in {self.directory} can be restored with this config ("
+        + "; ".join(f"step {', '.join(steps)}: {reason}"
+                    for reason, steps in reasons.items()) + ")")
 
   def _set_aside(self, steps: list[int]) -> None:
     if not steps:

@@ -3,18 +3,23 @@
 An experiment config is an `ml_collections.ConfigDict` with four sections:
 `model` (fields of `sessa_jax.models.config.ModelConfig`), `data` (read by
 `sessa_jax.data.get_task`), `train` (`TrainConfig`) and `mesh` (`MeshConfig`).
-Every key is checked at start; an unknown key fails with the list of known ones.
+`base_config` writes every key out, and every key set afterwards goes through
+`apply_overrides`, the one place an unknown key is refused (with the list of
+known ones); the dataclasses then check the values.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import pathlib
+import re
 from typing import Any, Mapping
 
 import ml_collections
 
+from sessa_jax import checks
 from sessa_jax import data as data_lib
 from sessa_jax.models.config import MIXERS, ModelConfig
 
@@ -89,17 +94,13 @@ class TrainConfig:
       raise ValueError("train.profile_steps must be (start, count) with two "
                        f"integers >= 0, got {self.profile_steps!r}")
     object.__setattr__(self, "profile_steps", profile)
-    if self.dtype not in COMPUTE_DTYPES:
-      raise ValueError(f"train.dtype={self.dtype!r} is not one of: "
-                       f"{', '.join(COMPUTE_DTYPES)}")
-    for key in ("steps", "batch_size", "grad_accum", "checkpoint_every",
-                "keep_checkpoints", "log_every"):
-      if getattr(self, key) < 1:
-        raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-    for key in ("warmup_steps", "eval_every", "eval_batches", "test_batches",
-                "weight_decay", "grad_clip", "lr"):
-      if getattr(self, key) < 0:
-        raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+    checks.one_of("train", "dtype", self.dtype, COMPUTE_DTYPES)
+    checks.at_least("train", self, (
+        "steps", "batch_size", "grad_accum", "checkpoint_every",
+        "keep_checkpoints", "log_every"))
+    checks.at_least("train", self, (
+        "warmup_steps", "eval_every", "eval_batches", "test_batches",
+        "weight_decay", "grad_clip", "lr"), minimum=0)
     if self.batch_size % self.grad_accum:
       raise ValueError(f"train.batch_size={self.batch_size} is not divisible "
                        f"by train.grad_accum={self.grad_accum}")
@@ -147,47 +148,37 @@ class Experiment:
   """A validated experiment config.
 
   Attributes:
-    model: the `model` section (vocab_size 0 or absent: the task's).
+    model: the model, computing in `train.dtype` with float32 parameters;
+      vocab_size None (`model.vocab_size=0`) means the task's.
     data: the `data` section as a plain dict, for `sessa_jax.data.get_task`.
     train: optimisation and bookkeeping.
     mesh: device mesh shape.
     raw: the whole config as a plain dict (written to `config.json`).
   """
 
-  model: Mapping[str, Any]
+  model: ModelConfig
   data: Mapping[str, Any]
   train: TrainConfig
   mesh: MeshConfig
   raw: Mapping[str, Any]
 
   def model_config(self, vocab_size: int) -> ModelConfig:
-    """The ModelConfig with the task's vocabulary and the train dtype.
+    """The ModelConfig for a task with `vocab_size` token ids.
 
     Args:
       vocab_size: the task's vocabulary size; `model.vocab_size` may be 0
-        (or absent) for exactly this, or at least this.
+        for exactly this, or at least this.
 
     Returns:
-      The validated ModelConfig (float32 parameters, `train.dtype` compute).
+      `model` with its vocabulary set.
     """
-    values = dict(self.model)
-    values["vocab_size"] = values.get("vocab_size") or vocab_size
-    if values["vocab_size"] < vocab_size:
-      raise ValueError(f"model.vocab_size={values['vocab_size']} is smaller "
-                       f"than the task's vocabulary ({vocab_size})")
-    values["dtype"] = self.train.dtype
-    values["param_dtype"] = "float32"
-    return ModelConfig.from_mapping(values)
-
-
-def _section(config: Mapping[str, Any], name: str, cls) -> Any:
-  values = dict(config.get(name) or {})
-  known = [f.name for f in dataclasses.fields(cls)]
-  for key in values:
-    if key not in known:
-      raise ValueError(
-          f"unknown key {name}.{key}; known keys: {', '.join(known)}")
-  return cls(**values)
+    given = self.model.vocab_size
+    if given is None:
+      return self.model.replace(vocab_size=vocab_size)
+    if given < vocab_size:
+      raise ValueError(f"model.vocab_size={given} is smaller than the task's "
+                       f"vocabulary ({vocab_size})")
+    return self.model
 
 
 def validate(config: ml_collections.ConfigDict | Mapping[str, Any]
@@ -210,24 +201,23 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]
       raise ValueError(
           f"unknown config section {name!r}; known sections: "
           f"{', '.join(SECTIONS)}")
-  model = dict(raw.get("model") or {})
-  if model.get("dtype", "float32") not in ("float32", raw.get("train", {}).get(
-      "dtype", "float32")):
+  sections = {name: dict(raw.get(name) or {}) for name in SECTIONS}
+  if "task" not in sections["data"]:
+    raise ValueError("data.task is missing")
+  model, train_dtype = sections["model"], sections["train"].get(
+      "dtype", "float32")
+  if model.pop("dtype", "float32") not in ("float32", train_dtype):
     raise ValueError("set the compute dtype with train.dtype, not model.dtype")
-  model.pop("dtype", None)
   if model.pop("param_dtype", "float32") != "float32":
     raise ValueError("model.param_dtype must be float32 for training "
                      "(train.dtype sets the compute dtype)")
-  # Validates model keys and values now (vocab_size is filled from the task).
-  ModelConfig.from_mapping({**model, "vocab_size": model.get("vocab_size") or 1})
-  if "task" not in (raw.get("data") or {}):
-    raise ValueError("data.task is missing")
-  return Experiment(
-      model=model,
-      data=dict(raw["data"]),
-      train=_section(raw, "train", TrainConfig),
-      mesh=_section(raw, "mesh", MeshConfig),
-      raw=raw)
+  full = base_config(**sections)
+  train = TrainConfig(**full.train)
+  model_values = {**full.model, "vocab_size": full.model.vocab_size or None,
+                  "dtype": train.dtype, "param_dtype": "float32"}
+  return Experiment(model=ModelConfig(**model_values),
+                    data=sections["data"], train=train,
+                    mesh=MeshConfig(**full.mesh), raw=raw)
 
 
 def _field_reference(field: dataclasses.Field) -> Any:
@@ -271,14 +261,11 @@ def base_config(*, model: Mapping[str, Any], data: Mapping[str, Any],
   config = ml_collections.ConfigDict({
       "model": model_section, "data": data_section, "train": default_train(),
       "mesh": default_mesh()})
-  for name, values in (("model", model), ("data", data), ("train", train),
-                       ("mesh", mesh or {})):
-    for key, value in values.items():
-      if key not in config[name]:
-        raise ValueError(f"unknown key {name}.{key}; known keys: "
-                         f"{', '.join(sorted(config[name]))}")
-      config[name][key] = value
-  return config
+  return apply_overrides(config, {
+      f"{name}.{key}": value
+      for name, values in (("model", model), ("data", data), ("train", train),
+                           ("mesh", mesh or {}))
+      for key, value in values.items()})
 
 
 def parse_arg(arg: str | None, sizes: Mapping[str, Mapping[str, Any]],
@@ -346,28 +333,47 @@ def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """Sets dotted keys ('train.lr': 1e-3) on a copy of `config`.
 
+  The copy is locked while the keys are set, so ml_collections refuses any key
+  the config does not already have: this is the one check for unknown keys
+  (`base_config`, `validate` and sweeps all set keys through here).
+
   Args:
     config: the base config.
     overrides: dotted key -> value.
 
   Returns:
-    The updated copy.
+    The updated copy (unlocked, like `config`).
 
   Raises:
-    ValueError: on a key the config does not have, listing its section's keys.
+    ValueError: on a key the config does not have, naming it and listing the
+      keys of its section; or a value of the wrong type, naming the key.
   """
-  config = ml_collections.ConfigDict(config.to_dict())
+  config = copy.deepcopy(config)
+  config.lock()
   for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for name in parents:
-      if not isinstance(node.get(name), ml_collections.ConfigDict):
-        raise ValueError(f"unknown config key {dotted!r}; known: "
-                         f"{', '.join(sorted(node))}")
-      node = node[name]
-    if leaf not in node:
-      section = ".".join(parents)
-      raise ValueError(f"unknown config key {dotted!r}; known keys of "
-                       f"{section or 'the config'}: {', '.join(sorted(node))}")
-    node[leaf] = value
+    try:
+      config.update_from_flattened_dict({dotted: value})
+    except KeyError as e:
+      raise ValueError(_unknown_key_message(config, dotted, str(e))) from None
+    except TypeError as e:
+      raise ValueError(f"config key {dotted!r}: {e}") from None
+  config.unlock()
   return config
+
+
+def _unknown_key_message(config: ml_collections.ConfigDict, dotted: str,
+                         error: str) -> str:
+  """Names an unknown dotted key, the keys beside it and the library's hint."""
+  node, parents = config, []
+  for name in dotted.split(".")[:-1]:
+    if not isinstance(node.get(name), ml_collections.ConfigDict):
+      break
+    node = node[name]
+    parents.append(name)
+  section = ".".join(parents) or "the config"
+  message = (f"unknown config key {dotted!r}; known keys of {section}: "
+             f"{', '.join(sorted(node))}")
+  hint = re.search(r'Did you mean "(\w+)"', error)
+  if hint:
+    message += f" (did you mean {'.'.join(parents + [hint[1]])!r}?)"
+  return message

@@ -58,7 +58,7 @@ def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any,
     logits_btv = nnx.merge(graphdef, params)(batch["inputs"])
     return token_stats(logits_btv, batch)
   return jax.jit(
-      eval_step,
+      sharding_lib.with_abstract_mesh(eval_step, mesh),
       in_shardings=(param_shardings, sharding_lib.batch_sharding(mesh)),
       out_shardings=sharding_lib.replicated(mesh))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 from typing import Any, Mapping
 
 import jax
@@ -84,9 +83,3 @@ def format_info(info: Mapping[str, Any]) -> str:
       f"set over the config file: {overrides or 'nothing'}",
   ])
 
-
-def write(workdir: str | pathlib.Path, info: Mapping[str, Any]) -> None:
-  """Writes `WORKDIR/run_info.json` (process 0 only)."""
-  if jax.process_index() == 0:
-    (pathlib.Path(workdir) / FILENAME).write_text(
-        json.dumps(info, indent=2, sort_keys=True) + "\n")

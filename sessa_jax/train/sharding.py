@@ -1,33 +1,29 @@
-"""Device mesh, logical-axis rules and multi-host start-up.
+"""Device mesh, state and batch layouts, and multi-host start-up.
 
-Parameters carry logical axis names in their `out_sharding` metadata
-('embed', 'hidden', 'vocab' or None per dimension). `LOGICAL_RULES` maps
-them onto the mesh ('data', 'fsdp', 'tensor'): parameters are split along
-'embed' over 'fsdp' (ZeRO-3 style) and along 'hidden'/'vocab' over 'tensor'
-(Megatron style); activations split their batch over ('data', 'fsdp').
+Parameters carry logical axis names in their `out_sharding` metadata and
+activations are constrained by logical names inside the model; the one table
+mapping both onto the mesh ('data', 'fsdp', 'tensor') is
+`sessa_jax.models.partitioning.LOGICAL_RULES`. Traced steps run under
+`with_abstract_mesh`, which lets those activation constraints (and the
+per-batch-shard feedback solve) see the mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from sessa_jax.mesh_axes import BATCH_AXES, MESH_AXES
+from sessa_jax.mesh_axes import MESH_AXES
+from sessa_jax.models.partitioning import LOGICAL_RULES, logical_to_spec
 from sessa_jax.train.config import MeshConfig
-
-LOGICAL_RULES: Mapping[str, Any] = {
-    "batch": BATCH_AXES,
-    "embed": "fsdp",
-    "hidden": "tensor",
-    "vocab": "tensor",
-}
 
 
 def initialize_distributed(coordinator_address: str | None = None,
@@ -97,43 +93,6 @@ def make_mesh(mc: MeshConfig, devices: Sequence[jax.Device] | None = None
                        devices=devices)
 
 
-def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int],
-                    mesh: jax.sharding.Mesh) -> P:
-  """PartitionSpec for an array with the given logical axis names.
-
-  A dimension whose size the mesh axes do not divide stays replicated (e.g. an
-  odd vocabulary under tensor=2), as does any axis of size 1.
-
-  Args:
-    names: one logical name (or None) per dimension; None replicates all.
-    shape: the array's shape.
-    mesh: the device mesh.
-
-  Returns:
-    The PartitionSpec.
-  """
-  if not names:
-    return P()
-  if len(names) != len(shape):
-    raise ValueError(
-        f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
-  spec = []
-  used = set()
-  for name, size in zip(names, shape):
-    axes = LOGICAL_RULES.get(name) if name is not None else None
-    if name is not None and name not in LOGICAL_RULES:
-      raise ValueError(f"unknown logical axis {name!r}; known: "
-                       f"{', '.join(LOGICAL_RULES)}")
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
-    if not axes or size % int(np.prod([mesh.shape[a] for a in axes])):
-      spec.append(None)
-      continue
-    used.update(axes)
-    spec.append(axes[0] if len(axes) == 1 else axes)
-  return P(*spec)
-
-
 def state_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh):
   """NamedShardings for every variable of an abstract nnx state.
 
@@ -156,6 +115,21 @@ def state_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh):
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Sharding of a (batch, ...) array: batch over ('data', 'fsdp')."""
   return NamedSharding(mesh, P(LOGICAL_RULES["batch"]))
+
+
+def with_abstract_mesh(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+  """`fn` traced with `mesh` as the abstract mesh (`get_abstract_mesh`).
+
+  Inside, `partitioning.constrain` lays activations out by their logical
+  names and the feedback solve runs per batch shard. The context is
+  thread-local and entered while tracing, so steps of different meshes (e.g.
+  packed sweep points in threads) never see each other's mesh.
+  """
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -9,13 +9,13 @@ A sweep file (`experiments/<name>.py`) defines
 
 Each point trains in `DIR/<point name>` (resuming whatever is there; a point
 whose summary.json is complete is not rerun). A point that fails is reported
-and the others still run. At the end `DIR/sweep_summary.json` holds every
-point's status and summary, and a table is printed.
+and the others still run; SIGTERM saves the running point and starts no
+other. At the end `DIR/sweep_summary.json` holds every point's status and
+summary, and a table is printed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 import re
@@ -26,6 +26,7 @@ import jax
 
 from sessa_jax.train import config as config_lib
 from sessa_jax.train import trainer
+from sessa_jax.train import workdir_lock
 
 _NAME = re.compile(r"^[A-Za-z0-9_.,=+-]+$")
 _COLUMNS = ("model", "params", "steps", "eval/loss", "eval/accuracy",
@@ -61,18 +62,13 @@ def _point_config(point: Mapping[str, Any]):
       config_lib.load_config(point["config"]), _point_overrides(point))
 
 
-def _finished(workdir: pathlib.Path, steps: int) -> dict[str, Any] | None:
-  path = workdir / "summary.json"
-  if path.exists():
-    summary = json.loads(path.read_text())
-    if summary.get("steps") == steps:
-      return summary
-  return None
-
-
 def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False
              ) -> dict[str, dict[str, Any]]:
   """Trains every point of a sweep; failures are recorded, not raised.
+
+  SIGTERM stops the sweep: the running point saves a checkpoint and is
+  recorded as "preempted", the points after it as "pending"; rerunning the
+  sweep resumes there.
 
   Args:
     spec: 'experiments/x.py[:preset]'.
@@ -80,29 +76,35 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False
     force: passed to each point's `trainer.train`.
 
   Returns:
-    point name -> {"status": "ok" | "failed", and the summary or "error"}.
+    point name -> {"status": "ok" | "failed" | "preempted" | "pending", and
+    the summary, the "error" or the step reached}.
+
+  Raises:
+    WorkdirLockedError: another sweep is running in `workdir`.
   """
   workdir = pathlib.Path(workdir)
   points = load_sweep(spec)
   results = {}
-  for i, (name, point) in enumerate(points.items()):
-    logging.warning("sweep point %d/%d: %s", i + 1, len(points), name)
-    try:
-      config = _point_config(point)
-      summary = _finished(workdir / name, config.train.steps)
-      if summary is None:
-        summary = trainer.train(config, workdir / name, force=force,
+  with workdir_lock.WorkdirLock(workdir), trainer.Preemption() as preemption:
+    for i, (name, point) in enumerate(points.items()):
+      if preemption.requested or any(
+          r["status"] == "preempted" for r in results.values()):
+        results[name] = {"status": "pending"}
+        continue
+      logging.warning("sweep point %d/%d: %s", i + 1, len(points), name)
+      try:
+        summary = trainer.train(_point_config(point), workdir / name,
+                                force=force, preemption=preemption,
                                 overrides=_point_overrides(point))
-      results[name] = {"status": "ok", **summary}
-    except Exception as e:  # pylint: disable=broad-except
-      error = "".join(traceback.format_exception_only(type(e), e)).strip()
-      logging.error("sweep point %s failed: %s", name, error)
-      results[name] = {"status": "failed", "error": error}
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "sweep_summary.json").write_text(
-        json.dumps(results, indent=2, sort_keys=True) + "\n")
-    print(format_table(results))
+        status = "preempted" if summary.get("preempted") else "ok"
+        results[name] = {"status": status, **summary}
+      except Exception as e:  # pylint: disable=broad-except
+        error = "".join(traceback.format_exception_only(type(e), e)).strip()
+        logging.error("sweep point %s failed: %s", name, error)
+        results[name] = {"status": "failed", "error": error}
+    if jax.process_index() == 0:
+      trainer.write_json(workdir / "sweep_summary.json", results)
+      print(format_table(results))
   return results
 
 

@@ -1,18 +1,24 @@
 """The train loop: state layout, the jitted step, a run from config to summary.
 
-A run (`train`) validates the config, builds the task, mesh, model and
-optimizer, resumes from the newest readable checkpoint in the workdir, then
-loops: next batch -> jitted step -> metrics -> periodic eval and checkpoint.
-It stops at `train.steps` (then evaluates on val and test and writes
-`summary.json`), on SIGTERM (after saving a checkpoint), or on a non-finite
-loss (raising, with the last good checkpoint left as it was).
+A run (`train`) takes the workdir's lock, validates the config, builds the
+task, mesh, model and optimizer, resumes from the newest readable checkpoint
+in the workdir (only then writing `config.json`), then loops: next batch ->
+jitted step -> metrics -> periodic eval and checkpoint. It stops at
+`train.steps` (then evaluates on val and test and writes `summary.json`), on
+SIGTERM (after saving a checkpoint; the caller exits with `EXIT_PREEMPTED`),
+or on a non-finite loss, gradient norm or state (raising, with the last
+checkpoint left as it was: checkpoints are saved only from finite states).
+`evaluate` reads a finished or running workdir and writes only
+`eval_summary.json`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import signal
 import time
@@ -38,10 +44,14 @@ from sessa_jax.train import optimizer as optimizer_lib
 from sessa_jax.train import profiling
 from sessa_jax.train import run_info
 from sessa_jax.train import sharding as sharding_lib
+from sessa_jax.train import workdir_lock
 from sessa_jax.train.config import TrainConfig
 
 # Sections of config.json that must match to resume in the same workdir.
 RESUME_KEYS = ("model", "data")
+# Exit status of a run (or sweep) stopped by SIGTERM after saving a
+# checkpoint: sysexits' EX_TEMPFAIL, "try again later"; relaunch to resume.
+EXIT_PREEMPTED = 75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,20 +197,33 @@ def make_train_step(layout: TrainState, tc: TrainConfig, mesh: jax.sharding.Mesh
     return new_state, metrics
 
   return jax.jit(
-      train_step,
+      sharding_lib.with_abstract_mesh(train_step, mesh),
       in_shardings=(layout.shardings, batch_sharding),
       out_shardings=(layout.shardings, sharding_lib.replicated(mesh)),
       donate_argnums=0)
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop polls (all processes agree on it)."""
+class Preemption:
+  """Turns SIGTERM into a flag the loop polls (all processes agree on it).
+
+  A context manager: the handler is installed on entry and the previous one
+  restored on exit. A sweep holds one across all its points, so that SIGTERM
+  between points also stops it.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+
+  def __enter__(self) -> Preemption:
     if jax.process_count() == 1:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -212,17 +235,51 @@ class _Preemption:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+
+def make_finite_check(layout: TrainState, mesh: jax.sharding.Mesh
+                     ) -> Callable[[Any], bool]:
+  """(state) -> whether its parameters and optimizer state are all finite.
+
+  One jitted reduction on device; only a boolean comes back to the host.
+  """
+  def all_finite(state):
+    leaves = [x for x in jax.tree.leaves((state["params"], state["opt_state"]))
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+  check = jax.jit(all_finite, in_shardings=(layout.shardings,),
+                  out_shardings=sharding_lib.replicated(mesh))
+  return lambda state: bool(check(state))
+
+
+def finished_summary(workdir: str | pathlib.Path, steps: int
+                    ) -> dict[str, Any] | None:
+  """The summary.json of a run that finished `steps` steps, else None."""
+  path = pathlib.Path(workdir) / "summary.json"
+  if path.exists():
+    summary = json.loads(path.read_text())
+    if summary.get("steps") == steps:
+      return summary
+  return None
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+  """Writes JSON atomically (a reader sees the old or the new file)."""
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)
 
 
 def _check_resume(workdir: pathlib.Path, raw: Mapping[str, Any], force: bool
-                 ) -> None:
-  """Refuses a workdir whose config.json differs in model or data."""
+                 ) -> list[str]:
+  """Refuses a workdir whose config.json differs in model or data.
+
+  Returns:
+    The differences, when `force` lets them through.
+  """
   path = workdir / "config.json"
   if not path.exists():
-    return
+    return []
   old = json.loads(path.read_text())
   new = json.loads(json.dumps(raw))
   diffs = []
@@ -236,6 +293,7 @@ def _check_resume(workdir: pathlib.Path, raw: Mapping[str, Any], force: bool
         f"{path} differs from the given config in {', '.join(RESUME_KEYS)} "
         f"({'; '.join(diffs)}); use another --workdir, or pass --force to "
         "resume with the new config")
+  return diffs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +317,8 @@ def setup(config, workdir: str | pathlib.Path | None = None) -> Setup:
   """Validates a config and builds its task, model config and mesh.
 
   Args:
-    config: the experiment ConfigDict (or nested dict).
+    config: the experiment ConfigDict (or nested dict, or an already
+      validated `config_lib.Experiment`).
     workdir: the run directory, where tasks cache derived files (the text
       task's tokenizer); nothing else is written.
 
@@ -269,7 +328,8 @@ def setup(config, workdir: str | pathlib.Path | None = None) -> Setup:
   Raises:
     ValueError: on a bad key or value, or a batch the mesh cannot split.
   """
-  exp = config_lib.validate(config)
+  exp = (config if isinstance(config, config_lib.Experiment)
+         else config_lib.validate(config))
   tc = exp.train
   task = data_lib.get_task(exp.data,
                            workdir=None if workdir is None else str(workdir))
@@ -288,30 +348,31 @@ def setup(config, workdir: str | pathlib.Path | None = None) -> Setup:
 class Run:
   """One experiment in one workdir: task, mesh, state, iterators, writers.
 
+  Constructing a Run writes nothing to the workdir (a text task may cache its
+  tokenizer there); `start` writes config.json once the state is loaded.
+
   Args:
     config: the experiment ConfigDict.
     workdir: the run directory.
     force: resume even if config.json differs in model or data.
+    read_only: evaluation: checkpoints are only read, never moved.
   """
 
   def __init__(self, config, workdir: str | pathlib.Path, *,
-               force: bool = False):
-    self.workdir = pathlib.Path(workdir)
-    resolved = setup(config, self.workdir)
-    self.resolved = resolved
-    self.exp, self.task = resolved.exp, resolved.task
-    self.model_cfg, self.mesh = resolved.model_cfg, resolved.mesh
+               force: bool = False, read_only: bool = False):
+    self.exp = config_lib.validate(config)
     self.tc = self.exp.train
-    _check_resume(self.workdir, self.exp.raw, force)
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    multihost_utils.sync_global_devices("config.json checked")
-    if jax.process_index() == 0:
-      (self.workdir / "config.json").write_text(
-          json.dumps(self.exp.raw, indent=2, sort_keys=True) + "\n")
+    self.workdir = pathlib.Path(workdir)
+    self.config_changes = _check_resume(self.workdir, self.exp.raw, force)
+    self.resolved = setup(self.exp, self.workdir)
+    self.task, self.mesh = self.resolved.task, self.resolved.mesh
+    self.model_cfg = self.resolved.model_cfg
     self.layout = create_layout(self.model_cfg, self.tc, self.mesh)
+    self.all_finite = make_finite_check(self.layout, self.mesh)
     self.state = None
     self.checkpointer = checkpoint_lib.Checkpointer(
-        self.workdir / "checkpoints", keep=self.tc.keep_checkpoints)
+        self.workdir / "checkpoints", keep=self.tc.keep_checkpoints,
+        read_only=read_only)
     self.eval_step = evaluate_lib.make_eval_step(
         self.layout.graphdef, self.layout.shardings["params"], self.mesh)
 
@@ -323,28 +384,59 @@ class Run:
         num_workers=self.exp.data.get("num_workers", 0))
 
   def restore(self, data_iter=None, *, step: int | None = None) -> int:
-    """Loads the newest readable checkpoint (else a fresh state).
+    """Loads the newest readable, finite checkpoint (else a fresh state).
 
     Args:
       data_iter: the train iterator, positioned as saved; None restores the
         model and optimizer state only.
-      step: load exactly this step (an error if it is missing or unreadable).
+      step: load this step only (an error if it is missing or unreadable).
 
     Returns:
       The step of the loaded state.
+
+    Raises:
+      CheckpointRestoreError: checkpoints exist but none can be restored.
+      FileNotFoundError: `step` is not among the saved steps.
     """
-    if not self.checkpointer.all_steps() and step is None:
+    if step is None and not self.checkpointer.all_steps():
       self.state = self.layout.init()
       return 0
-    restored = self.checkpointer.restore(self.layout.abstract, data_iter,
-                                         step=step)
-    if restored is None:
-      raise RuntimeError(
-          f"no checkpoint in {self.checkpointer.directory} can be restored (see "
-          "the warnings above); move that directory away to start over")
-    step, self.state = restored
-    logging.warning("resuming from %s/%d", self.checkpointer.directory, step)
+    try:
+      step, self.state = self.checkpointer.restore(
+          self.layout.abstract, data_iter, accept=self.all_finite, step=step)
+    except checkpoint_lib.CheckpointRestoreError as e:
+      if self.checkpointer.read_only:
+        raise
+      if self.config_changes:
+        advice = (f"config.json is unchanged: with "
+                  f"{'; '.join(self.config_changes)} no checkpoint fits; use "
+                  "another --workdir to start fresh")
+      else:
+        advice = "move that directory away to start over"
+      raise checkpoint_lib.CheckpointRestoreError(f"{e}; {advice}") from None
+    logging.warning("restored %s/%d", self.checkpointer.directory, step)
     return step
+
+  def start(self) -> None:
+    """Records config.json (process 0): the run has really started."""
+    multihost_utils.sync_global_devices("state loaded")
+    if jax.process_index() == 0:
+      write_json(self.workdir / "config.json", self.exp.raw)
+
+  def save(self, step: int, data_iter) -> None:
+    """Checkpoints the current state, which must be finite.
+
+    Raises:
+      FloatingPointError: the parameters or optimizer state hold a NaN or
+        infinity; nothing is saved.
+    """
+    if not self.all_finite(self.state):
+      self.checkpointer.wait()
+      raise FloatingPointError(
+          f"non-finite parameters or optimizer state at step {step}; stopped "
+          f"without saving. {self.checkpointer.describe_latest()}; lower "
+          "train.lr or raise train.warmup_steps and relaunch")
+    self.checkpointer.save(step, self.state, data_iter)
 
   def evaluate(self, split: str, prefix: str, max_batches: int
               ) -> dict[str, Any]:
@@ -353,9 +445,9 @@ class Run:
         max_batches=max_batches, mesh=self.mesh,
         task=self.task, prefix=prefix)
 
-  def summary(self, steps: int, wall_time_s: float, results: Mapping[str, Any]
-             ) -> dict[str, Any]:
-    """Writes summary.json (process 0) and returns it."""
+  def summary(self, steps: int, wall_time_s: float, results: Mapping[str, Any],
+              filename: str = "summary.json") -> dict[str, Any]:
+    """Writes `filename` in the workdir (process 0) and returns its contents."""
     out = {
         **results,
         "params": int(sum(np.prod(x.shape) for x in
@@ -368,8 +460,7 @@ class Run:
         "task": self.task.name,
     }
     if jax.process_index() == 0:
-      (self.workdir / "summary.json").write_text(
-          json.dumps(out, indent=2, sort_keys=True) + "\n")
+      write_json(self.workdir / filename, out)
     return out
 
   def close(self):
@@ -416,8 +507,8 @@ def dry_run(config, workdir: str | pathlib.Path | None = None, *,
     overrides: config keys set on top of the config file, for the report.
 
   Returns:
-    The run description (`run_info.describe`) plus `compiled`: the step's
-    `compiled.analyze` figures per device.
+    The run description (`run_info.describe`) plus `compile_s` and
+    `compiled`: the step's `compiled.analyze` figures per device.
   """
   resolved = setup(config, workdir)
   tc = resolved.exp.train
@@ -437,6 +528,7 @@ def dry_run(config, workdir: str | pathlib.Path | None = None, *,
 
 def train(config, workdir: str | pathlib.Path, *, force: bool = False,
           stop_at: int | None = None,
+          preemption: Preemption | None = None,
           overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Trains (or resumes) the experiment in `workdir`.
 
@@ -448,97 +540,130 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
   Args:
     config: the experiment ConfigDict.
     workdir: the run directory (created; resumed when it holds checkpoints).
-    force: resume even if config.json differs in model or data.
+    force: resume even if config.json differs in model or data (the new
+      config must still restore a checkpoint; config.json is rewritten only
+      then).
     stop_at: stop after this step as if preempted (checkpoint, no final
       evaluation); None runs to `train.steps`.
+    preemption: the SIGTERM flag to poll, for a caller (a sweep) that keeps
+      one across runs; default: one installed for this run.
     overrides: config keys set on top of the config file (command line,
       sweep point), for the start-of-run report.
 
   Returns:
-    The summary (also in summary.json); when stopped early, a dict with
-    `preempted: True` and `step`.
+    The summary (also in summary.json; a finished run returns it unchanged);
+    when stopped early, a dict with `preempted: True` and `step`.
 
   Raises:
-    FloatingPointError: on a non-finite loss (no checkpoint is written for it).
+    FloatingPointError: on a non-finite loss, gradient norm or state (no
+      checkpoint is written for it).
+    WorkdirLockedError: another process is running in `workdir`.
+    MetricWriteError: metrics could not be written (e.g. disk full).
   """
   start_time = time.time()
-  run = Run(config, workdir, force=force)
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(workdir_lock.WorkdirLock(workdir))
+    if preemption is None:
+      preemption = stack.enter_context(Preemption())
+    run = Run(config, workdir, force=force)
+    stack.callback(run.close)
+    done = finished_summary(run.workdir, run.tc.steps)
+    if done is not None and not run.config_changes:
+      logging.warning("%s already finished %d steps; nothing to do",
+                      run.workdir, run.tc.steps)
+      return done
+    return _train_loop(run, start_time, stop_at, preemption, stack,
+                       overrides)
+
+
+def _train_loop(run: Run, start_time: float, stop_at: int | None,
+                preemption: Preemption, stack: contextlib.ExitStack,
+                overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+  """`train` from the restore on."""
   tc = run.tc
   train_iter = run.iterator("train", train=True)
   step = run.restore(train_iter)
-  info = introduce(run.resolved, run.layout, overrides)
-  run_info.write(run.workdir, info)
+  run.start()
+  if jax.process_index() == 0:
+    write_json(run.workdir / run_info.FILENAME,
+               introduce(run.resolved, run.layout, overrides))
   train_step = make_train_step(run.layout, tc, run.mesh)
   writer = metrics_lib.MetricWriter(run.workdir, resume_step=step)
+  stack.callback(writer.close)
   profiler = profiling.StepProfiler(run.workdir / "tb", *tc.profile_steps)
-  preemption = _Preemption()
+  stack.callback(profiler.close)
   tokens_per_step = tc.batch_size * run.task.seq_len
   train_flops = 3 * budget.flops_per_token(run.model_cfg, run.task.seq_len)
   peak = metrics_lib.peak_flops(dtype=tc.dtype) * jax.device_count()
   progress = _progress_bar(step, tc.steps)
   results: dict[str, Any] = {}
   window_start, window_steps = None, 0
-  try:
-    while step < tc.steps:
-      batch = sharding_lib.global_batch(next(train_iter), run.mesh)
-      profiler.before_step(step)
-      run.state, metrics = train_step(run.state, batch)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      step += 1
-      profiler.after_step(step)
-      if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(
-            f"non-finite training loss ({metrics['loss']}) at step {step}; "
-            f"stopped without saving. The last good checkpoint is step "
-            f"{run.checkpointer.latest_step()} in {run.checkpointer.directory}; "
-            "lower train.lr or raise train.warmup_steps and relaunch")
-      if window_start is None:  # The first step compiles; time from here.
-        window_start = time.time()
-      else:
-        window_steps += 1
-      if progress is not None:
-        progress.update(1)
-        progress.set_postfix(loss=f"{metrics['loss']:.3f}",
-                             acc=f"{metrics['accuracy']:.3f}", refresh=False)
-      if step % tc.log_every == 0 or step == tc.steps:
-        scalars = {f"train/{k}": v for k, v in metrics.items()}
-        if window_steps:
-          seconds = (time.time() - window_start) / window_steps
-          tokens_per_s = tokens_per_step / seconds
-          scalars.update({"train/step_time_s": seconds,
-                          "train/tokens_per_s": tokens_per_s,
-                          "train/mfu": train_flops * tokens_per_s / peak})
-          window_start, window_steps = time.time(), 0
-        writer.write(step, scalars)
-      if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-        results = run.evaluate("val", "eval", tc.eval_batches)
-        writer.write(step, _scalars(results))
-        window_start, window_steps = time.time(), 0
-      stop = preemption.reached(step) or step == stop_at
-      if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
-        run.checkpointer.save(step, run.state, train_iter)
-      if stop and step < tc.steps:
+  while step < tc.steps:
+    batch = sharding_lib.global_batch(next(train_iter), run.mesh)
+    profiler.before_step(step)
+    run.state, metrics = train_step(run.state, batch)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    step += 1
+    profiler.after_step(step)
+    for name in ("loss", "grad_norm"):
+      if not np.isfinite(metrics[name]):
         run.checkpointer.wait()
-        logging.warning("stopped at step %d; checkpoint saved in %s; relaunch "
-                        "with the same --workdir to resume", step,
-                        run.checkpointer.directory)
-        return {"preempted": True, "step": step}
+        raise FloatingPointError(
+            f"non-finite training {name} ({metrics[name]}) at step {step}; "
+            f"stopped without saving. {run.checkpointer.describe_latest()}; "
+            "lower train.lr or raise train.warmup_steps and relaunch")
+    writer.check()
+    if window_start is None:  # The first step compiles; time from here.
+      window_start = time.time()
+    else:
+      window_steps += 1
     if progress is not None:
-      progress.close()
-    results = run.evaluate("val", "eval", tc.eval_batches)
-    results.update(run.evaluate("test", "test", tc.test_batches))
-    writer.write(step, _scalars(results))
-    return run.summary(step, time.time() - start_time, results)
-  finally:
-    profiler.close()
-    preemption.restore()
-    writer.close()
-    run.close()
+      progress.update(1)
+      progress.set_postfix(loss=f"{metrics['loss']:.3f}",
+                           acc=f"{metrics['accuracy']:.3f}", refresh=False)
+    if step % tc.log_every == 0 or step == tc.steps:
+      scalars = {f"train/{k}": v for k, v in metrics.items()}
+      if window_steps:
+        seconds = (time.time() - window_start) / window_steps
+        tokens_per_s = tokens_per_step / seconds
+        scalars.update({"train/step_time_s": seconds,
+                        "train/tokens_per_s": tokens_per_s,
+                        "train/mfu": train_flops * tokens_per_s / peak})
+        window_start, window_steps = time.time(), 0
+      writer.write(step, scalars)
+    if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+      results = run.evaluate("val", "eval", tc.eval_batches)
+      writer.write(step, _scalars(results))
+      window_start, window_steps = time.time(), 0
+    stop = preemption.reached(step) or step == stop_at
+    if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
+      run.save(step, train_iter)
+    if stop and step < tc.steps:
+      run.checkpointer.wait()
+      writer.close()
+      writer.check()
+      logging.warning("stopped at step %d; checkpoint saved in %s; relaunch "
+                      "with the same --workdir to resume", step,
+                      run.checkpointer.directory)
+      return {"preempted": True, "step": step}
+  if progress is not None:
+    progress.close()
+  results = run.evaluate("val", "eval", tc.eval_batches)
+  results.update(run.evaluate("test", "test", tc.test_batches))
+  writer.write(step, _scalars(results))
+  writer.close()
+  writer.check()
+  run.checkpointer.wait()
+  return run.summary(step, time.time() - start_time, results)
 
 
 def evaluate(config, workdir: str | pathlib.Path, *, force: bool = False,
              step: int | None = None) -> dict[str, Any]:
-  """Evaluates a checkpoint in `workdir` on val and test.
+  """Evaluates a checkpoint in `workdir` (the newest, or `step`) on val and test.
+
+  Read-only: checkpoints, config.json, summary.json and metrics are left as
+  they are; the results go to `eval_summary.json`, whose `steps` names the
+  checkpoint evaluated.
 
   Args:
     config: the experiment ConfigDict (model and data must match config.json).
@@ -547,17 +672,26 @@ def evaluate(config, workdir: str | pathlib.Path, *, force: bool = False,
     step: the checkpoint's step; None takes the newest readable one.
 
   Returns:
-    The summary (also written to summary.json).
+    The summary (also written to eval_summary.json).
+
+  Raises:
+    FileNotFoundError: `workdir` holds no checkpoints, or none of `step`.
+    CheckpointRestoreError: none of them can be restored.
   """
   start_time = time.time()
-  run = Run(config, workdir, force=force)
+  directory = pathlib.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    raise FileNotFoundError(f"no checkpoints to evaluate: {directory} does "
+                            "not exist")
+  run = Run(config, workdir, force=force, read_only=True)
   try:
+    if not run.checkpointer.all_steps():
+      raise FileNotFoundError(f"no checkpoints to evaluate in {directory}")
     step = run.restore(step=step)
-    if step == 0:
-      raise FileNotFoundError(f"no checkpoint in {run.checkpointer.directory}")
     results = run.evaluate("val", "eval", run.tc.eval_batches)
     results.update(run.evaluate("test", "test", run.tc.test_batches))
-    return run.summary(step, time.time() - start_time, results)
+    return run.summary(step, time.time() - start_time, results,
+                       filename="eval_summary.json")
   finally:
     run.close()
 
