@@ -110,3 +110,9 @@ def test_sample_mode_refuses_a_task_without_text(tmp_path):
   run = sessa_jax.load(tmp_path)
   with pytest.raises(ValueError, match="needs a text task"):
     sampling.continue_text(run, "x", 4)
+
+
+@pytest.mark.parametrize("bad", [(1,), (1, 2, 3), (-1, 2), (1.5, 2)])
+def test_profile_steps_must_be_two_counts(bad):
+  with pytest.raises(ValueError, match="train.profile_steps"):
+    config_lib.TrainConfig(profile_steps=bad)
