@@ -34,8 +34,8 @@ lock:
 test: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
 
-## Only the tests marked `slow` (the two-process run, grain worker processes),
-## which `make test` leaves out.
+## Only the tests marked `slow` (the two-process run, grain worker processes,
+## the GPU check's CPU dry run), which `make test` leaves out.
 test-slow: install
 	$(PY) -m pytest -q -m slow tests
 

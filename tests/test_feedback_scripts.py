@@ -4,9 +4,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from experiments import bench
+from experiments import gpu_check
 
 
+@pytest.mark.slow  # Compiles every case in interpret mode: a few minutes.
 def test_gpu_check_dry_run_writes_json_and_tables(tmp_path):
   subprocess.run(
       [sys.executable, "experiments/gpu_check.py", "--dry_run",
@@ -32,6 +36,34 @@ def test_gpu_check_dry_run_writes_json_and_tables(tmp_path):
   assert all(row["tokens_per_s"] > 0 for row in layers.values()), layers
   table = (tmp_path / "gpu_check.md").read_text()
   assert "| float32 | 40 |" in table and "| 32 |" in table
+
+
+def test_gpu_check_ratios_and_tables():
+  result = {
+      "device": "H200", "jax": "0", "argv": "", "wall_s": 1.0,
+      "config": {"batch": 2, "width": 256, "heads": 4, "chunk": 256,
+                 "tile": {}},
+      "correctness": [{"t": 1024, "dtype": "float32", "ok": True,
+                       "rel_max_error": dict.fromkeys(gpu_check.NAMES, 1e-4)}],
+      "timings": [
+          {"t": 4096, "impl": "pallas", "seconds": 2e-3, "compile_s": 5.0},
+          {"t": 4096, "impl": "cudnn_attention", "heads": 4, "seconds": 1e-3},
+          {"t": 4096, "impl": "cudnn_attention", "heads": 1, "error": "x"},
+          {"t": 32768, "impl": "pallas", "seconds": 8e-2, "compile_s": 6.0},
+          {"t": 32768, "impl": "cudnn_attention", "heads": 4,
+           "seconds": 1e-2}],
+      "layers": [
+          {"t": 4096, "mixer": "sessa", "feedback_impl": "pallas",
+           "tokens_per_s": 3e6},
+          {"t": 4096, "mixer": "attention", "tokens_per_s": 6e6}],
+  }
+  result["ratios"] = ratios = gpu_check.ratios(result)
+  assert ratios["pallas_over_cudnn"] == {4096: 2.0, 32768: 8.0}
+  assert ratios["sessa_over_attention_tokens"] == {4096: 0.5}
+  assert ratios["compile_longest_over_shortest"] == 6.0 / 5.0
+  table = gpu_check.markdown(result)
+  assert "| 4096 | 2 ms | 1 ms | error | 5.0 s |" in table, table
+  assert "| 4096 | sessa (pallas) | 3e+06 |" in table, table
 
 
 def test_bench_flop_convention():

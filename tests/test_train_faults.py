@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 
 import jax
@@ -77,9 +78,10 @@ def test_failing_metric_disk_stops_the_run_and_keeps_the_checkpoint(
   written = []
 
   def write_until_full(self, event):
-    if len(written) >= 12:
+    if len(written) >= 40:  # The disk fills a few steps in.
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     written.append(event)
+    time.sleep(0.02)  # A slow disk: the writer lags behind training.
     return real_write(self, event)
 
   monkeypatch.setattr(event_file_writer.EventsWriter, "write_event",
@@ -95,6 +97,24 @@ def test_failing_metric_disk_stops_the_run_and_keeps_the_checkpoint(
   summary = trainer.train(tiny_config(steps=steps[-1] + 2), tmp_path)
   assert summary["steps"] == steps[-1] + 2
   assert [s for s, _ in train_losses(tmp_path)] == list(range(1, steps[-1] + 3))
+
+
+def test_stalled_metric_disk_raises_instead_of_blocking(tmp_path, monkeypatch):
+  release = threading.Event()
+  monkeypatch.setattr(event_file_writer.EventsWriter, "write_event",
+                      lambda self, event: release.wait())
+  monkeypatch.setattr(metrics_lib, "_MAX_PENDING", 2)
+  monkeypatch.setattr(metrics_lib, "_PUT_TIMEOUT_S", 0.5)
+  writer = metrics_lib.MetricWriter(tmp_path)
+  start = time.time()
+  with pytest.raises(metrics_lib.MetricWriteError, match="stalled"):
+    for step in range(1, 10):
+      writer.write(step, {"train/loss": 1.0})
+  writer.close()
+  assert time.time() - start < 5
+  with pytest.raises(metrics_lib.MetricWriteError, match="did not finish"):
+    writer.check()
+  release.set()
 
 
 def test_force_onto_other_shapes_leaves_config_json_untouched(tmp_path):

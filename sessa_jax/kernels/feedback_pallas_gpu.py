@@ -147,11 +147,12 @@ def _share(p, side, extent, programs):
     (side tile, first reduction tile, end reduction tile); an empty range
     when the program has nothing to do.
   """
-  parts = programs // side
-  per = (extent + parts - 1) // parts
-  part = p // side
-  lo = part * per
-  return p % side, lo, jnp.minimum(extent, lo + per)
+  # lax.div/rem: truncating integer ops (all operands are non-negative),
+  # which lower to single Triton instructions.
+  parts = lax.div(jnp.int32(programs), side)
+  per = lax.div(extent + parts - 1, parts)
+  lo = lax.div(p, side) * per
+  return lax.rem(p, side), lo, jnp.minimum(extent, lo + per)
 
 
 def _rect_apply_kernel(sched_ref, q_ref, k_ref, s_ref, lse_ref, _, ctx_ref,

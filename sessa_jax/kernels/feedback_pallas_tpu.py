@@ -1,17 +1,17 @@
 """Mosaic TPU kernels for the O(T²) passes of the feedback solve.
 
 Flash-attention style passes over (row tile, key tile) pairs, each a
-`pallas_call` with grid (B, outer tiles, inner tiles): the inner axis is the
-reduction, marked "arbitrary" so it runs in order, and its running state
-lives in VMEM scratch. Blocks are (C, K) and (C, D) tiles, C a multiple of 8
+`pallas_call` whose grid runs each outer tile's reduction steps in order
+("arbitrary"), with the running state in VMEM scratch. Blocks are (C, K) and (C, D) tiles, C a multiple of 8
 (hundreds of rows in practice) and K, D the full feature widths; per-row
 scalars travel as (B, T, 1) arrays so their (C, 1) tiles are legal too.
 
 * `row_stats` and `row_grad` run over the whole sequence, causal by groups
   of `group` consecutive tiles (one chunk of the solve): a row tile reads
   only key tiles of earlier groups, the chunks' diagonal blocks being
-  handled outside, in plain JAX. Skipped steps point their key blocks at the
-  last useful one, so nothing is fetched for them.
+  handled outside, in plain JAX. Their grid walks a triangular list of
+  (row tile, key tile) pairs (scalar-prefetched), so fully masked tiles are
+  never visited.
 * `rect_apply` and `rect_col` run on one rectangle of the solve's loop
   (every key precedes every row), whose offsets and extents arrive at run
   time: the schedule is scalar-prefetched into SMEM, it offsets the block
@@ -32,6 +32,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -52,46 +53,88 @@ def _interpret(interpret):
   return pltpu.InterpretParams() if interpret else False
 
 
-def _visible(r, c, group):
-  """Whether key block c lies in an earlier group than row block r."""
-  return c < (r // group) * group
-
-
-def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret):
-  return pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, scratch_shapes=scratch,
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=_interpret(interpret))
-
-
-def _causal_key_index(group):
-  """Index map of a key-side block in a causal (b, row, key) grid.
-
-  The blocks of the row's own group and later are skipped; pointing them at
-  the last useful block means they are never fetched.
-  """
-  return lambda b, r, c: (
-      b, jnp.minimum(c, jnp.maximum((r // group) * group - 1, 0)), 0)
-
-
 def _logits(q_ref, k_ref, scale):
   return tile_dot(q_ref[...], k_ref[...], trans_b=True) * scale
+
+
+# Causal passes over the whole sequence: a list of the visited tile pairs.
+
+_FIRST, _LAST, _VISIBLE = 1, 2, 4
+
+
+def _causal_pairs(n_tiles, group):
+  """The (row tile, key tile) steps of a pass causal by groups, in order.
+
+  Row tile r reads the key tiles of earlier groups, [0, (r // group) *
+  group); a row tile with none gets one idle step so its output is written.
+  Fully masked tiles are never visited.
+
+  Returns:
+    int32 arrays (rows, keys, flags), flags marking a row's first and last
+    step and the steps that read keys.
+  """
+  rows, keys, flags = [], [], []
+  for r in range(n_tiles):
+    n_keys = (r // group) * group
+    steps = max(n_keys, 1)
+    for c in range(steps):
+      rows.append(r)
+      keys.append(c)
+      flags.append(_FIRST * (c == 0) + _LAST * (c == steps - 1)
+                   + _VISIBLE * (c < n_keys))
+  return [jnp.asarray(np.asarray(x, np.int32)) for x in (rows, keys, flags)]
+
+
+def _causal_call(kernel, operands, row_operands, out_width, acc, scratch,
+                 block, group, interpret):
+  """A causal-by-groups pass over the tile pairs of `_causal_pairs`.
+
+  `operands` are (B, T, width) arrays, row-side where `row_operands` says
+  so, key-side otherwise; the output (B, T, out_width) is row-side.
+  """
+  b, t = operands[0].shape[:2]
+  pairs = _causal_pairs(t // block, group)
+  row = lambda p, rows, keys, flags: rows[p]
+  key = lambda p, rows, keys, flags: keys[p]
+
+  def spec(width, tile_of):
+    return pl.BlockSpec((None, block, width),
+                        lambda b, p, *sched: (b, tile_of(p, *sched), 0))
+
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3, grid=(b, pairs[0].shape[0]),
+      in_specs=[spec(x.shape[-1], row if is_row else key)
+                for x, is_row in zip(operands, row_operands)],
+      out_specs=spec(out_width, row), scratch_shapes=scratch)
+  return pl.pallas_call(
+      kernel, grid_spec=grid_spec,
+      out_shape=jax.ShapeDtypeStruct((b, t, out_width), acc),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "arbitrary")),
+      interpret=_interpret(interpret))(*pairs, *operands)
+
+
+def _step_flags(flags_ref):
+  """Whether this step is its row's first, its last, and reads keys."""
+  flags = flags_ref[pl.program_id(1)]
+  return ((flags & _FIRST) != 0, (flags & _LAST) != 0,
+          (flags & _VISIBLE) != 0)
 
 
 # Row log-sum-exp over the key blocks of earlier groups.
 
 
-def _stats_kernel(q_ref, k_ref, lse_ref, m_sc, l_sc, *, scale, group):
-  r, c = pl.program_id(1), pl.program_id(2)
+def _stats_kernel(rows_ref, keys_ref, flags_ref, q_ref, k_ref, lse_ref, m_sc,
+                  l_sc, *, scale):
+  del rows_ref, keys_ref
+  first, last, visible = _step_flags(flags_ref)
 
-  @pl.when(c == 0)
+  @pl.when(first)
   def _():
     m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, m_sc.dtype)
     l_sc[...] = jnp.zeros(l_sc.shape, l_sc.dtype)
 
-  @pl.when(_visible(r, c, group))
+  @pl.when(visible)
   def _():
     logits = _logits(q_ref, k_ref, scale)
     m_prev = m_sc[...]
@@ -100,7 +143,7 @@ def _stats_kernel(q_ref, k_ref, lse_ref, m_sc, l_sc, *, scale, group):
         jnp.exp(logits - m_new), axis=1, keepdims=True)
     m_sc[...] = m_new
 
-  @pl.when(c == pl.num_programs(2) - 1)
+  @pl.when(last)
   def _():
     l = l_sc[...]
     lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(l), -jnp.inf)
@@ -109,17 +152,11 @@ def _stats_kernel(q_ref, k_ref, lse_ref, m_sc, l_sc, *, scale, group):
 def row_stats(q_btk, k_btk, *, block, group, scale, interpret):
   """Row log-sum-exps over keys of earlier groups, -inf where none: (B, T)."""
   acc = acc_dtype(q_btk)
-  b, t, kd = q_btk.shape
-  n_rows, n_keys = t // block, k_btk.shape[1] // block
-  lse = _call(
-      functools.partial(_stats_kernel, scale=scale, group=group),
-      (b, n_rows, n_keys),
-      [pl.BlockSpec((None, block, kd), lambda b, r, c: (b, r, 0)),
-       pl.BlockSpec((None, block, kd), _causal_key_index(group))],
-      pl.BlockSpec((None, block, 1), lambda b, r, c: (b, r, 0)),
-      jax.ShapeDtypeStruct((b, t, 1), acc),
-      [pltpu.VMEM((block, 1), acc), pltpu.VMEM((block, 1), acc)],
-      interpret)(q_btk, k_btk)
+  lse = _causal_call(
+      functools.partial(_stats_kernel, scale=scale), (q_btk, k_btk),
+      (True, False), 1, acc,
+      [pltpu.VMEM((block, 1), acc), pltpu.VMEM((block, 1), acc)], block,
+      group, interpret)
   return lse[..., 0]
 
 
@@ -143,6 +180,23 @@ def _rect_call(kernel, sched, grid, in_specs, out_specs, outs, scratch,
           dimension_semantics=("parallel", "arbitrary", "arbitrary")),
       interpret=_interpret(interpret))(
           sched, *operands)
+
+
+_ROWS, _KEYS = 0, 2  # Where each side's first tile sits in the schedule.
+
+
+def _rect_spec(block, width, side, grid_axis):
+  """Block of one side of a rectangle: tile sched[side] + that grid index.
+
+  Args:
+    block: tile height.
+    width: feature width.
+    side: `_ROWS` or `_KEYS`.
+    grid_axis: the grid axis (1 or 2) that walks this side.
+  """
+  return pl.BlockSpec(
+      (None, block, width),
+      lambda b, i, j, sched: (b, sched[side] + (i, j)[grid_axis - 1], 0))
 
 
 def _rect_apply_kernel(sched_ref, q_ref, k_ref, s_ref, lse_ref, ctx_in_ref,
@@ -174,10 +228,8 @@ def rect_apply(sched, q_btk, k_btk, s_btd, lse_bt, ctx_btd, *, block,
   acc = ctx_btd.dtype
   b, _, kd = q_btk.shape
   d = s_btd.shape[-1]
-  row = lambda w: pl.BlockSpec((None, block, w),
-                               lambda b, r, c, sc: (b, sc[0] + r, 0))
-  key = lambda w: pl.BlockSpec((None, block, w),
-                               lambda b, r, c, sc: (b, sc[2] + c, 0))
+  row = lambda width: _rect_spec(block, width, _ROWS, grid_axis=1)
+  key = lambda width: _rect_spec(block, width, _KEYS, grid_axis=2)
   (ctx,) = _rect_call(
       functools.partial(_rect_apply_kernel, scale=scale), sched,
       (b, sched[1], sched[3]), [row(kd), key(kd), key(d), row(1), row(d)],
@@ -222,10 +274,8 @@ def rect_col(sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
   acc = dv_btd.dtype
   b, _, kd = q_btk.shape
   d = w_btd.shape[-1]
-  row = lambda w: pl.BlockSpec((None, block, w),
-                               lambda b, c, r, sc: (b, sc[0] + r, 0))
-  key = lambda w: pl.BlockSpec((None, block, w),
-                               lambda b, c, r, sc: (b, sc[2] + c, 0))
+  row = lambda width: _rect_spec(block, width, _ROWS, grid_axis=2)
+  key = lambda width: _rect_spec(block, width, _KEYS, grid_axis=1)
   return tuple(_rect_call(
       functools.partial(_rect_col_kernel, scale=scale), sched,
       (b, sched[3], sched[1]),
@@ -240,22 +290,23 @@ def rect_col(sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
 # Rows gather from keys: dq_t = sum_j dlogit_tj k_j.
 
 
-def _grad_kernel(q_ref, k_ref, s_ref, w_ref, delta_ref, lse_ref, dq_ref,
-                 dq_sc, *, scale, group):
-  r, c = pl.program_id(1), pl.program_id(2)
+def _grad_kernel(rows_ref, keys_ref, flags_ref, q_ref, k_ref, s_ref, w_ref,
+                 delta_ref, lse_ref, dq_ref, dq_sc, *, scale):
+  del rows_ref, keys_ref
+  first, last, visible = _step_flags(flags_ref)
 
-  @pl.when(c == 0)
+  @pl.when(first)
   def _():
     dq_sc[...] = jnp.zeros(dq_sc.shape, dq_sc.dtype)
 
-  @pl.when(_visible(r, c, group))
+  @pl.when(visible)
   def _():
     p = jnp.exp(_logits(q_ref, k_ref, scale) - lse_ref[...])
     dp = tile_dot(w_ref[...], s_ref[...], trans_b=True)
     ds = p * (dp - delta_ref[...])
     dq_sc[...] += tile_dot(ds.astype(k_ref.dtype), k_ref[...])
 
-  @pl.when(c == pl.num_programs(2) - 1)
+  @pl.when(last)
   def _():
     dq_ref[...] = dq_sc[...]
 
@@ -264,17 +315,9 @@ def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, group,
              scale, interpret):
   """Per row t: sum_j dlogit_tj k_j over keys of earlier groups (unscaled)."""
   acc = acc_dtype(q_btk)
-  b, t, kd = q_btk.shape
-  d = s_btd.shape[-1]
-  n_rows, n_keys = t // block, k_btk.shape[1] // block
-  row = lambda width: pl.BlockSpec((None, block, width),
-                                   lambda b, r, c: (b, r, 0))
-  key = lambda width: pl.BlockSpec((None, block, width),
-                                   _causal_key_index(group))
-  return _call(
-      functools.partial(_grad_kernel, scale=scale, group=group),
-      (b, n_rows, n_keys), [row(kd), key(kd), key(d), row(d), row(1), row(1)],
-      row(kd), jax.ShapeDtypeStruct((b, t, kd), acc),
-      [pltpu.VMEM((block, kd), acc)],
-      interpret)(q_btk, k_btk, s_btd, w_btd, delta_bt[..., None],
-                 lse_bt[..., None])
+  kd = q_btk.shape[-1]
+  return _causal_call(
+      functools.partial(_grad_kernel, scale=scale),
+      (q_btk, k_btk, s_btd, w_btd, delta_bt[..., None], lse_bt[..., None]),
+      (True, False, False, True, True, True), kd, acc,
+      [pltpu.VMEM((block, kd), acc)], block, group, interpret)

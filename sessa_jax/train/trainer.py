@@ -637,6 +637,7 @@ def _train_loop(run: Run, start_time: float, stop_at: int | None,
       window_start, window_steps = time.time(), 0
     stop = preemption.reached(step) or step == stop_at
     if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
+      writer.flush()  # A checkpoint is never ahead of the written metrics.
       run.save(step, train_iter)
     if stop and step < tc.steps:
       run.checkpointer.wait()
