@@ -2,7 +2,8 @@ r"""Memory per device of one train step as the mesh changes.
 
 Compiles (never runs) the trainer's step for a d_model=512, 4-layer model of
 each mixer on several meshes of fake CPU devices and prints XLA's compiled
-memory analysis per device: `state` (the parameters, AdamW moments, step and
+memory analysis per device (`sessa_jax.train.compiled.analyze`, as
+`launch.py --dry_run` prints it): `state` (the parameters, AdamW moments, step and
 RNG the step takes as arguments, batch excluded) and `temporaries` (XLA's
 scratch: activations kept for the backward pass, gradients, workspace).
 
@@ -28,6 +29,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from sessa_jax.models.config import MIXERS, ModelConfig  # pylint: disable=g-import-not-at-top
+from sessa_jax.train import compiled  # pylint: disable=g-import-not-at-top
 from sessa_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 from sessa_jax.train import trainer  # pylint: disable=g-import-not-at-top
 from sessa_jax.train.config import MeshConfig, TrainConfig  # pylint: disable=g-import-not-at-top
@@ -67,12 +69,12 @@ def measure(mixer: str, mesh_shape: tuple[int, int, int], *,
                                       sharding=batch_sharding)
            for name, dtype in (("inputs", np.int32), ("targets", np.int32),
                                ("loss_mask", np.float32))}
-  memory = step.lower(layout.abstract, batch).compile().memory_analysis()
+  memory = compiled.analyze(step.lower(layout.abstract, batch).compile())
   batch_bytes = sum(
       int(np.prod(s.sharding.shard_shape(s.shape))) * np.dtype(s.dtype).itemsize
       for s in batch.values())
-  return {"state_bytes": memory.argument_size_in_bytes - batch_bytes,
-          "temp_bytes": memory.temp_size_in_bytes}
+  return {"state_bytes": memory["argument_bytes"] - batch_bytes,
+          "temp_bytes": memory["temp_bytes"]}
 
 
 def main(argv=None) -> None:

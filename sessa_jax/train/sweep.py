@@ -56,10 +56,14 @@ def load_sweep(spec: str) -> dict[str, dict[str, Any]]:
   return points
 
 
+def _point_overrides(point: Mapping[str, Any]) -> dict[str, Any]:
+  """The dotted keys a point sets over its config file."""
+  return {k: v for k, v in point.items() if k != "config"}
+
+
 def _point_config(point: Mapping[str, Any]):
-  overrides = {k: v for k, v in point.items() if k != "config"}
   return config_lib.apply_overrides(
-      config_lib.load_config(point["config"]), overrides)
+      config_lib.load_config(point["config"]), _point_overrides(point))
 
 
 def device_groups(devices: Sequence[Any], per_point: int) -> list[list[Any]]:
@@ -188,7 +192,8 @@ def _run_point(point: Mapping[str, Any], workdir: pathlib.Path, force: bool,
                          "start_time": time.time()}
   try:
     summary = trainer.train(_point_config(point), workdir, force=force,
-                            preemption=preemption, devices=devices)
+                            preemption=preemption,
+                            overrides=_point_overrides(point), devices=devices)
     row.update(summary, status="preempted" if summary.get("preempted")
                else "ok")
   except Exception as e:  # pylint: disable=broad-except
