@@ -34,14 +34,15 @@ from typing import Any, Mapping, Sequence
 
 import argparse
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 from scipy import stats
 
 from sessa_jax.analysis import plot_style
 from sessa_jax.train import metrics as metrics_lib
+
+from sessa_jax.analysis import plots
+
+plt = plots.pyplot()
 
 # Columns per task: (summary key, header, format). `test/...` keys fall back to
 # `eval/...` when a run has no test evaluation.
@@ -66,6 +67,8 @@ PAPER = {
     "text": ("test/perplexity", {"sessa": 8.37, "attention": 7.67,
                                  "mamba2": 7.72}),
 }
+# The validation metric of learning curves and of unfinished runs, per task.
+EVAL_KEY = {"text": "eval/perplexity"}
 # The test metric the pairwise comparison uses, per task.
 METRIC = {"symbol_soup": "test/accuracy", "diffuse_mqar": "test/accuracy",
           "mqar": "test/accuracy", "text": "test/perplexity"}
@@ -94,14 +97,25 @@ class Run:
 
   @property
   def label(self) -> str:
-    """Mixer name, marking the no-feedback ablation and the MLP block."""
+    """Mixer name, marking the no-feedback ablation, the MLP block and the
+    grid setting of a tuning sweep."""
     model = self.config.get("model", {})
     label = self.mixer
     if "sessa" in self.mixer.split(",") and model.get("feedback") is False:
       label += plot_style.ABLATION_SUFFIX
     if model.get("block") == "prenorm_mlp":
       label += " + MLP"
+    if self.setting:
+      label += f" @ {self.setting}"
     return label
+
+  @property
+  def setting(self) -> str | None:
+    """The grid setting of a point `<task>.<variant>.<setting>.s<seed>`."""
+    parts = pathlib.PurePath(self.name).name.split(".")
+    if len(parts) == 4 and parts[3][:1] == "s" and parts[3][1:].isdigit():
+      return parts[2]
+    return None
 
   @property
   def seed(self) -> int:
@@ -180,6 +194,12 @@ def _shared_config(runs: Sequence[Run]) -> dict[str, Any]:
   return config
 
 
+def _latest(run: Run, key: str) -> list[float] | None:
+  """[step, value] of the newest logged `key` of a run, or None."""
+  steps, values = _curve(run, key)
+  return [int(steps[-1]), float(values[-1])] if steps.size else None
+
+
 def mixer_results(task: str, runs: Sequence[Run]) -> dict[str, Any]:
   """The JSON entry of one mixer of one task (its seeds' runs)."""
   done = sorted((r for r in runs if r.summary is not None),
@@ -198,6 +218,8 @@ def mixer_results(task: str, runs: Sequence[Run]) -> dict[str, Any]:
       "wall_time_s": [r.summary.get("wall_time_s") for r in done],
       "launched": len(runs),
       "runs": sorted(r.name for r in runs),
+      "latest_eval": {r.name: _latest(r, EVAL_KEY.get(task, "eval/accuracy"))
+                      for r in runs if r.summary is None},
       "config": _shared_config(done or runs),
   }
 
@@ -226,6 +248,7 @@ def study_results(runs: Sequence[Run], study: str, *, source: str = "",
     tasks[task] = {
         "metric": metric.split("/")[-1],
         "metric_key": metric,
+        "eval_key": EVAL_KEY.get(task, "eval/accuracy"),
         "columns": [list(c) for c in COLUMNS.get(task, DEFAULT_COLUMNS)],
         "paper": {"key": paper_key, "values": dict(paper)} if paper else None,
         "mixers": {label: mixer_results(task, groups[label])
@@ -327,10 +350,21 @@ def settings_line(entry: Mapping[str, Any]) -> str:
           if parts else "")
 
 
+def progress_lines(entry: Mapping[str, Any]) -> list[str]:
+  """The newest validation figure of each unfinished run of a task."""
+  key = entry["eval_key"]
+  cells = [f"{name} {latest[1]:.4f} at step {latest[0]}"
+           for mixer in entry["mixers"].values()
+           for name, latest in mixer["latest_eval"].items() if latest]
+  if not cells:
+    return []
+  return [f"Unfinished runs, newest {key}: " + "; ".join(cells) + ".", ""]
+
+
 def render_tables(results: Mapping[str, Any]) -> dict[str, list[str]]:
   """Markdown lines per task (settings, table, comparison) from the JSON."""
   return {task: [settings_line(entry), ""] + task_table(entry) + [""]
-          + comparison_lines(entry)
+          + progress_lines(entry) + comparison_lines(entry)
           for task, entry in results["tasks"].items()}
 
 
@@ -350,7 +384,7 @@ def _legend_outside(ax) -> None:
 def plot_learning_curves(task: str, runs: Sequence[Run],
                          path: pathlib.Path) -> bool:
   """Training loss and the main eval metric against step, one line per run."""
-  eval_key = {"text": "eval/perplexity"}.get(task, "eval/accuracy")
+  eval_key = EVAL_KEY.get(task, "eval/accuracy")
   fig, axes = plt.subplots(1, 2, figsize=(12, 4))
   labelled, drawn = set(), False
   for run in sorted(runs, key=lambda r: (_label_key(r.label), r.seed)):
@@ -446,7 +480,7 @@ def memory_tail_section(runs: Sequence[Run], task_choice: str,
                      f"that task; choices: auto, none, {', '.join(sorted(tasks))}")
   chosen = {}
   for run in sorted(done, key=lambda r: (_label_key(r.label), r.seed)):
-    if run.task == task and not run.label.endswith(plot_style.ABLATION_SUFFIX):
+    if run.task == task and plot_style.ABLATION_SUFFIX not in run.label:
       chosen.setdefault(run.label, run)
   if not chosen:
     return []

@@ -131,6 +131,11 @@ def test_report_tables_and_plots(tmp_path, capsys):
               mixer="attention", seed=seed, acc=attn)
   _fake_run(runs, "diffuse_mqar.sessa_nofb.s0", task="diffuse_mqar",
             mixer="sessa", seed=0, acc=0.2, feedback=False)
+  _fake_run(runs, "diffuse_mqar.attention.lr1e-2.s0", task="diffuse_mqar",
+            mixer="attention", seed=0, acc=0.9)
+  _fake_run(runs, "diffuse_mqar.sessa.s2", task="diffuse_mqar",
+            mixer="sessa", seed=2, acc=0.5)
+  (runs / "diffuse_mqar.sessa.s2" / "summary.json").unlink()
   (runs / "diffuse_mqar.mamba2.s0").mkdir()
   (runs / "diffuse_mqar.mamba2.s0" / "config.json").write_text(json.dumps(
       {"model": {"mixer": "mamba2"}, "data": {"task": "diffuse_mqar"}}))
@@ -139,10 +144,14 @@ def test_report_tables_and_plots(tmp_path, capsys):
                            commands=["python launch.py --sweep=x"])
   text = md.read_text()
   std = np.std([0.5, 0.7], ddof=1)
-  assert f"| sessa | 78.21k | 3.10M | 0.3000 ± {std / 2:.4f} | 0.6000 ± {std:.4f} | 0.1541 | 2/2 | 20 | 100 ± 1 |" in text
+  assert f"| sessa | 78.21k | 3.10M | 0.3000 ± {std / 2:.4f} | 0.6000 ± {std:.4f} | 0.1541 | 2/3 | 20 | 100 ± 1 |" in text
   assert "| attention | 78.21k | 3.10M | 0.1500 ± 0.0000 | 0.3000 ± 0.0000 | 0.1222 |" in text
   assert "| sessa (no feedback) |" in text and "| mamba2 | — |" in text
+  # A tuning sweep's grid setting is a row of its own.
+  assert "| attention @ lr1e-2 | 78.21k | 3.10M | 0.4500 | 0.9000 |" in text
   assert "0/1" in text and "diffuse_mqar.mamba2.s0" in text
+  assert ("Unfinished runs, newest eval/accuracy: diffuse_mqar.sessa.s2 "
+          "0.2500 at step 20.") in text
   assert "python launch.py --sweep=x" in text
   assert "| sessa |" in capsys.readouterr().out
   for png in ("study_curves_diffuse_mqar.png", "study_accuracy_by_lag.png"):
@@ -219,3 +228,9 @@ def test_tiny_sweep_and_report_end_to_end(tmp_path, monkeypatch):
   assert [e["layer"] for e in tail["sessa"]["layers"]] == [0, 1]
   assert np.isfinite(tail["attention"]["influence"]["slope"])
   assert 0 <= tail["sessa"]["bound"]["c2"] <= 1
+
+
+def test_symbol_soup_ceiling_grows_with_length():
+  ceiling = _load("symbol_soup_ceiling").ceiling
+  short, long = ceiling(110, 160, 200), ceiling(400, 600, 200)
+  assert 0.2 < short < long and long > 0.6, (short, long)

@@ -78,9 +78,10 @@ def test_failing_metric_disk_stops_the_run_and_keeps_the_checkpoint(
   written = []
 
   def write_until_full(self, event):
-    if len(written) >= 12:
+    if len(written) >= 40:  # The disk fills a few steps in.
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     written.append(event)
+    time.sleep(0.02)  # A slow disk: the writer lags behind training.
     return real_write(self, event)
 
   monkeypatch.setattr(event_file_writer.EventsWriter, "write_event",

@@ -34,7 +34,7 @@ def color(label: str) -> str:
 
 def line_style(label: str) -> dict[str, Any]:
   """Matplotlib keyword arguments for the line of one model."""
-  if label.endswith(ABLATION_SUFFIX):
+  if ABLATION_SUFFIX in label:
     return dict(color=color(label), ls="--", marker="o", mfc="none", lw=1.6)
   return dict(color=color(label), ls="-")
 

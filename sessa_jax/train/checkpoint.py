@@ -82,16 +82,19 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
 
-  def restore(self, abstract_state: Any, data_iter: Any,
-              accept: Callable[[Any], bool] | None = None) -> tuple[int, Any]:
-    """Restores the newest readable checkpoint.
+  def restore(self, abstract_state: Any, data_iter: Any = None,
+              accept: Callable[[Any], bool] | None = None, *,
+              step: int | None = None) -> tuple[int, Any]:
+    """Restores the newest readable checkpoint, or the one at `step`.
 
     Args:
       abstract_state: pytree of `jax.ShapeDtypeStruct` with shardings; the
         restored arrays take these shapes, dtypes and shardings.
-      data_iter: the grain iterator, whose position is set in place.
+      data_iter: the grain iterator, whose position is set in place; None
+        restores the state alone.
       accept: optional test of a restored state (e.g. all values finite); a
         state it rejects is treated as unreadable.
+      step: restore this step only (no fallback to an earlier one).
 
     Returns:
       (step, state). Unless read-only, unreadable checkpoints newer than the
@@ -101,25 +104,37 @@ class Checkpointer:
     Raises:
       CheckpointRestoreError: no checkpoint can be restored; the message
         gives each one's reason.
+      FileNotFoundError: `step` is not among the saved steps (the message
+        lists them).
     """
+    candidates = self.all_steps()
+    if step is not None:
+      if step not in candidates:
+        raise FileNotFoundError(
+            f"no checkpoint of step {step} in {self.directory}; saved steps: "
+            f"{', '.join(map(str, candidates)) or 'none'}")
+      candidates = [step]
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     unreadable, reasons = [], {}
-    for step in reversed(self.all_steps()):
+    for candidate in reversed(candidates):
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
+        restored = self._manager.restore(candidate,
+                                         args=ocp.args.Composite(**items))
         if accept is not None and not accept(restored["state"]):
           raise ValueError("it holds non-finite values")
       except Exception as e:  # pylint: disable=broad-except
         reason = _first_sentence(e)
         logging.warning("checkpoint %s/%d cannot be restored (%s); falling "
-                        "back to an earlier one", self.directory, step, reason)
-        unreadable.append(step)
-        reasons.setdefault(reason, []).append(str(step))
+                        "back to an earlier one", self.directory, candidate,
+                        reason)
+        unreadable.append(candidate)
+        reasons.setdefault(reason, []).append(str(candidate))
         continue
       if not self.read_only:
         self._set_aside(unreadable)
-      return step, restored["state"]
+      return candidate, restored["state"]
     raise CheckpointRestoreError(
         f"no checkpoint in {self.directory} can be restored with this config ("
         + "; ".join(f"step {', '.join(steps)}: {reason}"

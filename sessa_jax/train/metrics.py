@@ -132,6 +132,9 @@ class MetricWriter:
             session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
       with self._path.open("a") as jsonl:
         while (item := self._queue.get()) is not None:
+          if isinstance(item, threading.Event):  # A `flush` waits on it.
+            item.set()
+            continue
           step, scalars = item
           jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
           jsonl.flush()
@@ -168,6 +171,33 @@ class MetricWriter:
       raise MetricWriteError(
           f"writing metrics to {self._workdir} stalled: {_MAX_PENDING} "
           f"entries pending for {_PUT_TIMEOUT_S} s") from None
+
+  def flush(self) -> None:
+    """Waits until everything written so far is on disk.
+
+    Called before a checkpoint is saved, so no checkpoint is ever ahead of
+    the metrics: a run stopped by a writer failure resumes from a step whose
+    entries were all written.
+
+    Raises:
+      MetricWriteError: the writer has failed, or did not catch up within a
+        bounded time.
+    """
+    if not self._active:
+      return
+    self.check()
+    written = threading.Event()
+    deadline = time.monotonic() + _PUT_TIMEOUT_S
+    try:
+      self._queue.put(written, timeout=_PUT_TIMEOUT_S)
+    except queue.Full:
+      deadline = 0
+    while not written.wait(0.05):
+      self.check()  # A writer that died never sets the event.
+      if time.monotonic() > deadline:
+        raise MetricWriteError(
+            f"writing metrics to {self._workdir} stalled: the writer did not "
+            f"catch up within {_PUT_TIMEOUT_S} s")
 
   def close(self) -> None:
     """Writes what is queued and stops the thread (waits a bounded time).

@@ -52,10 +52,14 @@ def load_sweep(spec: str) -> dict[str, dict[str, Any]]:
   return points
 
 
+def _point_overrides(point: Mapping[str, Any]) -> dict[str, Any]:
+  """The dotted keys a point sets over its config file."""
+  return {k: v for k, v in point.items() if k != "config"}
+
+
 def _point_config(point: Mapping[str, Any]):
-  overrides = {k: v for k, v in point.items() if k != "config"}
   return config_lib.apply_overrides(
-      config_lib.load_config(point["config"]), overrides)
+      config_lib.load_config(point["config"]), _point_overrides(point))
 
 
 def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False
@@ -90,7 +94,8 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False
       logging.warning("sweep point %d/%d: %s", i + 1, len(points), name)
       try:
         summary = trainer.train(_point_config(point), workdir / name,
-                                force=force, preemption=preemption)
+                                force=force, preemption=preemption,
+                                overrides=_point_overrides(point))
         status = "preempted" if summary.get("preempted") else "ok"
         results[name] = {"status": status, **summary}
       except Exception as e:  # pylint: disable=broad-except
