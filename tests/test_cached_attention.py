@@ -65,3 +65,16 @@ def test_generate_matches_greedy_forward_across_cache_blocks(monkeypatch):
   # Each generated token is the argmax of the full forward over its prefix.
   logits = nnx.jit(lambda m, t: m(t))(model, out[:, :-1])
   np.testing.assert_array_equal(out[:, 3:], jnp.argmax(logits[:, 2:], -1))
+
+
+def test_bench_decode_helpers():
+  from experiments import bench  # pylint: disable=g-import-not-at-top
+  model = LanguageModel(ModelConfig(mixer="sessa", d_model=16, n_heads=2,
+                                    n_layers=1, vocab_size=32),
+                        rngs=nnx.Rngs(0))
+  # Per token: keys and values (H x d = D each), feedback keys and outputs
+  # (D each), float32.
+  assert bench.cache_bytes(model, 20) - bench.cache_bytes(model, 10) == (
+      10 * 4 * 16 * 4)
+  timing = bench.decode_step_ms(model, 2, 5, 16, steps=2)
+  assert timing["ms_per_token"] > 0 and timing["steps"] == 2
