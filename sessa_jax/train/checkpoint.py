@@ -90,7 +90,7 @@ class Checkpointer:
     return f"The last good checkpoint is step {step} in {self.directory}"
 
   def save(self, step: int, state: Any, data_iter: Any) -> None:
-    """Saves at `step` (asynchronously on the main thread); all processes call this.
+    """Saves at `step` (asynchronously on the main thread); all processes call.
 
     Args:
       step: the number of optimizer updates applied to `state`.
