@@ -127,6 +127,8 @@ def _run(argv) -> int:
   """Trains, evaluates, samples, dry-runs or sweeps; returns the exit status."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DEVICES_PER_POINT.value is not None and not _SWEEP.value:
+    raise app.UsageError("--devices_per_point packs the points of a --sweep")
   if not flags.FLAGS["verbosity"].present:
     # Library INFO logs (orbax, XLA) would bury the progress bar;
     # --verbosity=0 brings them back.
