@@ -7,6 +7,8 @@ r"""Train, evaluate, sample from or dry-run a config; or run a sweep.
   python launch.py --workdir=workdirs/text --mode=sample --prompt="It was"
   python launch.py --sweep=experiments/matched_budget.py:tiny \
       --workdir=workdirs/matched_budget_tiny
+  python launch.py --sweep=experiments/matched_budget.py:tiny \
+      --devices_per_point=1 --workdir=workdirs/matched_budget_tiny
 
 --mode=eval and --mode=sample read the run's config from WORKDIR/config.json
 when --config is not given.
@@ -61,6 +63,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of --mode=sample.")
 _SWEEP = flags.DEFINE_string(
     "sweep", None, "Sweep file experiments/<file>.py[:preset]; each point "
     "runs in WORKDIR/<point name>.")
+_DEVICES_PER_POINT = flags.DEFINE_integer(
+    "devices_per_point", None, "With --sweep: train devices/N points at a "
+    "time, each on its own N devices (default: one point on all devices).")
 _FORCE = flags.DEFINE_bool(
     "force", False,
     "Resume even if WORKDIR/config.json differs in model or data.")
@@ -129,7 +134,8 @@ def _run(argv) -> int:
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, auto=_DISTRIBUTED.value)
   if _SWEEP.value:
-    results = sweep.run_sweep(_SWEEP.value, _WORKDIR.value, force=_FORCE.value)
+    results = sweep.run_sweep(_SWEEP.value, _WORKDIR.value, force=_FORCE.value,
+                              devices_per_point=_DEVICES_PER_POINT.value)
     statuses = {r["status"] for r in results.values()}
     if statuses & {"preempted", "pending"}:
       return trainer.EXIT_PREEMPTED

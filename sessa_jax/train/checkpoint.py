@@ -6,12 +6,19 @@ straight onto the mesh with the target's shardings) and `data` (the grain
 iterator state, one JSON file per process). Restoring walks the steps from the
 newest down: a checkpoint that fails to read is skipped with a warning, so a
 corrupt latest falls back to the one before.
+
+Orbax keeps process-wide state (a counter naming the signals of its
+operations), so runs sharing a process from several threads (a packed
+sweep's points) take turns: off the main thread, creating a manager, saving
+(until on disk) and restoring hold one lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
+import threading
 import time
 from typing import Any, Callable
 
@@ -19,6 +26,18 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+
+_TURNS = threading.Lock()
+
+
+def _off_main_thread() -> bool:
+  return threading.current_thread() is not threading.main_thread()
+
+
+def _turn():
+  """The shared lock off the main thread; no lock on it."""
+  return _TURNS if _off_main_thread() else contextlib.nullcontext()
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -49,8 +68,9 @@ class Checkpointer:
     options = (ocp.CheckpointManagerOptions(
         read_only=True, create=False, save_interval_steps=0) if read_only else
                ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "data"))
+    with _turn():
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options, item_names=("state", "data"))
 
   def all_steps(self) -> list[int]:
     """Steps saved on disk (re-read, so other writers' saves are seen)."""
@@ -70,7 +90,7 @@ class Checkpointer:
     return f"The last good checkpoint is step {step} in {self.directory}"
 
   def save(self, step: int, state: Any, data_iter: Any) -> None:
-    """Saves (asynchronously) at `step`; all processes call this.
+    """Saves at `step` (asynchronously on the main thread); all processes call this.
 
     Args:
       step: the number of optimizer updates applied to `state`.
@@ -78,9 +98,12 @@ class Checkpointer:
       data_iter: the grain DatasetIterator positioned after the last batch
         consumed by `state`.
     """
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+    with _turn():
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+      if _off_main_thread():
+        self._manager.wait_until_finished()
 
   def restore(self, abstract_state: Any, data_iter: Any = None,
               accept: Callable[[Any], bool] | None = None, *,
@@ -120,8 +143,9 @@ class Checkpointer:
     unreadable, reasons = [], {}
     for candidate in reversed(candidates):
       try:
-        restored = self._manager.restore(candidate,
-                                         args=ocp.args.Composite(**items))
+        with _turn():
+          restored = self._manager.restore(candidate,
+                                           args=ocp.args.Composite(**items))
         if accept is not None and not accept(restored["state"]):
           raise ValueError("it holds non-finite values")
       except Exception as e:  # pylint: disable=broad-except

@@ -46,9 +46,9 @@ def describe(*, model_cfg: ModelConfig, abstract_params: Mapping[str, Any],
     `budget.flops_per_token`), `tokens_per_step`, `dtypes`, `model`, `task`,
     `overrides`.
   """
-  device = jax.devices()[0]
+  device = mesh.devices.flat[0]
   return {
-      "devices": {"count": jax.device_count(), "platform": device.platform,
+      "devices": {"count": int(mesh.devices.size), "platform": device.platform,
                   "kind": device.device_kind,
                   "processes": jax.process_count()},
       "mesh": {name: int(size) for name, size in mesh.shape.items()},

@@ -21,8 +21,9 @@ import logging
 import os
 import pathlib
 import signal
+import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -313,7 +314,8 @@ class Setup:
   mesh: jax.sharding.Mesh
 
 
-def setup(config, workdir: str | pathlib.Path | None = None) -> Setup:
+def setup(config, workdir: str | pathlib.Path | None = None,
+          devices: Sequence[jax.Device] | None = None) -> Setup:
   """Validates a config and builds its task, model config and mesh.
 
   Args:
@@ -321,6 +323,7 @@ def setup(config, workdir: str | pathlib.Path | None = None) -> Setup:
       validated `config_lib.Experiment`).
     workdir: the run directory, where tasks cache derived files (the text
       task's tokenizer); nothing else is written.
+    devices: the devices of the mesh (default: all).
 
   Returns:
     The `Setup`.
@@ -333,7 +336,7 @@ def setup(config, workdir: str | pathlib.Path | None = None) -> Setup:
   tc = exp.train
   task = data_lib.get_task(exp.data,
                            workdir=None if workdir is None else str(workdir))
-  mesh = sharding_lib.make_mesh(exp.mesh)
+  mesh = sharding_lib.make_mesh(exp.mesh, devices)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if (tc.batch_size // tc.grad_accum % batch_shards
       or tc.batch_size % jax.process_count()):
@@ -356,15 +359,17 @@ class Run:
     workdir: the run directory.
     force: resume even if config.json differs in model or data.
     read_only: evaluation: checkpoints are only read, never moved.
+    devices: the devices of the mesh (default: all).
   """
 
   def __init__(self, config, workdir: str | pathlib.Path, *,
-               force: bool = False, read_only: bool = False):
+               force: bool = False, read_only: bool = False,
+               devices: Sequence[jax.Device] | None = None):
     self.exp = config_lib.validate(config)
     self.tc = self.exp.train
     self.workdir = pathlib.Path(workdir)
     self.config_changes = _check_resume(self.workdir, self.exp.raw, force)
-    self.resolved = setup(self.exp, self.workdir)
+    self.resolved = setup(self.exp, self.workdir, devices)
     self.task, self.mesh = self.resolved.task, self.resolved.mesh
     self.model_cfg = self.resolved.model_cfg
     self.layout = create_layout(self.model_cfg, self.tc, self.mesh)
@@ -529,7 +534,8 @@ def dry_run(config, workdir: str | pathlib.Path | None = None, *,
 def train(config, workdir: str | pathlib.Path, *, force: bool = False,
           stop_at: int | None = None,
           preemption: Preemption | None = None,
-          overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+          overrides: Mapping[str, Any] | None = None,
+          devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """Trains (or resumes) the experiment in `workdir`.
 
   Before the first step the run describes itself (`run_info`) on stdout and
@@ -549,6 +555,8 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
       one across runs; default: one installed for this run.
     overrides: config keys set on top of the config file (command line,
       sweep point), for the start-of-run report.
+    devices: the devices to train on (default: all), e.g. a packed sweep's
+      sub-mesh.
 
   Returns:
     The summary (also in summary.json; a finished run returns it unchanged);
@@ -565,7 +573,7 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
     stack.enter_context(workdir_lock.WorkdirLock(workdir))
     if preemption is None:
       preemption = stack.enter_context(Preemption())
-    run = Run(config, workdir, force=force)
+    run = Run(config, workdir, force=force, devices=devices)
     stack.callback(run.close)
     done = finished_summary(run.workdir, run.tc.steps)
     if done is not None and not run.config_changes:
@@ -594,7 +602,7 @@ def _train_loop(run: Run, start_time: float, stop_at: int | None,
   stack.callback(profiler.close)
   tokens_per_step = tc.batch_size * run.task.seq_len
   train_flops = 3 * budget.flops_per_token(run.model_cfg, run.task.seq_len)
-  peak = metrics_lib.peak_flops(dtype=tc.dtype) * jax.device_count()
+  peak = metrics_lib.peak_flops(dtype=tc.dtype) * run.mesh.devices.size
   progress = _progress_bar(step, tc.steps)
   results: dict[str, Any] = {}
   window_start, window_steps = None, 0
@@ -698,7 +706,9 @@ def evaluate(config, workdir: str | pathlib.Path, *, force: bool = False,
 
 
 def _progress_bar(step: int, total: int):
-  if jax.process_index() != 0:
+  """A tqdm bar on process 0; none in a packed sweep's point threads."""
+  if (jax.process_index() != 0
+      or threading.current_thread() is not threading.main_thread()):
     return None
   import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm.tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
