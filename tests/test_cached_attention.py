@@ -78,3 +78,20 @@ def test_bench_decode_helpers():
       10 * 4 * 16 * 4)
   timing = bench.decode_step_ms(model, 2, 5, 16, steps=2)
   assert timing["ms_per_token"] > 0 and timing["steps"] == 2
+
+
+def test_generate_compiles_once_for_new_prompts_of_a_shape():
+  from sessa_jax.models import lm  # pylint: disable=g-import-not-at-top
+  model = LanguageModel(ModelConfig(mixer="attention", d_model=16, n_heads=2,
+                                    n_layers=1, vocab_size=32),
+                        rngs=nnx.Rngs(0))
+  prompt = jnp.asarray(np.random.default_rng(5).integers(0, 32, (2, 3)),
+                       jnp.int32)
+  model.generate(prompt, 7)
+  model.generate(prompt, 7, rng=jax.random.key(1), temperature=0.5, top_k=4)
+  # One program for greedy decoding, one for sampling; new prompt values,
+  # keys, temperatures and top_k reuse them.
+  compiled = lm._generate._cache_size()  # pylint: disable=protected-access
+  model.generate((prompt + 1) % 32, 7)
+  model.generate(prompt, 7, rng=jax.random.key(2), temperature=0.9, top_k=8)
+  assert lm._generate._cache_size() == compiled  # pylint: disable=protected-access
