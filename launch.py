@@ -1,11 +1,17 @@
-r"""Train, evaluate or sweep from a config file.
+r"""Train, evaluate, sample from or dry-run a config; or run a sweep.
 
   python launch.py --config=configs/mqar.py:mamba2,tiny --workdir=workdirs/m \
       --config.train.lr=1e-3
-  python launch.py --config=configs/mqar.py --workdir=workdirs/m --mode=eval
+  python launch.py --config=configs/mqar.py --workdir=workdirs/m --dry_run
+  python launch.py --workdir=workdirs/m --mode=eval [--step=1000]
+  python launch.py --workdir=workdirs/text --mode=sample --prompt="It was"
   python launch.py --sweep=experiments/matched_budget.py:tiny \
       --workdir=workdirs/matched_budget_tiny
+  python launch.py --sweep=experiments/matched_budget.py:tiny \
+      --devices_per_point=1 --workdir=workdirs/matched_budget_tiny
 
+--mode=eval and --mode=sample read the run's config from WORKDIR/config.json
+when --config is not given.
 Relaunching with the same --workdir resumes from its newest checkpoint; one
 run at a time may use a workdir (WORKDIR/run.lock). Exit status: 0 done, 1
 error (one line; --verbose for the traceback), 75 (trainer.EXIT_PREEMPTED)
@@ -23,6 +29,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from sessa_jax import loading
+from sessa_jax import sampling
 from sessa_jax.train import sharding
 from sessa_jax.train import sweep
 from sessa_jax.train import trainer
@@ -33,11 +41,31 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run (or sweep) directory.",
                                required=True)
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval"],
-    "train (resumes if possible) or eval (newest checkpoint).")
+    "mode", "train", ["train", "eval", "sample"],
+    "train (resumes if possible), eval (a checkpoint on val and test) or "
+    "sample (continue --prompt; text tasks).")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Build the model and optimizer, compile one train step "
+    "on the configured mesh, print its memory and FLOPs per device, and exit "
+    "without training or writing checkpoints.")
+_STEP = flags.DEFINE_integer(
+    "step", None, "Checkpoint step for --mode=eval/sample (default: newest).")
+_PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (--mode=sample).")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 200,
+                                   "Tokens to generate (--mode=sample).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1,
+                                    "Continuations to print (--mode=sample).")
+_TEMPERATURE = flags.DEFINE_float(
+    "temperature", 0.0, "0: greedy; else sample softmax(logits / T).")
+_TOP_K = flags.DEFINE_integer("top_k", None,
+                              "Sample among the k most likely tokens only.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of --mode=sample.")
 _SWEEP = flags.DEFINE_string(
     "sweep", None, "Sweep file experiments/<file>.py[:preset]; each point "
     "runs in WORKDIR/<point name>.")
+_DEVICES_PER_POINT = flags.DEFINE_integer(
+    "devices_per_point", None, "With --sweep: train devices/N points at a "
+    "time, each on its own N devices (default: one point on all devices).")
 _FORCE = flags.DEFINE_bool(
     "force", False,
     "Resume even if WORKDIR/config.json differs in model or data.")
@@ -85,10 +113,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
                 f"{key!r}{'; ' + hint if hint else ''}")
 
 
+def _sample() -> None:
+  """--mode=sample: prints continuations of --prompt from a checkpoint."""
+  run = loading.load(_WORKDIR.value, _STEP.value)
+  samples = sampling.continue_text(
+      run, _PROMPT.value, _NUM_TOKENS.value, num_samples=_NUM_SAMPLES.value,
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, seed=_SEED.value)
+  print(f"{_WORKDIR.value}, step {run.step}:")
+  print(sampling.format_samples(_PROMPT.value, samples))
+
+
 def _run(argv) -> int:
-  """Trains, evaluates or sweeps; returns the exit status."""
+  """Trains, evaluates, samples, dry-runs or sweeps; returns the exit status."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DEVICES_PER_POINT.value is not None and not _SWEEP.value:
+    raise app.UsageError("--devices_per_point packs the points of a --sweep")
   if not flags.FLAGS["verbosity"].present:
     # Library INFO logs (orbax, XLA) would bury the progress bar;
     # --verbosity=0 brings them back.
@@ -96,15 +136,31 @@ def _run(argv) -> int:
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, auto=_DISTRIBUTED.value)
   if _SWEEP.value:
-    results = sweep.run_sweep(_SWEEP.value, _WORKDIR.value, force=_FORCE.value)
+    results = sweep.run_sweep(_SWEEP.value, _WORKDIR.value, force=_FORCE.value,
+                              devices_per_point=_DEVICES_PER_POINT.value)
     statuses = {r["status"] for r in results.values()}
     if statuses & {"preempted", "pending"}:
       return trainer.EXIT_PREEMPTED
     return 0 if statuses <= {"ok"} else 1
-  if _CONFIG.value is None:
+  if _MODE.value == "sample":
+    _sample()
+    return 0
+  config, overrides = _CONFIG.value, {}
+  if config is not None:
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  elif _MODE.value == "eval":
+    config = loading.read_config(_WORKDIR.value)
+  else:
     raise app.UsageError("pass --config=configs/<file>.py[:arg] (or --sweep)")
-  run = trainer.train if _MODE.value == "train" else trainer.evaluate
-  summary = run(_CONFIG.value, _WORKDIR.value, force=_FORCE.value)
+  if _DRY_RUN.value:
+    trainer.dry_run(config, _WORKDIR.value, overrides=overrides)
+    return 0
+  if _MODE.value == "train":
+    summary = trainer.train(config, _WORKDIR.value, force=_FORCE.value,
+                            overrides=overrides)
+  else:
+    summary = trainer.evaluate(config, _WORKDIR.value, force=_FORCE.value,
+                               step=_STEP.value)
   print(json.dumps(summary, indent=2, sort_keys=True))
   return trainer.EXIT_PREEMPTED if summary.get("preempted") else 0
 

@@ -29,19 +29,19 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 from flax import nnx
 
+import sessa_jax
 from sessa_jax import data as data_lib
 from sessa_jax import models
 from sessa_jax.analysis import influence
 from sessa_jax.analysis import plot_style
+from sessa_jax.analysis import plots
 from sessa_jax.models.config import ModelConfig
 
 MIXERS = ("sessa", "attention", "mamba2")
+plt = plots.pyplot()
 
 
 def fresh_model(cfg: ModelConfig, seed: int = 0) -> models.LanguageModel:
@@ -54,34 +54,6 @@ def fresh_model(cfg: ModelConfig, seed: int = 0) -> models.LanguageModel:
   if "sessa" in cfg.layer_mixers:
     cfg = cfg.replace(feedback_impl="dense")
   return models.build_model(cfg, rngs=nnx.Rngs(seed))
-
-
-def model_from_workdir(workdir: str | pathlib.Path
-                      ) -> tuple[models.LanguageModel, Mapping[str, Any]]:
-  """The newest checkpoint of a trained run as a single-host model.
-
-  Args:
-    workdir: a run directory written by `launch.py` (config.json,
-      checkpoints/).
-
-  Returns:
-    (model with the trained parameters, the run's config as a dict).
-  """
-  from sessa_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  workdir = pathlib.Path(workdir)
-  config = json.loads((workdir / "config.json").read_text())
-  run = trainer.Run(config, workdir)
-  try:
-    if run.restore(run.iterator("train", train=True)) == 0:
-      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    params = jax.device_get(run.state["params"])
-    model = fresh_model(run.model_cfg)
-  finally:
-    run.close()
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, params)
-  nnx.update(model, state)
-  return model, config
 
 
 def task_tokens(data_cfg: Mapping[str, Any], batch_size: int) -> np.ndarray:
@@ -186,8 +158,10 @@ def measure_workdirs(workdirs: Mapping[str, str | pathlib.Path], *,
   """Measures trained runs on their own validation batch; writes PNG + JSON."""
   results = {}
   for label, workdir in workdirs.items():
-    model, config = model_from_workdir(workdir)
-    results[label] = measure(model, task_tokens(config["data"], batch_size))
+    # The dense solve, as in `fresh_model`; the parameters are the same.
+    run = sessa_jax.load(workdir, model_overrides={"feedback_impl": "dense"})
+    results[label] = measure(run.model,
+                             task_tokens(run.config.data, batch_size))
   _write(results, prefix, title)
   return results
 

@@ -34,14 +34,15 @@ from typing import Any, Mapping, Sequence
 
 import argparse
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 from scipy import stats
 
 from sessa_jax.analysis import plot_style
 from sessa_jax.train import metrics as metrics_lib
+
+from sessa_jax.analysis import plots
+
+plt = plots.pyplot()
 
 # Columns per task: (summary key, header, format). `test/...` keys fall back to
 # `eval/...` when a run has no test evaluation.

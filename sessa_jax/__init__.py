@@ -7,3 +7,9 @@ and the sharding rules.
 """
 
 __version__ = "0.1.0"
+
+
+def load(workdir, step=None, **kwargs):
+  """A trained run's model, config and tokenizer (`sessa_jax.loading.load`)."""
+  from sessa_jax import loading  # pylint: disable=g-import-not-at-top
+  return loading.load(workdir, step, **kwargs)

@@ -37,12 +37,16 @@ def _forward(module, x):
   return module(x)
 
 
-def _prefill_then_decode(module, x, prompt_len, *, step_shape=None):
-  """Prefills `prompt_len` steps of x (B, T, ...), decodes the rest."""
+def _prefill_then_decode(module, x, prompt_len, *, step_shape=None,
+                         max_len=None):
+  """Prefills `prompt_len` steps of x (B, T, ...), decodes the rest.
+
+  The cache holds `max_len` positions (default T).
+  """
 
   @nnx.jit
   def run(module, x):
-    y, cache = module.prefill(x[:, :prompt_len], x.shape[1])
+    y, cache = module.prefill(x[:, :prompt_len], max_len or x.shape[1])
 
     def step(cache, x_t):
       if step_shape is not None:

@@ -90,6 +90,8 @@ def test_sigterm_saves_a_checkpoint_that_training_resumes_from(tmp_path):
      "model.mixer='rwkv' is not one of: sessa, attention, mamba2"),
     (["--config=configs/mqar.py", "--config.data.task=wiki"],
      "unknown data.task 'wiki'; choices:"),
+    (["--config=configs/mqar.py", "--devices_per_point=2"],
+     "--devices_per_point packs the points of a --sweep"),
 ])
 def test_bad_config_fails_at_start_naming_the_choices(tmp_path, args, message):
   proc = launch(*args, f"--workdir={tmp_path}")

@@ -14,7 +14,16 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sessa_jax import data as data_lib
+from sessa_jax.models import partitioning
+from sessa_jax.train import config as config_lib
+from sessa_jax.train import sharding as sharding_lib
+from sessa_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WARNING = "Involuntary full rematerialization"
@@ -60,6 +69,18 @@ def _check(mixers, meshes):
       assert losses[case] == pytest.approx(one, rel=1e-5), case
 
 
+def test_constraints_apply_only_under_a_mesh():
+  def embed(x_bd):
+    return partitioning.constrain(x_bd, "batch", "embed")
+
+  x = jnp.ones((8, 4))
+  assert "sharding_constraint" not in jax.jit(embed).lower(x).as_text()
+  mesh = sharding_lib.make_mesh(config_lib.MeshConfig(2, 2, 2),
+                                jax.devices()[:8])
+  hlo = jax.jit(sharding_lib.with_abstract_mesh(embed, mesh)).lower(x).as_text()
+  assert 'sharding_constraint %arg0 <@mesh, [{"data", "fsdp"}, {}]>' in hlo
+
+
 def test_no_replication_fallback_for_sessa_on_a_3d_mesh():
   _check(["sessa/gated"], [(2, 2, 2)])
 
@@ -71,13 +92,6 @@ def test_no_replication_fallback_for_any_mixer_on_any_mesh():
 
 def _main(spec):
   """Script body: the control case, then each mixer on one device and meshes."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from sessa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from sessa_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
-  from sessa_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from sessa_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   def announce(case):
     print(f"CASE {case}", file=sys.stderr, flush=True)
@@ -85,12 +99,14 @@ def _main(spec):
   # Control: rows of a (tensor, fsdp)-split table gathered into a
   # batch-split result, the layout change the embedding lookup used to make.
   mesh = sharding_lib.make_mesh(config_lib.MeshConfig(2, 2, 2))
-  table = jax.device_put(jnp.ones((16, 32)), NamedSharding(mesh, P("tensor", "fsdp")))
-  tokens = jax.device_put(jnp.zeros((8, 16), jnp.int32), sharding_lib.batch_sharding(mesh))
+  rows = sharding_lib.batch_sharding(mesh)
+  table = jax.device_put(jnp.ones((16, 32)),
+                         NamedSharding(mesh, P("tensor", "fsdp")))
+  tokens = jax.device_put(jnp.zeros((8, 16), jnp.int32), rows)
   announce(CONTROL)
-  jax.jit(lambda w, t: jax.lax.with_sharding_constraint(
-      jnp.take(w, t, axis=0), sharding_lib.batch_sharding(mesh))
-         ).lower(table, tokens).compile()
+  lookup = lambda w, t: jax.lax.with_sharding_constraint(
+      jnp.take(w, t, axis=0), rows)
+  jax.jit(lookup).lower(table, tokens).compile()
 
   for name in spec["mixers"]:
     mixer, block = name.split("/")

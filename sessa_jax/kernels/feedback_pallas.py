@@ -12,7 +12,9 @@ arranged for accelerators as one compiled loop over chunks per direction:
    and the inverses (I - gamma_i A_ii)^{-1}.
 3. Forward substitution: a `lax.fori_loop` over the n = T / C chunks
    ("leaves"). Leaf i solves s_i = (I - gamma_i A_ii)^{-1} (f_i + gamma_i
-   ctx_i); then, with 2^l the lowest set bit of i + 1, one `rect_apply`
+   ctx_i) in one `leaf_solve` launch (in place, with the copy of s_i in the
+   matmul dtype that the rectangles read); then, with 2^l the lowest set bit
+   of i + 1, one `rect_apply`
    launch lets rows of chunks [i + 1, i + 1 + 2^l) read the keys of chunks
    [i + 1 - 2^l, i + 1), adding A s to their context ctx in place. Every
    (row chunk, key chunk) pair below the diagonal is covered by exactly one
@@ -23,7 +25,9 @@ arranged for accelerators as one compiled loop over chunks per direction:
    time) does not grow with T, while each launch parallelises over all its
    rows.
 4. Backward: the adjoint u = (I - M)^{-T} g by the mirrored loop, leaves
-   from last to first; after leaf j (> 0) one `rect_col` launch on rows of
+   from last to first, each one `leaf_adjoint` launch (u_j, w_j = gamma_j
+   u_j and delta_j = gamma_j u_j . ctx_j); after leaf j (> 0) one `rect_col`
+   launch on rows of
    chunks [j, j + 2^l) and keys of chunks [j - 2^l, j), 2^l the lowest set
    bit of j, adds A^T (gamma u) to the keys' adjoint right-hand side and
    accumulates dk; on GPU the same launch accumulates dq with atomic adds,
@@ -58,7 +62,6 @@ from jax.experimental.pallas import tpu as pltpu
 from sessa_jax.kernels import blocks
 from sessa_jax.kernels import feedback_pallas_gpu
 from sessa_jax.kernels import feedback_pallas_tpu
-from sessa_jax.kernels.blocks import get_block, put_block
 
 BACKENDS = {"tpu": feedback_pallas_tpu, "gpu": feedback_pallas_gpu}
 # TPU tile height: blocks of hundreds of rows keep the MXU busy per grid
@@ -77,6 +80,7 @@ class _Setup(NamedTuple):
   interpret: bool | pltpu.InterpretParams
   chunk: int
   tile: int
+  leaf_tile: int
   scale: float
   mm_dtype: jnp.dtype
 
@@ -90,8 +94,10 @@ class _Setup(NamedTuple):
     return BACKENDS[self.backend]
 
   def op(self, name, **static):
-    """Kernel `name` of this backend, with tiles of `tile` rows."""
-    return functools.partial(getattr(self.kernels, name), block=self.tile,
+    """Kernel `name` of this backend, with tiles of `tile` rows (the leaf
+    kernels, whose operands are in the compute dtype: `leaf_tile`)."""
+    block = self.leaf_tile if name.startswith("leaf") else self.tile
+    return functools.partial(getattr(self.kernels, name), block=block,
                              scale=self.scale, interpret=self.interpret,
                              **static)
 
@@ -167,25 +173,14 @@ def _schedule(row0, n_rows, key0, side, group):
   return jnp.stack([row0, n_rows, key0, side]).astype(jnp.int32) * group
 
 
-class _Mirror(NamedTuple):
-  """An array and, when the kernels take another dtype, its copy in it."""
-  value: jax.Array
-  mm: jax.Array | None
+def _index(i):
+  """A chunk index as the kernels' int32 (1,) operand."""
+  return jnp.reshape(i, (1,)).astype(jnp.int32)
 
-  @classmethod
-  def zeros_like(cls, x, mm_dtype):
-    return cls(jnp.zeros_like(x), None if x.dtype == mm_dtype else
-               jnp.zeros(x.shape, mm_dtype))
 
-  def put(self, block, i, chunk):
-    return _Mirror(
-        put_block(self.value, block, i, chunk),
-        None if self.mm is None else
-        put_block(self.mm, block.astype(self.mm.dtype), i, chunk))
-
-  @property
-  def for_kernels(self):
-    return self.value if self.mm is None else self.mm
+def _with_copy(x, mm_dtype):
+  """[x] and, when the kernels' matmuls take another dtype, a copy in it."""
+  return [x] if x.dtype == mm_dtype else [x, x.astype(mm_dtype)]
 
 
 def _forward(q_btk, k_btk, gamma_bt, f_btd, setup):
@@ -197,25 +192,19 @@ def _forward(q_btk, k_btk, gamma_bt, f_btd, setup):
   inv = blocks.unit_lower_inverse(_chunked(gamma_bt, chunk)[..., None]
                                   * a_diag)
   rect = setup.op("rect_apply", side_max=_largest_side(n, setup.group))
-
-  def leaf(i, s, ctx_off):
-    gamma_i = get_block(gamma_bt, i, chunk)[..., None]
-    rhs = get_block(f_btd, i, chunk) + gamma_i * get_block(ctx_off, i, chunk)
-    s_i = jnp.einsum("bcs,bsd->bcd",
-                     jax.lax.dynamic_index_in_dim(inv, i, 1, False), rhs)
-    return s.put(s_i, i, chunk)
+  leaf = setup.op("leaf_solve")
 
   def step(i, carry):
     s, ctx_off = carry
-    s = leaf(i, s, ctx_off)
+    s = leaf(_index(i), inv, f_btd, gamma_bt, ctx_off, s)
     side = _lowest_bit(i + 1)
     sched = _schedule(i + 1, jnp.minimum(side, n - 1 - i), i + 1 - side,
                       side, setup.group)
-    return s, rect(sched, q_mm, k_mm, s.for_kernels, lse, ctx_off)
+    return s, rect(sched, q_mm, k_mm, s[-1], lse, ctx_off)
 
-  init = (_Mirror.zeros_like(f_btd, mm_dtype), jnp.zeros_like(f_btd))
+  init = (_with_copy(jnp.zeros_like(f_btd), mm_dtype), jnp.zeros_like(f_btd))
   s, ctx_off = jax.lax.fori_loop(0, n - 1, step, init)
-  s = leaf(n - 1, s, ctx_off).value
+  s = leaf(_index(n - 1), inv, f_btd, gamma_bt, ctx_off, s)[0]
   ctx = ctx_off + _unchunked(jnp.einsum("bncs,bnsd->bncd", a_diag,
                                         _chunked(s, chunk)))
   return s, ctx, lse
@@ -231,40 +220,32 @@ def _backward(setup, res, g_btd):
                                   * a_diag)
   dq_in_loop = setup.kernels.DQ_IN_COLUMN_PASS
   col = setup.op("rect_col", side_max=_largest_side(n, setup.group))
-
-  def leaf(j, u, w, delta, rhs):
-    u_j = jnp.einsum("bsc,bsd->bcd",
-                     jax.lax.dynamic_index_in_dim(inv, j, 1, False),
-                     get_block(rhs, j, chunk))
-    gamma_j = get_block(gamma_bt, j, chunk)
-    delta_j = gamma_j * jnp.sum(u_j * get_block(ctx_btd, j, chunk), axis=-1)
-    return (put_block(u, u_j, j, chunk),
-            w.put(gamma_j[..., None] * u_j, j, chunk),
-            put_block(delta, delta_j, j, chunk))
+  leaf = setup.op("leaf_adjoint")
 
   def step(i, carry):
     j = n - 1 - i
-    u, w, delta, rhs, *grads = carry
-    u, w, delta = leaf(j, u, w, delta, rhs)
+    outs, rhs, *grads = carry
+    outs = leaf(_index(j), inv, rhs, gamma_bt, ctx_btd, outs)
+    _, delta, *w = outs
     side = _lowest_bit(j)
     sched = _schedule(j, jnp.minimum(side, n - j), j - side, side,
                       setup.group)
-    acc = col(sched, q_mm, k_mm, w.for_kernels, s_mm, delta, lse, rhs,
-              *grads)
-    return (u, w, delta, *acc)
+    return (outs, *col(sched, q_mm, k_mm, w[-1], s_mm, delta, lse, rhs,
+                       *grads))
 
-  init = (jnp.zeros_like(g_btd), _Mirror.zeros_like(g_btd, mm_dtype),
-          jnp.zeros(g_btd.shape[:2], g_btd.dtype), g_btd,
-          jnp.zeros_like(k_btk)) + ((jnp.zeros_like(q_btk),) if dq_in_loop
-                                    else ())
-  u, w, delta, rhs, dk, *dq = jax.lax.fori_loop(0, n - 1, step, init)
-  u, w, delta = leaf(0, u, w, delta, rhs)
-  w = w.value
+  # The adjoint u, delta = gamma (u . ctx) and w = gamma u (with its copy).
+  outs = [jnp.zeros_like(g_btd), jnp.zeros(g_btd.shape[:2], g_btd.dtype),
+          *_with_copy(jnp.zeros_like(g_btd), mm_dtype)]
+  init = (outs, g_btd, jnp.zeros_like(k_btk)) + (
+      (jnp.zeros_like(q_btk),) if dq_in_loop else ())
+  outs, rhs, dk, *dq = jax.lax.fori_loop(0, n - 1, step, init)
+  u, delta, *w = leaf(_index(0), inv, rhs, gamma_bt, ctx_btd, outs)
   if dq_in_loop:
     dq = dq[0]
   else:
     dq = setup.op("row_grad", group=setup.group)(
-        q_mm, k_mm, s_mm, w.astype(mm_dtype), delta, lse)
+        q_mm, k_mm, s_mm, w[-1], delta, lse)
+  w = w[0]
   # The diagonal blocks' share of the logit gradient.
   ds = a_diag * (jnp.einsum("bncd,bnsd->bncs", _chunked(w, chunk),
                             _chunked(s_btd, chunk))
@@ -339,20 +320,22 @@ def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
   mm_dtype = jnp.dtype(
       jnp.bfloat16 if q_btk.dtype == jnp.bfloat16 else compute)
   chunk = blocks.resolve_chunk(chunk)
-  if tile is None:
-    tile = default_tile(backend, chunk,
-                        max(q_btk.shape[-1], f_btd.shape[-1]), mm_dtype)
-  tile = int(tile)
+  width = max(q_btk.shape[-1], f_btd.shape[-1])
+  tile = int(default_tile(backend, chunk, width, mm_dtype)
+             if tile is None else tile)
   _check_tiles(backend, chunk, tile, interpret)
-  if scale is None:
+  # The leaf kernels' operands are in the compute dtype, whose tiles may
+  # need to be smaller.
+  leaf_tile = math.gcd(tile, default_tile(backend, chunk, width, compute))
+  if scale is None:  # Before padding K.
     scale = q_btk.shape[-1] ** -0.5
   # Zero feature padding is exact: it adds nothing to any dot product.
-  width = BACKENDS[backend].feature_width
-  kd, d = width(q_btk.shape[-1]), width(f_btd.shape[-1])
+  padded = BACKENDS[backend].feature_width
+  kd, d = padded(q_btk.shape[-1]), padded(f_btd.shape[-1])
   s = blocks.blocked_feedback_solve(
       _forward, _backward, _pad_features(q_btk, kd), _pad_features(k_btk, kd),
       gamma_bt, _pad_features(f_btd, d), multiple=chunk,
       settings=lambda scale, compute: _Setup(
-          backend, interpret, chunk, tile, scale, mm_dtype),
+          backend, interpret, chunk, tile, leaf_tile, scale, mm_dtype),
       scale=scale)
   return s[..., :f_btd.shape[-1]]

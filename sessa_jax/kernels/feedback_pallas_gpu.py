@@ -1,6 +1,6 @@
 """GPU (Triton) kernels for the O(T²) passes of the feedback solve.
 
-Three kernels, each one `pallas_call` whose grid is (B, programs), all
+Five kernels, each one `pallas_call` whose grid is (B, programs), all
 parallel; each program walks its reduction tiles with an in-kernel loop,
 keeping its running state in registers. Sequence-long operands are passed
 whole (one (T, width) block per batch row) and sliced with `pl.ds`.
@@ -12,6 +12,9 @@ whole (one (T, width) block per batch row) and sliced with `pl.ds`.
 * `rect_col`: one rectangle of the backward solve: keys gather from rows
   dv_j += sum_t A_tj w_t and dk_j += sum_t dlogit_tj q_t, and rows gather
   dq_t += sum_j dlogit_tj k_j from the same tiles (no separate dq pass).
+* `leaf_solve` and `leaf_adjoint`: one chunk's diagonal block, s_i =
+  inv_i (f_i + gamma_i ctx_i) or u_i = inv_i^T rhs_i (with w_i and delta_i),
+  one program per row tile, visiting only the inverse's nonzero tiles.
 
 The rectangles' extents change from launch to launch while the grid is
 fixed at `max(largest side, MIN_PROGRAMS)` programs: a small rectangle
@@ -260,3 +263,98 @@ def rect_col(sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
       [_whole(x) for x in outs],
       [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
       interpret, q_btk, aliases={7: 0, 8: 1, 9: 2})(*operands)
+
+
+_INDEX = pl.BlockSpec((1,), lambda b, r: (0,))
+
+
+def _leaf_kernel(index_ref, inv_ref, rhs_ref, gamma_ref, ctx_ref, *refs,
+                 block, group, transpose):
+  n_out = len(refs) // 2
+  outs = refs[n_out:]
+  i, r = index_ref[0], pl.program_id(1)
+  rows = _tiles(i * group + r, block)
+  rows_in_chunk = _tiles(r, block)
+
+  def body(c, acc):
+    cols_in_chunk = _tiles(c, block)
+    other = _tiles(i * group + c, block)
+    if transpose:  # Rows r of inv^T: column tile r of inv, row tiles c >= r.
+      inv = inv_ref[i, cols_in_chunk, rows_in_chunk]
+      return acc + tile_dot(inv, rhs_ref[other, :], trans_a=True)
+    rhs = (rhs_ref[other, :] + gamma_ref[other][:, None] * ctx_ref[other, :])
+    return acc + tile_dot(inv_ref[i, rows_in_chunk, cols_in_chunk], rhs)
+
+  # inv is unit lower triangular: tile (r, c) is zero for c > r.
+  lo, hi = (r, group) if transpose else (0, r + 1)
+  x = lax.fori_loop(lo, hi, body,
+                    jnp.zeros((block, outs[0].shape[-1]), outs[0].dtype))
+  if not transpose:
+    for out in outs:
+      out[rows, :] = x.astype(out.dtype)
+    return
+  u_ref, delta_ref, *w_refs = outs
+  gamma = gamma_ref[rows]
+  u_ref[rows, :] = x
+  delta_ref[rows] = gamma * jnp.sum(x * ctx_ref[rows, :], axis=1)
+  for w_ref in w_refs:
+    w_ref[rows, :] = (gamma[:, None] * x).astype(w_ref.dtype)
+
+
+def _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, block,
+          transpose, interpret):
+  b, n, c = inv_bncc.shape[:3]
+  operands = (index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, *outs)
+  return list(_call(
+      functools.partial(_leaf_kernel, block=block, group=c // block,
+                        transpose=transpose),
+      (b, c // block), [_INDEX] + [_whole(x) for x in operands[1:]],
+      [_whole(x) for x in outs],
+      [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
+      interpret, rhs_btd,
+      aliases={5 + k: k for k in range(len(outs))})(*operands))
+
+
+def leaf_solve(index, inv_bncc, f_btd, gamma_bt, ctx_btd, s_outs, *, block,
+               scale, interpret):
+  """Solves chunk `index`: s_i = inv_i (f_i + gamma_i ctx_i), in place.
+
+  Args:
+    index: int32 (1,): the chunk.
+    inv_bncc: (I - gamma_i A_ii)^{-1} of every chunk (B, N, C, C).
+    f_btd: right-hand side (B, T, D).
+    gamma_bt: gains (B, T).
+    ctx_btd: the context the rows have read so far (B, T, D).
+    s_outs: the solution (B, T, D), and optionally its copy in the kernels'
+      matmul dtype; both updated in place.
+    block: tile height (dividing C).
+    scale: unused (the kernels' common signature).
+    interpret: run in interpret mode.
+
+  Returns:
+    The updated `s_outs`.
+  """
+  del scale
+  return _leaf(index, inv_bncc, f_btd, gamma_bt, ctx_btd, s_outs,
+               block=block, transpose=False, interpret=interpret)
+
+
+def leaf_adjoint(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, block,
+                 scale, interpret):
+  """Solves chunk `index` of the adjoint: u_i = inv_i^T rhs_i, in place.
+
+  Also writes delta_i = gamma_i (u_i . ctx_i) and w_i = gamma_i u_i.
+
+  Args:
+    index, inv_bncc, gamma_bt, ctx_btd, block, scale, interpret: as for
+      `leaf_solve`.
+    rhs_btd: the adjoint right-hand side (B, T, D).
+    outs: (u (B, T, D), delta (B, T), w (B, T, D)[, w in the matmul dtype]),
+      updated in place.
+
+  Returns:
+    The updated `outs`.
+  """
+  del scale
+  return _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs,
+               block=block, transpose=True, interpret=interpret)

@@ -18,6 +18,8 @@ scalars travel as (B, T, 1) arrays so their (C, 1) tiles are legal too.
   index maps, and it sizes the grid (Mosaic takes dynamic grid bounds), so
   every grid step does work. Accumulators are updated in place
   (`input_output_aliases`).
+* `leaf_solve` and `leaf_adjoint` solve one chunk's diagonal block, in
+  place: one grid step per batch row holds the chunk's (C, C) inverse.
 
 Logits use log-sum-exps `lse` computed by `row_stats`, so A = exp(l - lse)
 needs no rescaling and contributions from different calls simply add.
@@ -321,3 +323,68 @@ def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, group,
       (q_btk, k_btk, s_btd, w_btd, delta_bt[..., None], lse_bt[..., None]),
       (True, False, False, True, True, True), kd, acc,
       [pltpu.VMEM((block, kd), acc)], block, group, interpret)
+
+
+# The diagonal blocks: one chunk solved per call, the whole chunk per step.
+
+
+def _leaf_kernel(index_ref, inv_ref, rhs_ref, gamma_ref, ctx_ref, *refs,
+                 transpose):
+  del index_ref
+  outs = refs[len(refs) // 2:]
+  gamma = gamma_ref[...]
+  if not transpose:
+    x = tile_dot(inv_ref[...], rhs_ref[...] + gamma * ctx_ref[...])
+    for out in outs:
+      out[...] = x.astype(out.dtype)
+    return
+  u_ref, delta_ref, *w_refs = outs
+  u = tile_dot(inv_ref[...], rhs_ref[...], trans_a=True)
+  u_ref[...] = u
+  delta_ref[...] = gamma * jnp.sum(u * ctx_ref[...], axis=1, keepdims=True)
+  for w_ref in w_refs:
+    w_ref[...] = (gamma * u).astype(w_ref.dtype)
+
+
+def _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, transpose,
+          interpret):
+  b, _, c, _ = inv_bncc.shape
+  chunk = lambda x: pl.BlockSpec((None, c, x.shape[-1]),
+                                 lambda b, i: (b, i[0], 0))
+  flat, outs = outs, [x[..., None] if x.ndim == 2 else x for x in outs]
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(b,),
+      in_specs=[pl.BlockSpec((None, None, c, c), lambda b, i: (b, i[0], 0, 0)),
+                chunk(rhs_btd), chunk(gamma_bt[..., None]), chunk(ctx_btd),
+                *[chunk(x) for x in outs]],
+      out_specs=[chunk(x) for x in outs])
+  new = pl.pallas_call(
+      functools.partial(_leaf_kernel, transpose=transpose),
+      grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
+      input_output_aliases={5 + k: k for k in range(len(outs))},
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+      interpret=_interpret(interpret))(
+          index, inv_bncc, rhs_btd, gamma_bt[..., None], ctx_btd, *outs)
+  return [y[..., 0] if x.ndim == 2 else y for x, y in zip(flat, new)]
+
+
+def leaf_solve(index, inv_bncc, f_btd, gamma_bt, ctx_btd, s_outs, *, block,
+               scale, interpret):
+  """Solves chunk `index` in place (see `feedback_pallas_gpu.leaf_solve`).
+
+  One grid step per batch row holds the whole chunk: the (C, C) inverse and
+  (C, D) tiles.
+  """
+  del block, scale
+  return _leaf(index, inv_bncc, f_btd, gamma_bt, ctx_btd, s_outs,
+               transpose=False, interpret=interpret)
+
+
+def leaf_adjoint(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, block,
+                 scale, interpret):
+  """Solves chunk `index` of the adjoint in place (see
+  `feedback_pallas_gpu.leaf_adjoint`)."""
+  del block, scale
+  return _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs,
+               transpose=True, interpret=interpret)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sessa_jax.kernels import attention_chunked
+from sessa_jax.models import cached_attention
 from sessa_jax.models import rope
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layers import Linear
@@ -170,8 +171,10 @@ class AttentionMixer(nnx.Module):
     """An empty cache: decode from position 0."""
     cfg = self.cfg
     shape = (batch_size, max_len, cfg.kv_heads, cfg.head_dim)
-    zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-    return {"k": zeros, "v": zeros, "pos": jnp.zeros((), jnp.int32)}
+    # Separate buffers, so the cache can be donated to a jitted step.
+    return {"k": jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+            "v": jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+            "pos": jnp.zeros((), jnp.int32)}
 
   def decode_step(self, x_bd: jax.Array, cache: dict):
     """Processes one token at position cache['pos'].
@@ -182,15 +185,20 @@ class AttentionMixer(nnx.Module):
 
     Returns:
       (y_bd, cache) with the token's keys and values written and 'pos' + 1.
-      Costs O(max_len * D) (masked reads of the whole static cache).
+      Costs O(pos * D): only the filled rows of the cache are read
+      (`cached_attention.attend`); donate the cache to a jitted step so the
+      write happens in place.
     """
+    cfg = self.cfg
     pos = cache["pos"]
     q, k, v = self._project(x_bd[:, None], pos[None])
     k_cache = jax.lax.dynamic_update_slice_in_dim(
         cache["k"], k.astype(cache["k"].dtype), pos, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(
         cache["v"], v.astype(cache["v"].dtype), pos, axis=1)
-    mask_ts = (jnp.arange(k_cache.shape[1]) <= pos)[None, :]
-    o = reference_attention(q, k_cache, v_cache, mask_ts)
-    y = self._output(o)[:, 0]
+    groups = cfg.n_heads // cfg.kv_heads
+    q_bkgd = q[:, 0].reshape(q.shape[0], cfg.kv_heads, groups, cfg.head_dim)
+    o = cached_attention.attend(q_bkgd, k_cache, v_cache, pos + 1,
+                                scale=cfg.head_dim ** -0.5)
+    y = self._output(o.reshape(q.shape).astype(q.dtype))[:, 0]
     return y, {"k": k_cache, "v": v_cache, "pos": pos + 1}

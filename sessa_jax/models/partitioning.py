@@ -11,7 +11,7 @@ table, `LOGICAL_RULES`, maps each name onto mesh axes ('data', 'fsdp',
 * 'hidden', 'heads', 'vocab' -> 'tensor' (Megatron style): the MLP hidden
   width, the attention and Mamba-2 heads (so the Mamba-2 inner width) and
   the vocabulary.
-* 'sequence', 'head_dim', 'state', 'feedback' -> unsplit.
+* 'sequence', 'head_dim' -> unsplit.
 
 A mesh axis serves at most one dimension of an array (the first that asks
 for it); a dimension the mesh axes do not divide stays whole.
@@ -40,8 +40,6 @@ LOGICAL_RULES: Mapping[str, Any] = {
     "heads": "tensor",
     "head_dim": None,
     "vocab": "tensor",
-    "state": None,
-    "feedback": None,
 }
 
 

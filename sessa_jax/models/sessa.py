@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sessa_jax import kernels
-from sessa_jax.kernels import blocks
+from sessa_jax.models import cached_attention
 from sessa_jax.models.attention import AttentionMixer
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layers import Linear, constant, param, torch_uniform
@@ -119,10 +119,11 @@ class SessaMixer(nnx.Module):
     return s.astype(a_btd.dtype), cache
 
   def decode_step(self, a_bd: jax.Array, cache: dict):
-    """Processes one token at position t = cache['pos'] in O(max_len * D).
+    """Processes one token at position t = cache['pos'] in O(t * D).
 
     f_t comes from the cached forward attention; then
-    s_t = f_t + gamma_t * softmax_{j<t}(q_fb,t . k_fb,j) S[<t].
+    s_t = f_t + gamma_t * softmax_{j<t}(q_fb,t . k_fb,j) S[<t], reading only
+    the t filled rows of the cache (`cached_attention.attend`).
 
     Args:
       a_bd: mixer input of the new token (B, D).
@@ -139,13 +140,11 @@ class SessaMixer(nnx.Module):
     q_fb, k_fb, gamma = self.feedback_inputs(a_bd[:, None])
     keys_fb = jax.lax.dynamic_update_slice_in_dim(
         cache["k_fb"], k_fb.astype(cache["k_fb"].dtype), pos, axis=1)
+    # One head: q (B, 1, K) over keys (B, S, K) and past outputs s (B, S, D).
+    read = cached_attention.attend(q_fb, keys_fb, cache["s"], pos,
+                                   scale=self.fb_scale)[:, 0]
     compute = self._s_dtype
-    logits_bs = jnp.einsum("bk,bsk->bs", q_fb[:, 0].astype(compute),
-                           keys_fb.astype(compute)) * self.fb_scale
-    weights = blocks.masked_softmax(
-        logits_bs, jnp.arange(keys_fb.shape[1]) < pos)
-    s_bd = f.astype(compute) + gamma[:, 0, None] * jnp.einsum(
-        "bs,bsd->bd", weights, cache["s"])
+    s_bd = f.astype(compute) + gamma[:, 0, None].astype(compute) * read
     s_cache = jax.lax.dynamic_update_slice_in_dim(
         cache["s"], s_bd[:, None].astype(cache["s"].dtype), pos, axis=1)
     cache = dict(attn_cache, k_fb=keys_fb, s=s_cache)

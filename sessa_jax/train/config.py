@@ -61,6 +61,10 @@ class TrainConfig:
     keep_checkpoints: how many recent checkpoints to keep.
     log_every: write train metrics every this many steps.
     seed: seed of parameter initialisation and of the data order.
+    profile_steps: (start, count): trace steps start+1 .. start+count with
+      `jax.profiler` into `WORKDIR/tb` (TensorBoard's profile tab); count 0
+      traces nothing. Step 1 includes compilation, so start >= 1 profiles
+      steady-state steps.
   """
 
   steps: int = 1000
@@ -81,8 +85,15 @@ class TrainConfig:
   keep_checkpoints: int = 3
   log_every: int = 50
   seed: int = 0
+  profile_steps: tuple[int, int] = (0, 0)
 
   def __post_init__(self):
+    profile = tuple(self.profile_steps)
+    if len(profile) != 2 or min(profile) < 0 or not all(
+        isinstance(x, int) for x in profile):
+      raise ValueError("train.profile_steps must be (start, count) with two "
+                       f"integers >= 0, got {self.profile_steps!r}")
+    object.__setattr__(self, "profile_steps", profile)
     checks.one_of("train", "dtype", self.dtype, COMPUTE_DTYPES)
     checks.at_least("train", self, (
         "steps", "batch_size", "grad_accum", "checkpoint_every",

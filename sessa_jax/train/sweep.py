@@ -9,8 +9,10 @@ A sweep file (`experiments/<name>.py`) defines
 
 Each point trains in `DIR/<point name>` (resuming whatever is there; a point
 whose summary.json is complete is not rerun). A point that fails is reported
-and the others still run; SIGTERM saves the running point and starts no
-other. At the end `DIR/sweep_summary.json` holds every point's status and
+and the others still run; SIGTERM saves the running points and starts no
+other. With `devices_per_point` the devices are cut into disjoint sub-meshes
+that each train one point at a time, concurrently (threads of this process).
+At the end `DIR/sweep_summary.json` holds every point's status and
 summary, and a table is printed.
 """
 
@@ -19,8 +21,10 @@ from __future__ import annotations
 import logging
 import pathlib
 import re
+import threading
+import time
 import traceback
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 
@@ -52,55 +56,152 @@ def load_sweep(spec: str) -> dict[str, dict[str, Any]]:
   return points
 
 
+def _point_overrides(point: Mapping[str, Any]) -> dict[str, Any]:
+  """The dotted keys a point sets over its config file."""
+  return {k: v for k, v in point.items() if k != "config"}
+
+
 def _point_config(point: Mapping[str, Any]):
-  overrides = {k: v for k, v in point.items() if k != "config"}
   return config_lib.apply_overrides(
-      config_lib.load_config(point["config"]), overrides)
+      config_lib.load_config(point["config"]), _point_overrides(point))
 
 
-def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False
+def device_groups(devices: Sequence[Any], per_point: int) -> list[list[Any]]:
+  """Splits devices into disjoint sub-meshes of `per_point` devices each.
+
+  A group never spans hosts when `per_point` fits in one: each host's devices
+  (by `process_index`, then `id`) are cut into consecutive groups, and a
+  host's remainder stays idle. A larger `per_point` must be a multiple of the
+  (equal) host size and takes that many whole hosts.
+
+  Args:
+    devices: all devices (anything with `id` and `process_index`).
+    per_point: devices per sweep point.
+
+  Returns:
+    The groups, in host then device order.
+
+  Raises:
+    ValueError: when no group of that size can be formed.
+  """
+  hosts: dict[int, list[Any]] = {}
+  for d in sorted(devices, key=lambda d: (d.process_index, d.id)):
+    hosts.setdefault(d.process_index, []).append(d)
+  sizes = {len(h) for h in hosts.values()}
+  if per_point < 1 or per_point > len(devices):
+    raise ValueError(f"--devices_per_point={per_point} must lie in "
+                     f"[1, {len(devices)}] (the devices available)")
+  if per_point <= min(sizes):
+    return [h[i:i + per_point] for h in hosts.values()
+            for i in range(0, len(h) - per_point + 1, per_point)]
+  if len(sizes) > 1 or per_point % min(sizes):
+    raise ValueError(
+        f"--devices_per_point={per_point} exceeds a host's devices "
+        f"({sorted(sizes)}) and is not a whole number of equal hosts")
+  ordered = [d for h in hosts.values() for d in h]
+  return [ordered[i:i + per_point]
+          for i in range(0, len(ordered) - per_point + 1, per_point)]
+
+
+def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
+              devices_per_point: int | None = None
              ) -> dict[str, dict[str, Any]]:
   """Trains every point of a sweep; failures are recorded, not raised.
 
-  SIGTERM stops the sweep: the running point saves a checkpoint and is
-  recorded as "preempted", the points after it as "pending"; rerunning the
-  sweep resumes there.
+  By default points run one after another, each on all devices. With
+  `devices_per_point=N`, the devices are cut into disjoint sub-meshes of N
+  (`device_groups`) and each sub-mesh trains one point at a time in its own
+  thread, taking the next unstarted point when it finishes.
+
+  SIGTERM stops the sweep: every running point saves a checkpoint and is
+  recorded as "preempted", the points not started as "pending"; rerunning
+  the sweep resumes there.
 
   Args:
     spec: 'experiments/x.py[:preset]'.
     workdir: the sweep directory; point p trains in `workdir/p`.
     force: passed to each point's `trainer.train`.
+    devices_per_point: devices per concurrently running point; None runs
+      the points one at a time on every device.
 
   Returns:
     point name -> {"status": "ok" | "failed" | "preempted" | "pending", and
-    the summary, the "error" or the step reached}.
+    the summary, the "error" or the step reached; with the ids of the
+    `devices` it ran on and its `start_time` and `end_time` (Unix seconds)}.
 
   Raises:
     WorkdirLockedError: another sweep is running in `workdir`.
+    ValueError: `devices_per_point` does not fit the devices, or is given in
+      a multi-process run.
   """
   workdir = pathlib.Path(workdir)
   points = load_sweep(spec)
-  results = {}
+  if devices_per_point is None:
+    groups = [None]
+  elif jax.process_count() > 1:
+    raise ValueError("--devices_per_point packs points into one process's "
+                     "devices; a multi-process run takes its points one at a "
+                     "time on all devices (leave the flag out)")
+  else:
+    groups = device_groups(jax.devices(), devices_per_point)
+    logging.warning("packed sweep: %d points at a time on devices %s",
+                    len(groups), [[d.id for d in g] for g in groups])
+  results = {name: {"status": "pending"} for name in points}
+  queue = list(points)
+  number = {name: i for i, name in enumerate(points, 1)}
+  lock = threading.Lock()
   with workdir_lock.WorkdirLock(workdir), trainer.Preemption() as preemption:
-    for i, (name, point) in enumerate(points.items()):
-      if preemption.requested or any(
-          r["status"] == "preempted" for r in results.values()):
-        results[name] = {"status": "pending"}
-        continue
-      logging.warning("sweep point %d/%d: %s", i + 1, len(points), name)
-      try:
-        summary = trainer.train(_point_config(point), workdir / name,
-                                force=force, preemption=preemption)
-        status = "preempted" if summary.get("preempted") else "ok"
-        results[name] = {"status": status, **summary}
-      except Exception as e:  # pylint: disable=broad-except
-        error = "".join(traceback.format_exception_only(type(e), e)).strip()
-        logging.error("sweep point %s failed: %s", name, error)
-        results[name] = {"status": "failed", "error": error}
+
+    def next_point() -> str | None:
+      with lock:
+        stop = preemption.requested or any(
+            r["status"] == "preempted" for r in results.values())
+        return None if stop or not queue else queue.pop(0)
+
+    def worker(devices):
+      while (name := next_point()) is not None:
+        logging.warning("sweep point %d/%d: %s", number[name], len(points),
+                        name)
+        row = _run_point(points[name], workdir / name, force, preemption,
+                         devices)
+        with lock:
+          results[name] = row
+
+    if len(groups) == 1:
+      worker(groups[0])
+    else:
+      threads = [threading.Thread(target=worker, args=(g,), daemon=True,
+                                  name=f"sweep-devices-{g[0].id}")
+                 for g in groups]
+      for t in threads:
+        t.start()
+      for t in threads:
+        t.join()
     if jax.process_index() == 0:
       trainer.write_json(workdir / "sweep_summary.json", results)
       print(format_table(results))
   return results
+
+
+def _run_point(point: Mapping[str, Any], workdir: pathlib.Path, force: bool,
+               preemption: trainer.Preemption,
+               devices: Sequence[Any] | None) -> dict[str, Any]:
+  """Trains one point; returns its result row (failures caught)."""
+  used = devices if devices is not None else jax.devices()
+  row: dict[str, Any] = {"devices": [d.id for d in used],
+                         "start_time": time.time()}
+  try:
+    summary = trainer.train(_point_config(point), workdir, force=force,
+                            preemption=preemption,
+                            overrides=_point_overrides(point), devices=devices)
+    row.update(summary, status="preempted" if summary.get("preempted")
+               else "ok")
+  except Exception as e:  # pylint: disable=broad-except
+    error = "".join(traceback.format_exception_only(type(e), e)).strip()
+    logging.error("sweep point %s failed: %s", workdir.name, error)
+    row.update(status="failed", error=error)
+  row["end_time"] = time.time()
+  return row
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:

@@ -21,8 +21,9 @@ import logging
 import os
 import pathlib
 import signal
+import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +37,13 @@ from sessa_jax import data as data_lib
 from sessa_jax import models
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.train import checkpoint as checkpoint_lib
+from sessa_jax.train import compiled as compiled_lib
 from sessa_jax.train import config as config_lib
 from sessa_jax.train import evaluate as evaluate_lib
 from sessa_jax.train import metrics as metrics_lib
 from sessa_jax.train import optimizer as optimizer_lib
+from sessa_jax.train import profiling
+from sessa_jax.train import run_info
 from sessa_jax.train import sharding as sharding_lib
 from sessa_jax.train import workdir_lock
 from sessa_jax.train.config import TrainConfig
@@ -293,6 +297,57 @@ def _check_resume(workdir: pathlib.Path, raw: Mapping[str, Any], force: bool
   return diffs
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What an experiment config resolves to before any state exists.
+
+  Attributes:
+    exp: the validated config.
+    task: the data task.
+    model_cfg: the model (the task's vocabulary, `train.dtype` compute).
+    mesh: the device mesh of `exp.mesh`, checked against the batch size.
+  """
+
+  exp: config_lib.Experiment
+  task: data_lib.Task
+  model_cfg: ModelConfig
+  mesh: jax.sharding.Mesh
+
+
+def setup(config, workdir: str | pathlib.Path | None = None,
+          devices: Sequence[jax.Device] | None = None) -> Setup:
+  """Validates a config and builds its task, model config and mesh.
+
+  Args:
+    config: the experiment ConfigDict (or nested dict, or an already
+      validated `config_lib.Experiment`).
+    workdir: the run directory, where tasks cache derived files (the text
+      task's tokenizer); nothing else is written.
+    devices: the devices of the mesh (default: all).
+
+  Returns:
+    The `Setup`.
+
+  Raises:
+    ValueError: on a bad key or value, or a batch the mesh cannot split.
+  """
+  exp = (config if isinstance(config, config_lib.Experiment)
+         else config_lib.validate(config))
+  tc = exp.train
+  task = data_lib.get_task(exp.data,
+                           workdir=None if workdir is None else str(workdir))
+  mesh = sharding_lib.make_mesh(exp.mesh, devices)
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (tc.batch_size // tc.grad_accum % batch_shards
+      or tc.batch_size % jax.process_count()):
+    raise ValueError(
+        f"train.batch_size={tc.batch_size} / train.grad_accum="
+        f"{tc.grad_accum} must be divisible by mesh data*fsdp="
+        f"{batch_shards}, and batch_size by the {jax.process_count()} "
+        "processes")
+  return Setup(exp, task, exp.model_config(task.vocab_size), mesh)
+
+
 class Run:
   """One experiment in one workdir: task, mesh, state, iterators, writers.
 
@@ -304,25 +359,19 @@ class Run:
     workdir: the run directory.
     force: resume even if config.json differs in model or data.
     read_only: evaluation: checkpoints are only read, never moved.
+    devices: the devices of the mesh (default: all).
   """
 
   def __init__(self, config, workdir: str | pathlib.Path, *,
-               force: bool = False, read_only: bool = False):
+               force: bool = False, read_only: bool = False,
+               devices: Sequence[jax.Device] | None = None):
     self.exp = config_lib.validate(config)
     self.tc = self.exp.train
     self.workdir = pathlib.Path(workdir)
     self.config_changes = _check_resume(self.workdir, self.exp.raw, force)
-    self.task = data_lib.get_task(self.exp.data, workdir=str(self.workdir))
-    self.model_cfg = self.exp.model_config(self.task.vocab_size)
-    self.mesh = sharding_lib.make_mesh(self.exp.mesh)
-    batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    micro = self.tc.batch_size // self.tc.grad_accum
-    if micro % batch_shards or self.tc.batch_size % jax.process_count():
-      raise ValueError(
-          f"train.batch_size={self.tc.batch_size} / train.grad_accum="
-          f"{self.tc.grad_accum} must be divisible by mesh data*fsdp="
-          f"{batch_shards}, and batch_size by the {jax.process_count()} "
-          "processes")
+    self.resolved = setup(self.exp, self.workdir, devices)
+    self.task, self.mesh = self.resolved.task, self.resolved.mesh
+    self.model_cfg = self.resolved.model_cfg
     self.layout = create_layout(self.model_cfg, self.tc, self.mesh)
     self.all_finite = make_finite_check(self.layout, self.mesh)
     self.state = None
@@ -339,21 +388,27 @@ class Run:
         process_index=jax.process_index(), process_count=jax.process_count(),
         num_workers=self.exp.data.get("num_workers", 0))
 
-  def restore(self, data_iter) -> int:
+  def restore(self, data_iter=None, *, step: int | None = None) -> int:
     """Loads the newest readable, finite checkpoint (else a fresh state).
+
+    Args:
+      data_iter: the train iterator, positioned as saved; None restores the
+        model and optimizer state only.
+      step: load this step only (an error if it is missing or unreadable).
 
     Returns:
       The step of the loaded state.
 
     Raises:
       CheckpointRestoreError: checkpoints exist but none can be restored.
+      FileNotFoundError: `step` is not among the saved steps.
     """
-    if not self.checkpointer.all_steps():
+    if step is None and not self.checkpointer.all_steps():
       self.state = self.layout.init()
       return 0
     try:
       step, self.state = self.checkpointer.restore(
-          self.layout.abstract, data_iter, accept=self.all_finite)
+          self.layout.abstract, data_iter, accept=self.all_finite, step=step)
     except checkpoint_lib.CheckpointRestoreError as e:
       if self.checkpointer.read_only:
         raise
@@ -421,10 +476,72 @@ def _scalars(results: Mapping[str, Any]) -> dict[str, float]:
   return {k: v for k, v in results.items() if isinstance(v, (int, float))}
 
 
+def introduce(resolved: Setup, layout: TrainState,
+              overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The start-of-run description (`run_info.describe`), printed once."""
+  info = run_info.describe(
+      model_cfg=resolved.model_cfg, abstract_params=layout.abstract["params"],
+      mesh=resolved.mesh, task=resolved.task,
+      batch_size=resolved.exp.train.batch_size, overrides=overrides)
+  if jax.process_index() == 0:
+    print(run_info.format_info(info), flush=True)
+  return info
+
+
+def abstract_batch(task: data_lib.Task, batch_size: int
+                  ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a global batch of `task` (its first example's)."""
+  example = task.example("train", 0)
+  return {k: jax.ShapeDtypeStruct((batch_size, *np.shape(v)),
+                                  np.asarray(v).dtype)
+          for k, v in example.items()}
+
+
+def dry_run(config, workdir: str | pathlib.Path | None = None, *,
+            overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Builds the model and optimizer and compiles one train step; trains nothing.
+
+  Lowers and compiles the step on the configured mesh from abstract shapes
+  (no parameters are allocated) and reports XLA's memory and cost analysis.
+  No checkpoint, log or config file is written (the text task may cache its
+  tokenizer under `workdir`, as a run would).
+
+  Args:
+    config: the experiment ConfigDict.
+    workdir: the run directory (only for the task's cache); may be None.
+    overrides: config keys set on top of the config file, for the report.
+
+  Returns:
+    The run description (`run_info.describe`) plus `compile_s` and
+    `compiled`: the step's `compiled.analyze` figures per device.
+  """
+  resolved = setup(config, workdir)
+  tc = resolved.exp.train
+  layout = create_layout(resolved.model_cfg, tc, resolved.mesh)
+  info = introduce(resolved, layout, overrides)
+  step = make_train_step(layout, tc, resolved.mesh)
+  start = time.time()
+  compiled = step.lower(layout.abstract,
+                        abstract_batch(resolved.task, tc.batch_size)).compile()
+  info["compile_s"] = time.time() - start
+  info["compiled"] = compiled_lib.analyze(compiled)
+  if jax.process_index() == 0:
+    print(f"one train step compiled in {info['compile_s']:.1f} s\n"
+          + compiled_lib.format_analysis(info["compiled"]), flush=True)
+  return info
+
+
 def train(config, workdir: str | pathlib.Path, *, force: bool = False,
           stop_at: int | None = None,
-          preemption: Preemption | None = None) -> dict[str, Any]:
+          preemption: Preemption | None = None,
+          overrides: Mapping[str, Any] | None = None,
+          devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """Trains (or resumes) the experiment in `workdir`.
+
+  Before the first step the run describes itself (`run_info`) on stdout and
+  in `WORKDIR/run_info.json`. `train.profile_steps` = (start, count) with
+  count > 0 traces steps start+1 .. start+count with `jax.profiler` into
+  `WORKDIR/tb` (TensorBoard's profile tab).
 
   Args:
     config: the experiment ConfigDict.
@@ -436,6 +553,10 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
       evaluation); None runs to `train.steps`.
     preemption: the SIGTERM flag to poll, for a caller (a sweep) that keeps
       one across runs; default: one installed for this run.
+    overrides: config keys set on top of the config file (command line,
+      sweep point), for the start-of-run report.
+    devices: the devices to train on (default: all), e.g. a packed sweep's
+      sub-mesh.
 
   Returns:
     The summary (also in summary.json; a finished run returns it unchanged);
@@ -452,38 +573,46 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
     stack.enter_context(workdir_lock.WorkdirLock(workdir))
     if preemption is None:
       preemption = stack.enter_context(Preemption())
-    run = Run(config, workdir, force=force)
+    run = Run(config, workdir, force=force, devices=devices)
     stack.callback(run.close)
     done = finished_summary(run.workdir, run.tc.steps)
     if done is not None and not run.config_changes:
       logging.warning("%s already finished %d steps; nothing to do",
                       run.workdir, run.tc.steps)
       return done
-    return _train_loop(run, start_time, stop_at, preemption, stack)
+    return _train_loop(run, start_time, stop_at, preemption, stack,
+                       overrides)
 
 
 def _train_loop(run: Run, start_time: float, stop_at: int | None,
-                preemption: Preemption, stack: contextlib.ExitStack
-               ) -> dict[str, Any]:
+                preemption: Preemption, stack: contextlib.ExitStack,
+                overrides: Mapping[str, Any] | None) -> dict[str, Any]:
   """`train` from the restore on."""
   tc = run.tc
   train_iter = run.iterator("train", train=True)
   step = run.restore(train_iter)
   run.start()
+  if jax.process_index() == 0:
+    write_json(run.workdir / run_info.FILENAME,
+               introduce(run.resolved, run.layout, overrides))
   train_step = make_train_step(run.layout, tc, run.mesh)
   writer = metrics_lib.MetricWriter(run.workdir, resume_step=step)
   stack.callback(writer.close)
+  profiler = profiling.StepProfiler(run.workdir / "tb", *tc.profile_steps)
+  stack.callback(profiler.close)
   tokens_per_step = tc.batch_size * run.task.seq_len
   train_flops = 3 * budget.flops_per_token(run.model_cfg, run.task.seq_len)
-  peak = metrics_lib.peak_flops(dtype=tc.dtype) * jax.device_count()
+  peak = metrics_lib.peak_flops(dtype=tc.dtype) * run.mesh.devices.size
   progress = _progress_bar(step, tc.steps)
   results: dict[str, Any] = {}
   window_start, window_steps = None, 0
   while step < tc.steps:
     batch = sharding_lib.global_batch(next(train_iter), run.mesh)
+    profiler.before_step(step)
     run.state, metrics = train_step(run.state, batch)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     step += 1
+    profiler.after_step(step)
     for name in ("loss", "grad_norm"):
       if not np.isfinite(metrics[name]):
         run.checkpointer.wait()
@@ -537,9 +666,9 @@ def _train_loop(run: Run, start_time: float, stop_at: int | None,
   return run.summary(step, time.time() - start_time, results)
 
 
-def evaluate(config, workdir: str | pathlib.Path, *, force: bool = False
-            ) -> dict[str, Any]:
-  """Evaluates the newest checkpoint in `workdir` on val and test.
+def evaluate(config, workdir: str | pathlib.Path, *, force: bool = False,
+             step: int | None = None) -> dict[str, Any]:
+  """Evaluates a checkpoint in `workdir` (the newest, or `step`) on val and test.
 
   Read-only: checkpoints, config.json, summary.json and metrics are left as
   they are; the results go to `eval_summary.json`, whose `steps` names the
@@ -549,12 +678,13 @@ def evaluate(config, workdir: str | pathlib.Path, *, force: bool = False
     config: the experiment ConfigDict (model and data must match config.json).
     workdir: the run directory holding checkpoints.
     force: evaluate even if config.json differs in model or data.
+    step: the checkpoint's step; None takes the newest readable one.
 
   Returns:
     The summary (also written to eval_summary.json).
 
   Raises:
-    FileNotFoundError: `workdir` holds no checkpoints.
+    FileNotFoundError: `workdir` holds no checkpoints, or none of `step`.
     CheckpointRestoreError: none of them can be restored.
   """
   start_time = time.time()
@@ -566,7 +696,7 @@ def evaluate(config, workdir: str | pathlib.Path, *, force: bool = False
   try:
     if not run.checkpointer.all_steps():
       raise FileNotFoundError(f"no checkpoints to evaluate in {directory}")
-    step = run.restore(run.iterator("train", train=True))
+    step = run.restore(step=step)
     results = run.evaluate("val", "eval", run.tc.eval_batches)
     results.update(run.evaluate("test", "test", run.tc.test_batches))
     return run.summary(step, time.time() - start_time, results,
@@ -576,7 +706,9 @@ def evaluate(config, workdir: str | pathlib.Path, *, force: bool = False
 
 
 def _progress_bar(step: int, total: int):
-  if jax.process_index() != 0:
+  """A tqdm bar on process 0; none in a packed sweep's point threads."""
+  if (jax.process_index() != 0
+      or threading.current_thread() is not threading.main_thread()):
     return None
   import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm.tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
