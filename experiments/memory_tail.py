@@ -2,13 +2,13 @@ r"""Memory tails: influence of an old token against lag, per mixer, on one plot.
 
 Trained runs (a workdir each, e.g. from the matched-budget sweep):
 
-  python experiments/memory_tail.py --out=experiments/results/memory_tail \
+  python experiments/memory_tail.py --out=workdirs/memory_tail/trained \
       --workdir=sessa=/path/run_a --workdir=attention=/path/run_b \
       --workdir=mamba2=/path/run_c
 
 Fresh initialisation (same width for every mixer, random tokens):
 
-  python experiments/memory_tail.py --out=/tmp/memory_tail_init --seq_len=1024
+  python experiments/memory_tail.py --out=experiments/results/memory_tail_init --seq_len=1024
 
 For each model the influence ||d h_{tau+l} / d x_tau||_F of the embedding at
 an early source tau on the final hidden state at tau + l is averaged over
@@ -201,8 +201,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--workdir", action="append", default=[],
                       help="LABEL=DIR of a trained run (repeatable); none: "
                       "fresh models")
-  parser.add_argument("--out", type=pathlib.Path, default="memory_tail",
-                      help="output prefix (.png, .json)")
+  parser.add_argument("--out", type=pathlib.Path,
+                      default="workdirs/memory_tail/memory_tail",
+                      help="output prefix (.png, .json); the committed "
+                      "experiments/results/ is written only when named here")
   parser.add_argument("--seq_len", type=int, default=1024)
   parser.add_argument("--d_model", type=int, default=64)
   parser.add_argument("--n_layers", type=int, default=2)

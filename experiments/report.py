@@ -38,9 +38,8 @@ import numpy as np
 from scipy import stats
 
 from sessa_jax.analysis import plot_style
-from sessa_jax.train import metrics as metrics_lib
-
 from sessa_jax.analysis import plots
+from sessa_jax.train import metrics as metrics_lib
 
 plt = plots.pyplot()
 
