@@ -159,8 +159,8 @@ def _run(argv) -> int:
     summary = trainer.train(config, _WORKDIR.value, force=_FORCE.value,
                             overrides=overrides)
   else:
-    summary = trainer.evaluate(config, _WORKDIR.value, force=_FORCE.value,
-                               step=_STEP.value)
+    summary = trainer.evaluate_checkpoint(config, _WORKDIR.value,
+                                          force=_FORCE.value, step=_STEP.value)
   print(json.dumps(summary, indent=2, sort_keys=True))
   return trainer.EXIT_PREEMPTED if summary.get("preempted") else 0
 

@@ -62,14 +62,14 @@ def measure(mixer: str, mesh_shape: tuple[int, int, int], *,
   tc = TrainConfig(batch_size=batch_size)
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = sharding_lib.make_mesh(MeshConfig(*mesh_shape), devices)
-  layout = trainer.create_layout(model_cfg, tc, mesh)
-  step = trainer.make_train_step(layout, tc, mesh)
+  state_spec = trainer.make_state_spec(model_cfg, tc, mesh)
+  step = trainer.make_train_step(state_spec, tc, mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   batch = {name: jax.ShapeDtypeStruct((batch_size, seq_len), dtype,
                                       sharding=batch_sharding)
            for name, dtype in (("inputs", np.int32), ("targets", np.int32),
                                ("loss_mask", np.float32))}
-  memory = compiled.analyze(step.lower(layout.abstract, batch).compile())
+  memory = compiled.analyze(step.lower(state_spec.abstract, batch).compile())
   batch_bytes = sum(
       int(np.prod(s.sharding.shard_shape(s.shape))) * np.dtype(s.dtype).itemsize
       for s in batch.values())

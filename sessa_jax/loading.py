@@ -91,7 +91,7 @@ def load(workdir: str | pathlib.Path, step: int | None = None, *,
     model_cfg = model_cfg.replace(**model_overrides)
   mesh = sharding_lib.make_mesh(config_lib.MeshConfig(),
                                 devices=jax.local_devices()[:1])
-  layout = trainer.create_layout(model_cfg, exp.train, mesh)
+  state_spec = trainer.make_state_spec(model_cfg, exp.train, mesh)
   directory = workdir / "checkpoints"
   if not directory.is_dir():
     raise FileNotFoundError(f"no checkpoint in {directory}")
@@ -99,10 +99,10 @@ def load(workdir: str | pathlib.Path, step: int | None = None, *,
   try:
     if not checkpointer.all_steps():
       raise FileNotFoundError(f"no checkpoint in {directory}")
-    step, state = checkpointer.restore(layout.abstract, step=step)
+    step, state = checkpointer.restore(state_spec.abstract, step=step)
   finally:
     checkpointer.close()
-  model = nnx.merge(layout.graphdef, state["params"])
+  model = nnx.merge(state_spec.graphdef, state["params"])
   return LoadedRun(model=model, config=config,
                    tokenizer=getattr(task, "tokenizer", None), task=task,
                    step=step)

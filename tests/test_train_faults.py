@@ -134,7 +134,7 @@ def test_force_onto_other_shapes_leaves_config_json_untouched(tmp_path):
 
 def test_eval_is_read_only(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoints to evaluate"):
-    trainer.evaluate(tiny_config(), tmp_path / "absent")
+    trainer.evaluate_checkpoint(tiny_config(), tmp_path / "absent")
   assert not (tmp_path / "absent").exists()
   workdir = tmp_path / "run"
   summary = trainer.train(tiny_config(steps=4), workdir)
@@ -142,7 +142,7 @@ def test_eval_is_read_only(tmp_path):
     if path.is_file():
       path.write_bytes(b"\0garbage")
   before = file_hashes(workdir)
-  result = trainer.evaluate(tiny_config(steps=4), workdir)
+  result = trainer.evaluate_checkpoint(tiny_config(steps=4), workdir)
   after = file_hashes(workdir)
   assert {k: v for k, v in after.items() if k != "eval_summary.json"} == before
   assert result["steps"] == 2  # The corrupt step 4 was skipped, not moved.

@@ -123,10 +123,10 @@ def _main(spec):
       case = f"{name}@{'x'.join(map(str, shape))}"
       devices = jax.devices()[:shape[0] * shape[1] * shape[2]]
       mesh = sharding_lib.make_mesh(config_lib.MeshConfig(*shape), devices)
-      layout = trainer.create_layout(exp.model_config(task.vocab_size),
+      state_spec = trainer.make_state_spec(exp.model_config(task.vocab_size),
                                      exp.train, mesh)
-      step = trainer.make_train_step(layout, exp.train, mesh)
-      state, losses = layout.init(), []
+      step = trainer.make_train_step(state_spec, exp.train, mesh)
+      state, losses = state_spec.init(), []
       announce(case)
       for batch in batches:
         state, metrics = step(state, sharding_lib.global_batch(batch, mesh))

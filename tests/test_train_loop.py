@@ -80,7 +80,7 @@ def test_short_run_learns_and_writes_every_output(tmp_path):
   assert len(events.Scalars("train/loss")) == 30
 
   # --mode=eval reads the newest checkpoint and rewrites the same summary.
-  again = trainer.evaluate(tiny_config(steps=30), tmp_path)
+  again = trainer.evaluate_checkpoint(tiny_config(steps=30), tmp_path)
   assert again["eval/loss"] == pytest.approx(summary["eval/loss"], rel=1e-6)
   assert again["steps"] == 30
 

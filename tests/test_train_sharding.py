@@ -17,10 +17,10 @@ def _steps(mesh_cfg, devices, **train):
   exp = config_lib.validate(tiny_config(**train))
   task = data_lib.get_task(exp.data)
   mesh = sharding_lib.make_mesh(mesh_cfg, devices)
-  layout = trainer.create_layout(exp.model_config(task.vocab_size), exp.train, mesh)
-  step = trainer.make_train_step(layout, exp.train, mesh)
+  state_spec = trainer.make_state_spec(exp.model_config(task.vocab_size), exp.train, mesh)
+  step = trainer.make_train_step(state_spec, exp.train, mesh)
   batches = data_lib.make_iterator(task, "train", batch_size=8, seed=0)
-  state, history = layout.init(), []
+  state, history = state_spec.init(), []
   for _ in range(3):
     state, metrics = step(state, sharding_lib.global_batch(next(batches), mesh))
     history.append([float(metrics["loss"]), float(metrics["grad_norm"])])

@@ -77,8 +77,8 @@ def test_run_reports_itself_profiles_and_loads_back(tmp_path):
     assert loss == pytest.approx(expected, rel=1e-5)
 
   # --mode=eval from the workdir alone, at a given step.
-  again = trainer.evaluate(loading.read_config(tmp_path), tmp_path,
-                           step=2)
+  again = trainer.evaluate_checkpoint(loading.read_config(tmp_path), tmp_path,
+                                      step=2)
   assert again["eval/loss"] == pytest.approx(logged[2]["eval/loss"], rel=1e-6)
   with pytest.raises(FileNotFoundError, match="saved steps: 2, 4"):
     sessa_jax.load(tmp_path, step=3)

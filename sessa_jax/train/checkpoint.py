@@ -1,7 +1,7 @@
 """Orbax checkpoints of the train state and the data iterator's position.
 
 A checkpoint is one directory per step under `WORKDIR/checkpoints/` holding
-two items: `state` (parameters, optimizer state, step and RNG key; restored
+two items: `state` (parameters, optimizer state and step; restored
 straight onto the mesh with the target's shardings) and `data` (the grain
 iterator state, one JSON file per process). Restoring walks the steps from the
 newest down: a checkpoint that fails to read is skipped with a warning, so a

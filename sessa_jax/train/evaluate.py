@@ -63,9 +63,9 @@ def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any,
       out_shardings=sharding_lib.replicated(mesh))
 
 
-def evaluate(eval_step: Callable, params: Any, batches, *, max_batches: int,
-             mesh: jax.sharding.Mesh, task: Any,
-             prefix: str) -> dict[str, Any]:
+def evaluate_batches(eval_step: Callable, params: Any, batches, *,
+                     max_batches: int, mesh: jax.sharding.Mesh, task: Any,
+                     prefix: str) -> dict[str, Any]:
   """Runs `eval_step` over a split and reduces the sums to metrics.
 
   Args:

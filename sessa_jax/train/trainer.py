@@ -1,4 +1,4 @@
-"""The train loop: state layout, the jitted step, a run from config to summary.
+"""The train loop: the state's spec, the jitted step, a run from config to summary.
 
 A run (`train`) takes the workdir's lock, validates the config, builds the
 task, mesh, model and optimizer, resumes from the newest readable checkpoint
@@ -8,7 +8,7 @@ jitted step -> metrics -> periodic eval and checkpoint. It stops at
 SIGTERM (after saving a checkpoint; the caller exits with `EXIT_PREEMPTED`),
 or on a non-finite loss, gradient norm or state (raising, with the last
 checkpoint left as it was: checkpoints are saved only from finite states).
-`evaluate` reads a finished or running workdir and writes only
+`evaluate_checkpoint` reads a finished or running workdir and writes only
 `eval_summary.json`.
 """
 
@@ -56,13 +56,13 @@ EXIT_PREEMPTED = 75
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainState:
-  """Everything the step needs besides the batch, and its layout.
+class TrainStateSpec:
+  """The train state's structure, shapes, shardings, optimizer and initialiser.
 
   Attributes:
     graphdef: the model's structure (static).
     abstract: pytree of `jax.ShapeDtypeStruct` (with shardings) of the state
-      dict {'params', 'opt_state', 'step', 'rng'}; the restore target.
+      dict {'params', 'opt_state', 'step'}; the restore target.
     shardings: the same tree of NamedShardings.
     tx: the optimizer.
     init: jitted () -> a fresh state, created directly in its shardings.
@@ -75,14 +75,14 @@ class TrainState:
   init: Callable[[], Any]
 
 
-def create_layout(model_cfg: ModelConfig, tc: TrainConfig,
-                  mesh: jax.sharding.Mesh,
-                  model_fn: Callable[..., nnx.Module] | None = None
-                 ) -> TrainState:
+def make_state_spec(model_cfg: ModelConfig, tc: TrainConfig,
+                    mesh: jax.sharding.Mesh,
+                    model_fn: Callable[..., nnx.Module] | None = None
+                   ) -> TrainStateSpec:
   """Shapes, shardings and the initialiser of the train state.
 
   The state is the dict {'params': pure dict of arrays, 'opt_state',
-  'step': int32 scalar, 'rng': uint32 key data}.
+  'step': int32 scalar}.
 
   Args:
     model_cfg: the model.
@@ -91,7 +91,7 @@ def create_layout(model_cfg: ModelConfig, tc: TrainConfig,
     model_fn: `(cfg, *, rngs) -> nnx.Module`; default `models.build_model`.
 
   Returns:
-    The layout; nothing is allocated until `layout.init()`.
+    The spec; nothing is allocated until `state_spec.init()`.
   """
   model_fn = model_fn or models.build_model
   tx = optimizer_lib.make_optimizer(tc)
@@ -112,8 +112,7 @@ def create_layout(model_cfg: ModelConfig, tc: TrainConfig,
     with nnx.use_eager_sharding(False):
       params = nnx.to_pure_dict(nnx.state(init_model(), nnx.Param))
     return {"params": params, "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(tc.seed))}
+            "step": jnp.zeros((), jnp.int32)}
 
   abstract = jax.eval_shape(init)
   shardings = {
@@ -122,17 +121,16 @@ def create_layout(model_cfg: ModelConfig, tc: TrainConfig,
           tx, lambda _, s: s, abstract["opt_state"], param_shardings,
           transform_non_params=lambda _: replicated),
       "step": replicated,
-      "rng": replicated,
   }
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, shardings)
-  return TrainState(graphdef, abstract, shardings, tx,
+  return TrainStateSpec(graphdef, abstract, shardings, tx,
                     jax.jit(init, out_shardings=shardings))
 
 
-def make_train_step(layout: TrainState, tc: TrainConfig, mesh: jax.sharding.Mesh
-                   ) -> Callable:
+def make_train_step(state_spec: TrainStateSpec, tc: TrainConfig,
+                    mesh: jax.sharding.Mesh) -> Callable:
   """The jitted step: (state, batch) -> (state, metrics).
 
   The global batch splits into `tc.grad_accum` micro-batches whose summed
@@ -140,7 +138,7 @@ def make_train_step(layout: TrainState, tc: TrainConfig, mesh: jax.sharding.Mesh
   gives the gradient of the mean token loss over the whole batch.
 
   Args:
-    layout: from `create_layout`.
+    state_spec: from `make_state_spec`.
     tc: the train config.
     mesh: the device mesh.
 
@@ -154,7 +152,7 @@ def make_train_step(layout: TrainState, tc: TrainConfig, mesh: jax.sharding.Mesh
       mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
 
   def loss_fn(params, batch):
-    logits_btv = nnx.merge(layout.graphdef, params)(batch["inputs"])
+    logits_btv = nnx.merge(state_spec.graphdef, params)(batch["inputs"])
     stats = evaluate_lib.token_stats(logits_btv, batch)
     return stats["loss_sum"], stats
 
@@ -182,12 +180,11 @@ def make_train_step(layout: TrainState, tc: TrainConfig, mesh: jax.sharding.Mesh
         micro_step, (zeros, zero_stats), micro_batches)
     count = jnp.maximum(totals["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = layout.tx.update(grads, state["opt_state"], params)
+    updates, opt_state = state_spec.tx.update(grads, state["opt_state"], params)
     new_state = {
         "params": optax.apply_updates(params, updates),
         "opt_state": opt_state,
         "step": state["step"] + 1,
-        "rng": state["rng"],
     }
     metrics = {
         "loss": totals["loss_sum"] / count,
@@ -199,8 +196,8 @@ def make_train_step(layout: TrainState, tc: TrainConfig, mesh: jax.sharding.Mesh
 
   return jax.jit(
       sharding_lib.with_abstract_mesh(train_step, mesh),
-      in_shardings=(layout.shardings, batch_sharding),
-      out_shardings=(layout.shardings, sharding_lib.replicated(mesh)),
+      in_shardings=(state_spec.shardings, batch_sharding),
+      out_shardings=(state_spec.shardings, sharding_lib.replicated(mesh)),
       donate_argnums=0)
 
 
@@ -237,7 +234,7 @@ class Preemption:
     return self.requested
 
 
-def make_finite_check(layout: TrainState, mesh: jax.sharding.Mesh
+def make_finite_check(state_spec: TrainStateSpec, mesh: jax.sharding.Mesh
                      ) -> Callable[[Any], bool]:
   """(state) -> whether its parameters and optimizer state are all finite.
 
@@ -248,7 +245,7 @@ def make_finite_check(layout: TrainState, mesh: jax.sharding.Mesh
               if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
-  check = jax.jit(all_finite, in_shardings=(layout.shardings,),
+  check = jax.jit(all_finite, in_shardings=(state_spec.shardings,),
                   out_shardings=sharding_lib.replicated(mesh))
   return lambda state: bool(check(state))
 
@@ -372,14 +369,15 @@ class Run:
     self.resolved = setup(self.exp, self.workdir, devices)
     self.task, self.mesh = self.resolved.task, self.resolved.mesh
     self.model_cfg = self.resolved.model_cfg
-    self.layout = create_layout(self.model_cfg, self.tc, self.mesh)
-    self.all_finite = make_finite_check(self.layout, self.mesh)
+    self.state_spec = make_state_spec(self.model_cfg, self.tc, self.mesh)
+    self.all_finite = make_finite_check(self.state_spec, self.mesh)
     self.state = None
     self.checkpointer = checkpoint_lib.Checkpointer(
         self.workdir / "checkpoints", keep=self.tc.keep_checkpoints,
         read_only=read_only)
     self.eval_step = evaluate_lib.make_eval_step(
-        self.layout.graphdef, self.layout.shardings["params"], self.mesh)
+        self.state_spec.graphdef, self.state_spec.shardings["params"],
+        self.mesh)
 
   def iterator(self, split: str, *, train: bool):
     return data_lib.make_iterator(
@@ -404,11 +402,12 @@ class Run:
       FileNotFoundError: `step` is not among the saved steps.
     """
     if step is None and not self.checkpointer.all_steps():
-      self.state = self.layout.init()
+      self.state = self.state_spec.init()
       return 0
     try:
       step, self.state = self.checkpointer.restore(
-          self.layout.abstract, data_iter, accept=self.all_finite, step=step)
+          self.state_spec.abstract, data_iter, accept=self.all_finite,
+          step=step)
     except checkpoint_lib.CheckpointRestoreError as e:
       if self.checkpointer.read_only:
         raise
@@ -443,9 +442,10 @@ class Run:
           "train.lr or raise train.warmup_steps and relaunch")
     self.checkpointer.save(step, self.state, data_iter)
 
-  def evaluate(self, split: str, prefix: str, max_batches: int
-              ) -> dict[str, Any]:
-    return evaluate_lib.evaluate(
+  def evaluate_split(self, split: str, prefix: str, max_batches: int
+                    ) -> dict[str, Any]:
+    """Metrics of the current parameters on `split`, named `prefix/...`."""
+    return evaluate_lib.evaluate_batches(
         self.eval_step, self.state["params"], self.iterator(split, train=False),
         max_batches=max_batches, mesh=self.mesh,
         task=self.task, prefix=prefix)
@@ -456,7 +456,7 @@ class Run:
     out = {
         **results,
         "params": int(sum(np.prod(x.shape) for x in
-                          jax.tree.leaves(self.layout.abstract["params"]))),
+                          jax.tree.leaves(self.state_spec.abstract["params"]))),
         "flops_per_token": float(budget.flops_per_token(
             self.model_cfg, self.task.seq_len)),
         "steps": int(steps),
@@ -476,11 +476,12 @@ def _scalars(results: Mapping[str, Any]) -> dict[str, float]:
   return {k: v for k, v in results.items() if isinstance(v, (int, float))}
 
 
-def introduce(resolved: Setup, layout: TrainState,
+def introduce(resolved: Setup, state_spec: TrainStateSpec,
               overrides: Mapping[str, Any] | None) -> dict[str, Any]:
   """The start-of-run description (`run_info.describe`), printed once."""
   info = run_info.describe(
-      model_cfg=resolved.model_cfg, abstract_params=layout.abstract["params"],
+      model_cfg=resolved.model_cfg,
+      abstract_params=state_spec.abstract["params"],
       mesh=resolved.mesh, task=resolved.task,
       batch_size=resolved.exp.train.batch_size, overrides=overrides)
   if jax.process_index() == 0:
@@ -517,11 +518,11 @@ def dry_run(config, workdir: str | pathlib.Path | None = None, *,
   """
   resolved = setup(config, workdir)
   tc = resolved.exp.train
-  layout = create_layout(resolved.model_cfg, tc, resolved.mesh)
-  info = introduce(resolved, layout, overrides)
-  step = make_train_step(layout, tc, resolved.mesh)
+  state_spec = make_state_spec(resolved.model_cfg, tc, resolved.mesh)
+  info = introduce(resolved, state_spec, overrides)
+  step = make_train_step(state_spec, tc, resolved.mesh)
   start = time.time()
-  compiled = step.lower(layout.abstract,
+  compiled = step.lower(state_spec.abstract,
                         abstract_batch(resolved.task, tc.batch_size)).compile()
   info["compile_s"] = time.time() - start
   info["compiled"] = compiled_lib.analyze(compiled)
@@ -594,8 +595,8 @@ def _train_loop(run: Run, start_time: float, stop_at: int | None,
   run.start()
   if jax.process_index() == 0:
     write_json(run.workdir / run_info.FILENAME,
-               introduce(run.resolved, run.layout, overrides))
-  train_step = make_train_step(run.layout, tc, run.mesh)
+               introduce(run.resolved, run.state_spec, overrides))
+  train_step = make_train_step(run.state_spec, tc, run.mesh)
   writer = metrics_lib.MetricWriter(run.workdir, resume_step=step)
   stack.callback(writer.close)
   profiler = profiling.StepProfiler(run.workdir / "tb", *tc.profile_steps)
@@ -640,7 +641,7 @@ def _train_loop(run: Run, start_time: float, stop_at: int | None,
         window_start, window_steps = time.time(), 0
       writer.write(step, scalars)
     if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-      results = run.evaluate("val", "eval", tc.eval_batches)
+      results = run.evaluate_split("val", "eval", tc.eval_batches)
       writer.write(step, _scalars(results))
       window_start, window_steps = time.time(), 0
     stop = preemption.reached(step) or step == stop_at
@@ -657,8 +658,8 @@ def _train_loop(run: Run, start_time: float, stop_at: int | None,
       return {"preempted": True, "step": step}
   if progress is not None:
     progress.close()
-  results = run.evaluate("val", "eval", tc.eval_batches)
-  results.update(run.evaluate("test", "test", tc.test_batches))
+  results = run.evaluate_split("val", "eval", tc.eval_batches)
+  results.update(run.evaluate_split("test", "test", tc.test_batches))
   writer.write(step, _scalars(results))
   writer.close()
   writer.check()
@@ -666,8 +667,9 @@ def _train_loop(run: Run, start_time: float, stop_at: int | None,
   return run.summary(step, time.time() - start_time, results)
 
 
-def evaluate(config, workdir: str | pathlib.Path, *, force: bool = False,
-             step: int | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(config, workdir: str | pathlib.Path, *,
+                        force: bool = False, step: int | None = None
+                       ) -> dict[str, Any]:
   """Evaluates a checkpoint in `workdir` (the newest, or `step`) on val and test.
 
   Read-only: checkpoints, config.json, summary.json and metrics are left as
@@ -697,8 +699,8 @@ def evaluate(config, workdir: str | pathlib.Path, *, force: bool = False,
     if not run.checkpointer.all_steps():
       raise FileNotFoundError(f"no checkpoints to evaluate in {directory}")
     step = run.restore(step=step)
-    results = run.evaluate("val", "eval", run.tc.eval_batches)
-    results.update(run.evaluate("test", "test", run.tc.test_batches))
+    results = run.evaluate_split("val", "eval", run.tc.eval_batches)
+    results.update(run.evaluate_split("test", "test", run.tc.test_batches))
     return run.summary(step, time.time() - start_time, results,
                        filename="eval_summary.json")
   finally:
