@@ -92,3 +92,31 @@ def test_sigterm_saves_the_running_point_and_starts_no_other(tmp_path):
   assert not (tmp_path / "runs" / "second").exists()
   assert [int(p.name) for p in (tmp_path / "runs" / "first" / "checkpoints").iterdir()
          ] == [results["first"]["step"]]
+
+
+def test_a_stopped_sweep_reports_points_finished_earlier_as_ok(tmp_path):
+  spec = tmp_path / "two_points.py"
+  spec.write_text(textwrap.dedent(f"""
+      POINT = {{"config": {str(ROOT / "configs" / "mqar.py")!r}, **{TINY!r}}}
+      SECOND = {{**POINT, "train.steps": 2}}
+
+      def sweep(preset):
+        if preset == "second":
+          return {{"second": SECOND}}
+        return {{"first": {{**POINT, "train.steps": 100000,
+                            "train.checkpoint_every": 1000}},
+                 "second": SECOND}}
+      """))
+  finished = sweep.run_sweep(f"{spec}:second", tmp_path / "runs")["second"]
+  metrics = tmp_path / "runs" / "first" / "metrics.jsonl"
+
+  def terminate_once_training():
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+      time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=terminate_once_training, daemon=True).start()
+  results = sweep.run_sweep(str(spec), tmp_path / "runs")
+  assert results["first"]["status"] == "preempted"
+  assert results["second"]["status"] == "ok"
+  assert results["second"]["wall_time_s"] == finished["wall_time_s"]

@@ -146,7 +146,8 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
     groups = device_groups(jax.devices(), devices_per_point)
     logging.warning("packed sweep: %d points at a time on devices %s",
                     len(groups), [[d.id for d in g] for g in groups])
-  results = {name: {"status": "pending"} for name in points}
+  results = {name: _unstarted_row(point, workdir / name)
+             for name, point in points.items()}
   queue = list(points)
   number = {name: i for i, name in enumerate(points, 1)}
   lock = threading.Lock()
@@ -181,6 +182,18 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
       trainer.write_json(workdir / "sweep_summary.json", results)
       print(format_table(results))
   return results
+
+
+def _unstarted_row(point: Mapping[str, Any], workdir: pathlib.Path
+                  ) -> dict[str, Any]:
+  """The row of a point this launch has not run (yet): "ok" with its summary
+  when an earlier launch finished it, else "pending"."""
+  if (workdir / "summary.json").exists():
+    done = trainer.finished_summary(workdir,
+                                    _point_config(point).train.steps)
+    if done is not None:
+      return {**done, "status": "ok"}
+  return {"status": "pending"}
 
 
 def _run_point(point: Mapping[str, Any], workdir: pathlib.Path, force: bool,
