@@ -69,6 +69,17 @@ def test_preset_picks_points(tmp_path):
   assert sorted(points) == ["bad_heads", "bad_key", "lr0.01"]
 
 
+def sigterm_once_logged(metrics):
+  """Sends this process SIGTERM once `metrics` holds two logged steps."""
+
+  def terminate():
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+      time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=terminate, daemon=True).start()
+
+
 def test_sigterm_saves_the_running_point_and_starts_no_other(tmp_path):
   spec = tmp_path / "two_points.py"
   spec.write_text(textwrap.dedent(f"""
@@ -79,13 +90,7 @@ def test_sigterm_saves_the_running_point_and_starts_no_other(tmp_path):
         return {{"first": POINT, "second": {{**POINT, "train.lr": 0.003}}}}
       """))
   metrics = tmp_path / "runs" / "first" / "metrics.jsonl"
-
-  def terminate_once_training():
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-      time.sleep(0.2)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-  threading.Thread(target=terminate_once_training, daemon=True).start()
+  sigterm_once_logged(metrics)
   results = sweep.run_sweep(str(spec), tmp_path / "runs")
   assert results["first"]["status"] == "preempted"
   assert results["second"] == {"status": "pending"}
@@ -109,13 +114,7 @@ def test_a_stopped_sweep_reports_points_finished_earlier_as_ok(tmp_path):
       """))
   finished = sweep.run_sweep(f"{spec}:second", tmp_path / "runs")["second"]
   metrics = tmp_path / "runs" / "first" / "metrics.jsonl"
-
-  def terminate_once_training():
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-      time.sleep(0.2)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-  threading.Thread(target=terminate_once_training, daemon=True).start()
+  sigterm_once_logged(metrics)
   results = sweep.run_sweep(str(spec), tmp_path / "runs")
   assert results["first"]["status"] == "preempted"
   assert results["second"]["status"] == "ok"
