@@ -3,29 +3,39 @@
 A checkpoint is one directory per step under `WORKDIR/checkpoints/` holding
 two items: `state` (parameters, optimizer state and step; restored
 straight onto the mesh with the target's shardings) and `data` (the grain
-iterator state, one JSON file per process). Restoring walks the steps from the
+iterator state, one JSON file per process of the run). Only the run's
+processes (`RunProcesses`) take part, so a run confined to one process of a
+multi-process job saves and restores without the others, and its checkpoints
+resume in any single process. Restoring walks the steps from the
 newest down: a checkpoint that fails to read is skipped with a warning, so a
 corrupt latest falls back to the one before.
 
 Orbax keeps process-wide state (a counter naming the signals of its
 operations), so runs sharing a process from several threads (a packed
 sweep's points) take turns: off the main thread, creating a manager, saving
-(until on disk) and restoring hold one lock.
+(until on disk) and restoring hold one lock. Those counters would also
+disagree between processes checkpointing different runs, so a run confined
+to one of several processes creates its directories without signals.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import pathlib
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
+import tensorstore as ts
+from etils import epath
+
+from sessa_jax.train.processes import RunProcesses
 
 
 _TURNS = threading.Lock()
@@ -38,6 +48,78 @@ def _off_main_thread() -> bool:
 def _turn():
   """The shared lock off the main thread; no lock on it."""
   return _TURNS if _off_main_thread() else contextlib.nullcontext()
+
+
+class OwnedArrayHandler(ocp.type_handlers.ArrayHandler):
+  """orbax's ArrayHandler for a run confined to one of several processes.
+
+  orbax expects each process of a multi-process job to hold part of every
+  array it saves, and refuses fully addressable ones. A confined run's
+  process holds its arrays whole: it writes each one from host memory, in
+  the layout orbax reads back (restoring is orbax's own).
+  """
+
+  async def serialize(self, values: Sequence[jax.Array],
+                      infos: Sequence[ocp.type_handlers.ParamInfo],
+                      args: Sequence[ocp.type_handlers.SaveArgs] | None = None
+                     ) -> list[Any]:
+    del args
+    for value, info in zip(values, infos):
+      await info.await_path_creation()
+      host = np.asarray(value)
+      spec = ocp.type_handlers.get_json_tspec_write(
+          info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=host.shape,
+          local_shape=host.shape, dtype=host.dtype,
+          process_index=jax.process_index(), metadata_key=self._metadata_key)
+      array = await ts.open(ts.Spec(spec), create=True, open=True,
+                            context=info.ts_context)
+      await array.write(host)
+    return []
+
+
+class IteratorHandler(ocp.CheckpointHandler):
+  """Saves a grain iterator's state as `process_{i}-of-{n}.json`.
+
+  i and n are this process's place among the run's processes and their
+  number (for a run on all processes, its index and the process count).
+
+  Args:
+    processes: the run's processes.
+  """
+
+  def __init__(self, processes: RunProcesses):
+    self._processes = processes
+
+  def _path(self, directory: epath.Path) -> epath.Path:
+    return directory / (f"process_{self._processes.index}-of-"
+                        f"{self._processes.count}.json")
+
+  def save(self, directory: epath.Path, args: IteratorSave) -> None:
+    self._path(directory).write_text(json.dumps(args.item.get_state(),
+                                                indent=2))
+
+  def restore(self, directory: epath.Path, args: IteratorRestore) -> Any:
+    path = self._path(directory)
+    if not path.exists():
+      raise FileNotFoundError(f"{path} does not exist")
+    args.item.set_state(json.loads(path.read_text()))
+    args.item.start_prefetch()
+    return args.item
+
+  def metadata(self, directory: epath.Path) -> None:
+    del directory
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorRestore(ocp.args.CheckpointArgs):
+  item: Any
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -59,18 +141,41 @@ class Checkpointer:
       `read_only`).
     keep: how many of the newest checkpoints to keep.
     read_only: never create, save, delete or move anything (evaluation).
+    processes: the run's processes (default: all), which alone call this
+      object's methods; the first writes the shared files.
   """
 
   def __init__(self, directory: str | pathlib.Path, keep: int = 3, *,
-               read_only: bool = False):
+               read_only: bool = False,
+               processes: RunProcesses | None = None):
     self.directory = pathlib.Path(directory).absolute()
     self.read_only = read_only
-    options = (ocp.CheckpointManagerOptions(
-        read_only=True, create=False, save_interval_steps=0) if read_only else
-               ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self.processes = processes or RunProcesses.everyone()
+    confined = not self.processes.is_everyone
+    multiprocessing = ocp.options.MultiprocessingOptions(
+        primary_host=self.processes.primary,
+        active_processes=set(self.processes.indices) if confined else None)
+    if not read_only and self.processes.is_primary:
+      self.directory.mkdir(parents=True, exist_ok=True)
+    self.processes.sync(f"created {self.directory}")
+    options = ocp.CheckpointManagerOptions(
+        read_only=read_only, create=False,
+        multiprocessing_options=multiprocessing,
+        async_options=ocp.options.AsyncOptions(
+            create_directories_asynchronously=not confined),
+        **({"save_interval_steps": 0} if read_only else {"max_to_keep": keep}))
+    arrays = {}
+    if confined:
+      arrays["type_handler_registry"] = (
+          ocp.type_handlers.create_type_handler_registry(
+              (jax.Array, OwnedArrayHandler(
+                  primary_host=self.processes.primary))))
     with _turn():
       self._manager = ocp.CheckpointManager(
-          self.directory, options=options, item_names=("state", "data"))
+          self.directory, options=options, item_handlers={
+              "state": ocp.PyTreeCheckpointHandler(
+                  multiprocessing_options=multiprocessing, **arrays),
+              "data": IteratorHandler(self.processes)})
 
   def all_steps(self) -> list[int]:
     """Steps saved on disk (re-read, so other writers' saves are seen)."""
@@ -90,7 +195,9 @@ class Checkpointer:
     return f"The last good checkpoint is step {step} in {self.directory}"
 
   def save(self, step: int, state: Any, data_iter: Any) -> None:
-    """Saves at `step` (asynchronously on the main thread); all processes call.
+    """Saves at `step` (asynchronously on the main thread).
+
+    The run's processes all call it.
 
     Args:
       step: the number of optimizer updates applied to `state`.
@@ -100,8 +207,8 @@ class Checkpointer:
     """
     with _turn():
       self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+          state=ocp.args.PyTreeSave(state),
+          data=IteratorSave(data_iter)), force=True)
       if _off_main_thread():
         self._manager.wait_until_finished()
 
@@ -137,9 +244,12 @@ class Checkpointer:
             f"no checkpoint of step {step} in {self.directory}; saved steps: "
             f"{', '.join(map(str, candidates)) or 'none'}")
       candidates = [step]
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    items = {"state": ocp.args.PyTreeRestore(
+        abstract_state,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(
+            abstract_state))}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      items["data"] = IteratorRestore(data_iter)
     unreadable, reasons = [], {}
     for candidate in reversed(candidates):
       try:
@@ -168,13 +278,13 @@ class Checkpointer:
     if not steps:
       return
     aside = self.directory.with_name(self.directory.name + ".unreadable")
-    if jax.process_index() == 0:
+    if self.processes.is_primary:
       aside.mkdir(exist_ok=True)
       for step in steps:
         target = aside / f"{step}-{int(time.time())}"
         (self.directory / str(step)).rename(target)
         logging.warning("moved unreadable checkpoint %d to %s", step, target)
-    multihost_utils.sync_global_devices("checkpoints set aside")
+    self.processes.sync(f"set aside in {self.directory}")
     self._manager.reload()
 
   def wait(self) -> None:

@@ -17,6 +17,8 @@ from tensorboardX import summary as tb_summary
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2
 
+from sessa_jax.train.processes import RunProcesses
+
 # Dense bfloat16 peak FLOP/s per chip, by device_kind prefix (vendor data).
 # float32 matmuls on GPU run on TF32 tensor cores at half the bf16 rate.
 _PEAK_BF16 = (
@@ -88,7 +90,7 @@ def read_metrics(path: str | pathlib.Path) -> list[dict]:
 
 
 class MetricWriter:
-  """Writes scalars to tensorboard (`tb/`) and `metrics.jsonl` on process 0.
+  """Writes scalars to tensorboard (`tb/`) and `metrics.jsonl` (one process).
 
   The files are written by a background thread, so a slow or failing disk
   never blocks training: a failure is kept and raised as `MetricWriteError`
@@ -99,10 +101,13 @@ class MetricWriter:
     workdir: the run directory.
     resume_step: the step training resumes from; logged entries after it
       (written before an interruption) are dropped so each step appears once.
+    processes: the run's processes (default: all); their primary writes, the
+      others' calls do nothing.
   """
 
-  def __init__(self, workdir: str | pathlib.Path, resume_step: int = 0):
-    self._active = jax.process_index() == 0
+  def __init__(self, workdir: str | pathlib.Path, resume_step: int = 0,
+               processes: RunProcesses | None = None):
+    self._active = (processes or RunProcesses.everyone()).is_primary
     self._workdir = pathlib.Path(workdir)
     self._path = self._workdir / "metrics.jsonl"
     self._error: BaseException | None = None

@@ -10,6 +10,7 @@ import jax
 
 from sessa_jax import budget
 from sessa_jax.models.config import ModelConfig
+from sessa_jax.train.processes import RunProcesses
 
 FILENAME = "run_info.json"
 
@@ -50,7 +51,7 @@ def describe(*, model_cfg: ModelConfig, abstract_params: Mapping[str, Any],
   return {
       "devices": {"count": int(mesh.devices.size), "platform": device.platform,
                   "kind": device.device_kind,
-                  "processes": jax.process_count()},
+                  "processes": RunProcesses.of(mesh.devices.flat).count},
       "mesh": {name: int(size) for name, size in mesh.shape.items()},
       "params": param_counts(abstract_params),
       "flops_per_token": float(budget.flops_per_token(model_cfg, task.seq_len)),

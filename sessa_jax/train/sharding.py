@@ -141,7 +141,8 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh
   """Assembles each process's part of a batch into global sharded arrays.
 
   Args:
-    local_batch: this process's rows (leading dim batch_size / process_count).
+    local_batch: this process's rows (leading dim batch_size divided by the
+      number of processes owning the mesh's devices).
     mesh: the device mesh.
 
   Returns:

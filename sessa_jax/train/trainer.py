@@ -47,6 +47,7 @@ from sessa_jax.train import run_info
 from sessa_jax.train import sharding as sharding_lib
 from sessa_jax.train import workdir_lock
 from sessa_jax.train.config import TrainConfig
+from sessa_jax.train.processes import RunProcesses
 
 # Sections of config.json that must match to resume in the same workdir.
 RESUME_KEYS = ("model", "data")
@@ -202,19 +203,25 @@ def make_train_step(state_spec: TrainStateSpec, tc: TrainConfig,
 
 
 class Preemption:
-  """Turns SIGTERM into a flag the loop polls (all processes agree on it).
+  """Turns SIGTERM into a flag the loop polls.
 
-  A context manager: the handler is installed on entry and the previous one
-  restored on exit. A sweep holds one across all its points, so that SIGTERM
-  between points also stops it.
+  A context manager. Runs of one process install a handler on entry (the
+  previous one is restored on exit) and poll its flag; runs of several
+  processes leave SIGTERM to `jax.distributed`'s preemption service, whose
+  sync point makes them all stop after the same step. A sweep holds one
+  across all its points, so that SIGTERM between points also stops it.
+
+  Args:
+    processes: the processes of the runs it stops (default: all).
   """
 
-  def __init__(self):
+  def __init__(self, processes: RunProcesses | None = None):
     self.requested = False
+    self._together = (processes or RunProcesses.everyone()).count > 1
     self._previous = None
 
   def __enter__(self) -> Preemption:
-    if jax.process_count() == 1:
+    if not self._together:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -229,7 +236,7 @@ class Preemption:
     self.requested = True
 
   def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
+    if self._together:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
@@ -303,12 +310,14 @@ class Setup:
     task: the data task.
     model_cfg: the model (the task's vocabulary, `train.dtype` compute).
     mesh: the device mesh of `exp.mesh`, checked against the batch size.
+    processes: the processes owning the mesh's devices, which run it.
   """
 
   exp: config_lib.Experiment
   task: data_lib.Task
   model_cfg: ModelConfig
   mesh: jax.sharding.Mesh
+  processes: RunProcesses
 
 
 def setup(config, workdir: str | pathlib.Path | None = None,
@@ -334,15 +343,16 @@ def setup(config, workdir: str | pathlib.Path | None = None,
   task = data_lib.get_task(exp.data,
                            workdir=None if workdir is None else str(workdir))
   mesh = sharding_lib.make_mesh(exp.mesh, devices)
+  processes = RunProcesses.of(mesh.devices.flat)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if (tc.batch_size // tc.grad_accum % batch_shards
-      or tc.batch_size % jax.process_count()):
+      or tc.batch_size % processes.count):
     raise ValueError(
         f"train.batch_size={tc.batch_size} / train.grad_accum="
         f"{tc.grad_accum} must be divisible by mesh data*fsdp="
-        f"{batch_shards}, and batch_size by the {jax.process_count()} "
+        f"{batch_shards}, and batch_size by the {processes.count} "
         "processes")
-  return Setup(exp, task, exp.model_config(task.vocab_size), mesh)
+  return Setup(exp, task, exp.model_config(task.vocab_size), mesh, processes)
 
 
 class Run:
@@ -368,13 +378,14 @@ class Run:
     self.config_changes = _check_resume(self.workdir, self.exp.raw, force)
     self.resolved = setup(self.exp, self.workdir, devices)
     self.task, self.mesh = self.resolved.task, self.resolved.mesh
+    self.processes = self.resolved.processes
     self.model_cfg = self.resolved.model_cfg
     self.state_spec = make_state_spec(self.model_cfg, self.tc, self.mesh)
     self.all_finite = make_finite_check(self.state_spec, self.mesh)
     self.state = None
     self.checkpointer = checkpoint_lib.Checkpointer(
         self.workdir / "checkpoints", keep=self.tc.keep_checkpoints,
-        read_only=read_only)
+        read_only=read_only, processes=self.processes)
     self.eval_step = evaluate_lib.make_eval_step(
         self.state_spec.graphdef, self.state_spec.shardings["params"],
         self.mesh)
@@ -383,7 +394,8 @@ class Run:
     return data_lib.make_iterator(
         self.task, split, batch_size=self.tc.batch_size, seed=self.tc.seed,
         shuffle=train, num_epochs=None if train else 1,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        process_index=self.processes.index,
+        process_count=self.processes.count,
         num_workers=self.exp.data.get("num_workers", 0))
 
   def restore(self, data_iter=None, *, step: int | None = None) -> int:
@@ -422,9 +434,9 @@ class Run:
     return step
 
   def start(self) -> None:
-    """Records config.json (process 0): the run has really started."""
-    multihost_utils.sync_global_devices("state loaded")
-    if jax.process_index() == 0:
+    """Records config.json (the primary process): the run has really started."""
+    self.processes.sync("state loaded")
+    if self.processes.is_primary:
       write_json(self.workdir / "config.json", self.exp.raw)
 
   def save(self, step: int, data_iter) -> None:
@@ -452,7 +464,7 @@ class Run:
 
   def summary(self, steps: int, wall_time_s: float, results: Mapping[str, Any],
               filename: str = "summary.json") -> dict[str, Any]:
-    """Writes `filename` in the workdir (process 0) and returns its contents."""
+    """Writes `filename` in the workdir (the primary) and returns its contents."""
     out = {
         **results,
         "params": int(sum(np.prod(x.shape) for x in
@@ -464,7 +476,7 @@ class Run:
         "model": self.model_cfg.mixer,
         "task": self.task.name,
     }
-    if jax.process_index() == 0:
+    if self.processes.is_primary:
       write_json(self.workdir / filename, out)
     return out
 
@@ -484,7 +496,7 @@ def introduce(resolved: Setup, state_spec: TrainStateSpec,
       abstract_params=state_spec.abstract["params"],
       mesh=resolved.mesh, task=resolved.task,
       batch_size=resolved.exp.train.batch_size, overrides=overrides)
-  if jax.process_index() == 0:
+  if resolved.processes.is_primary:
     print(run_info.format_info(info), flush=True)
   return info
 
@@ -526,7 +538,7 @@ def dry_run(config, workdir: str | pathlib.Path | None = None, *,
                         abstract_batch(resolved.task, tc.batch_size)).compile()
   info["compile_s"] = time.time() - start
   info["compiled"] = compiled_lib.analyze(compiled)
-  if jax.process_index() == 0:
+  if resolved.processes.is_primary:
     print(f"one train step compiled in {info['compile_s']:.1f} s\n"
           + compiled_lib.format_analysis(info["compiled"]), flush=True)
   return info
@@ -557,7 +569,8 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
     overrides: config keys set on top of the config file (command line,
       sweep point), for the start-of-run report.
     devices: the devices to train on (default: all), e.g. a packed sweep's
-      sub-mesh.
+      sub-mesh. They must belong to one process, which then trains alone, or
+      to all processes, which all call `train`.
 
   Returns:
     The summary (also in summary.json; a finished run returns it unchanged);
@@ -571,9 +584,10 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
   """
   start_time = time.time()
   with contextlib.ExitStack() as stack:
-    stack.enter_context(workdir_lock.WorkdirLock(workdir))
+    processes = RunProcesses.of(devices or jax.devices())
+    stack.enter_context(workdir_lock.WorkdirLock(workdir, processes))
     if preemption is None:
-      preemption = stack.enter_context(Preemption())
+      preemption = stack.enter_context(Preemption(processes))
     run = Run(config, workdir, force=force, devices=devices)
     stack.callback(run.close)
     done = finished_summary(run.workdir, run.tc.steps)
@@ -593,18 +607,19 @@ def _train_loop(run: Run, start_time: float, stop_at: int | None,
   train_iter = run.iterator("train", train=True)
   step = run.restore(train_iter)
   run.start()
-  if jax.process_index() == 0:
+  if run.processes.is_primary:
     write_json(run.workdir / run_info.FILENAME,
                introduce(run.resolved, run.state_spec, overrides))
   train_step = make_train_step(run.state_spec, tc, run.mesh)
-  writer = metrics_lib.MetricWriter(run.workdir, resume_step=step)
+  writer = metrics_lib.MetricWriter(run.workdir, resume_step=step,
+                                    processes=run.processes)
   stack.callback(writer.close)
   profiler = profiling.StepProfiler(run.workdir / "tb", *tc.profile_steps)
   stack.callback(profiler.close)
   tokens_per_step = tc.batch_size * run.task.seq_len
   train_flops = 3 * budget.flops_per_token(run.model_cfg, run.task.seq_len)
   peak = metrics_lib.peak_flops(dtype=tc.dtype) * run.mesh.devices.size
-  progress = _progress_bar(step, tc.steps)
+  progress = _progress_bar(step, tc.steps, run.processes)
   results: dict[str, Any] = {}
   window_start, window_steps = None, 0
   while step < tc.steps:
@@ -707,9 +722,9 @@ def evaluate_checkpoint(config, workdir: str | pathlib.Path, *,
     run.close()
 
 
-def _progress_bar(step: int, total: int):
-  """A tqdm bar on process 0; none in a packed sweep's point threads."""
-  if (jax.process_index() != 0
+def _progress_bar(step: int, total: int, processes: RunProcesses):
+  """A tqdm bar on the primary; none in a packed sweep's point threads."""
+  if (not processes.is_primary
       or threading.current_thread() is not threading.main_thread()):
     return None
   import tqdm  # pylint: disable=g-import-not-at-top

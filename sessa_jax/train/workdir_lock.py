@@ -6,8 +6,8 @@ The kernel drops the flock when the holder dies (even by kill -9), so a lock
 file whose flock can be taken again was left by a dead process: it is taken
 over with a warning. A file naming another host cannot be judged that way on
 filesystems that do not share locks between hosts, so it is refused and the
-message says which file to remove if that process is gone. In a multi-host
-run, process 0 takes the lock for everyone.
+message says which file to remove if that process is gone. When several
+processes run together, the first of them takes the lock for all.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import pathlib
 import socket
 import time
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
+
+from sessa_jax.train.processes import RunProcesses
 
 LOCK_NAME = "run.lock"
 
@@ -52,28 +52,31 @@ class WorkdirLock:
 
   Args:
     workdir: the run (or sweep) directory; created by `acquire`.
+    processes: the processes running there together (default: all); the
+      first takes the lock.
   """
 
-  def __init__(self, workdir: str | pathlib.Path):
+  def __init__(self, workdir: str | pathlib.Path,
+               processes: RunProcesses | None = None):
     self.path = pathlib.Path(workdir) / LOCK_NAME
+    self.processes = processes or RunProcesses.everyone()
     self._fd = None
 
   def acquire(self) -> None:
-    """Takes the lock (process 0 only; every process learns the outcome).
+    """Takes the lock (the primary process; all of them learn the outcome).
 
     Raises:
       WorkdirLockedError: naming the holder, when another process has it.
     """
     error = ""
-    if jax.process_index() == 0:
+    if self.processes.is_primary:
       try:
         self._take()
       except WorkdirLockedError as e:
         error = str(e)
-    if jax.process_count() > 1:
-      failed = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
-      if failed and not error:
-        error = f"process 0 could not take {self.path}"
+    failed = self.processes.broadcast_from_primary(np.int32(bool(error)))
+    if failed and not error:
+      error = f"process {self.processes.primary} could not take {self.path}"
     if error:
       raise WorkdirLockedError(error)
 
