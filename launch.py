@@ -18,7 +18,9 @@ error (one line; --verbose for the traceback), 75 (trainer.EXIT_PREEMPTED)
 stopped by SIGTERM after saving a checkpoint: relaunch to resume.
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or set
 JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID), or --distributed
-where JAX detects the cluster itself (Cloud TPU, SLURM).
+where JAX detects the cluster itself (Cloud TPU, SLURM); run the same command
+on every host. With --sweep and --devices_per_point each host's process trains
+points on its own devices, taking them from a queue shared by all hosts.
 """
 
 import json
@@ -65,7 +67,9 @@ _SWEEP = flags.DEFINE_string(
     "runs in WORKDIR/<point name>.")
 _DEVICES_PER_POINT = flags.DEFINE_integer(
     "devices_per_point", None, "With --sweep: train devices/N points at a "
-    "time, each on its own N devices (default: one point on all devices).")
+    "time, each on its own N devices (default: one point on all devices). In a "
+    "multi-process run every process trains points on its own host's devices "
+    "(N at most a host's devices, or all of them).")
 _FORCE = flags.DEFINE_bool(
     "force", False,
     "Resume even if WORKDIR/config.json differs in model or data.")

@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,12 @@ TINY = [
     "--config.train.eval_batches=2", "--config.train.test_batches=2",
     "--config.train.log_every=1",
 ]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
 
 
 def launch_env(devices: int) -> dict[str, str]:

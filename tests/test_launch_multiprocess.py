@@ -1,25 +1,18 @@
 """Two local processes (jax.distributed on CPU) train one model together."""
 
 import json
-import socket
 
 import numpy as np
 import pytest
 
 from sessa_jax.train import trainer
-from test_launch import TINY, finish, launch
+from test_launch import TINY, finish, free_port, launch
 from test_train_loop import tiny_config, train_losses
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_two_processes_train_together_and_write_one_checkpoint(tmp_path):
-  port = _free_port()
+  port = free_port()
   args = [*TINY, "--config.train.steps=4", "--config.train.checkpoint_every=2",
           f"--workdir={tmp_path / 'two'}", f"--coordinator_address=localhost:{port}",
           "--num_processes=2"]

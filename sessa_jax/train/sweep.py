@@ -11,9 +11,12 @@ Each point trains in `DIR/<point name>` (resuming whatever is there; a point
 whose summary.json is complete is not rerun). A point that fails is reported
 and the others still run; SIGTERM saves the running points and starts no
 other. With `devices_per_point` the devices are cut into disjoint sub-meshes
-that each train one point at a time, concurrently (threads of this process).
-At the end `DIR/sweep_summary.json` holds every point's status and
-summary, and a table is printed.
+that each train one point at a time, concurrently (threads of each process).
+In a multi-process job (one process per host) every process trains points on
+its own host's sub-meshes, alone, taking them from a queue shared through
+`jax.distributed`; a point larger than a host is refused unless it takes
+every device. At the end `DIR/sweep_summary.json` holds every point's status,
+summary and devices, and a table is printed.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from typing import Any, Mapping, Sequence
 import jax
 
 from sessa_jax.train import config as config_lib
+from sessa_jax.train import point_queue
 from sessa_jax.train import trainer
 from sessa_jax.train import workdir_lock
+from sessa_jax.train.processes import RunProcesses
 
 _NAME = re.compile(r"^[A-Za-z0-9_.,=+-]+$")
 _COLUMNS = ("model", "params", "steps", "eval/loss", "eval/accuracy",
@@ -108,18 +113,26 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
              ) -> dict[str, dict[str, Any]]:
   """Trains every point of a sweep; failures are recorded, not raised.
 
-  By default points run one after another, each on all devices. With
+  By default points run one after another, each on all devices (in a
+  multi-process job, all processes train each point together). With
   `devices_per_point=N`, the devices are cut into disjoint sub-meshes of N
   (`device_groups`) and each sub-mesh trains one point at a time in its own
-  thread, taking the next unstarted point when it finishes.
+  thread, taking the next unstarted point when it finishes. In a
+  multi-process job each process runs the threads of its own host's
+  sub-meshes and trains their points alone; the processes share the queue
+  of points, so each point runs once, on one host.
 
-  SIGTERM stops the sweep: every running point saves a checkpoint and is
-  recorded as "preempted", the points not started as "pending"; rerunning
-  the sweep resumes there.
+  SIGTERM stops the sweep: every running point of the signalled process
+  saves a checkpoint and is recorded as "preempted", no process starts
+  another point (the others' running points finish), and the points not
+  started are "pending"; rerunning the sweep resumes there.
+
+  Every process must call this with the same arguments.
 
   Args:
     spec: 'experiments/x.py[:preset]'.
-    workdir: the sweep directory; point p trains in `workdir/p`.
+    workdir: the sweep directory (shared by all hosts); point p trains in
+      `workdir/p`.
     force: passed to each point's `trainer.train`.
     devices_per_point: devices per concurrently running point; None runs
       the points one at a time on every device.
@@ -127,37 +140,41 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
   Returns:
     point name -> {"status": "ok" | "failed" | "preempted" | "pending", and
     the summary, the "error" or the step reached; with the ids of the
-    `devices` it ran on and its `start_time` and `end_time` (Unix seconds)}.
+    `devices` it ran on, the `processes` owning them, and its `start_time`
+    and `end_time` (Unix seconds)}. Every process returns all points' rows.
 
   Raises:
     WorkdirLockedError: another sweep is running in `workdir`.
-    ValueError: `devices_per_point` does not fit the devices, or is given in
-      a multi-process run.
+    ValueError: `devices_per_point` does not fit the devices, or in a
+      multi-process job spans several hosts but not all devices.
   """
   workdir = pathlib.Path(workdir)
   points = load_sweep(spec)
   if devices_per_point is None:
-    groups = [None]
-  elif jax.process_count() > 1:
-    raise ValueError("--devices_per_point packs points into one process's "
-                     "devices; a multi-process run takes its points one at a "
-                     "time on all devices (leave the flag out)")
+    groups, processes = [None], RunProcesses.everyone()
   else:
-    groups = device_groups(jax.devices(), devices_per_point)
-    logging.warning("packed sweep: %d points at a time on devices %s",
-                    len(groups), [[d.id for d in g] for g in groups])
+    groups = local_groups(jax.devices(), devices_per_point,
+                          jax.process_index())
+    processes = RunProcesses.of(groups[0])
+    logging.warning("packed sweep: process %d trains %d points at a time on "
+                    "devices %s", jax.process_index(), len(groups),
+                    [[d.id for d in g] for g in groups])
   results = {name: _unstarted_row(point, workdir / name)
              for name, point in points.items()}
-  queue = list(points)
+  queue = point_queue.PointQueue(
+      list(points), shared=not processes.is_everyone)
   number = {name: i for i, name in enumerate(points, 1)}
+  ran: dict[str, dict[str, Any]] = {}
   lock = threading.Lock()
-  with workdir_lock.WorkdirLock(workdir), trainer.Preemption() as preemption:
+  with (workdir_lock.WorkdirLock(workdir),
+        trainer.Preemption(processes) as preemption):
 
     def next_point() -> str | None:
       with lock:
-        stop = preemption.requested or any(
-            r["status"] == "preempted" for r in results.values())
-        return None if stop or not queue else queue.pop(0)
+        if preemption.requested or any(
+            r["status"] == "preempted" for r in ran.values()):
+          queue.stop()
+      return queue.next()
 
     def worker(devices):
       while (name := next_point()) is not None:
@@ -166,7 +183,7 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
         row = _run_point(points[name], workdir / name, force, preemption,
                          devices)
         with lock:
-          results[name] = row
+          ran[name] = row
 
     if len(groups) == 1:
       worker(groups[0])
@@ -178,10 +195,43 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
         t.start()
       for t in threads:
         t.join()
+    results.update(queue.gather(ran))
     if jax.process_index() == 0:
       trainer.write_json(workdir / "sweep_summary.json", results)
       print(format_table(results))
   return results
+
+
+def local_groups(devices: Sequence[Any], per_point: int, process: int
+                ) -> list[list[Any]]:
+  """The sub-meshes (`device_groups`) whose points `process` trains.
+
+  Each process trains the groups of its own host's devices, alone; a single
+  group of every device is trained by all processes together.
+
+  Args:
+    devices: all devices (anything with `id` and `process_index`).
+    per_point: devices per sweep point.
+    process: the process asking.
+
+  Returns:
+    Its groups, in device order.
+
+  Raises:
+    ValueError: a group spans several processes but not all of them.
+  """
+  groups = device_groups(devices, per_point)
+  spanned = {d.process_index for d in groups[0]}
+  hosts = {d.process_index for d in devices}
+  if spanned == hosts:
+    return groups
+  if len(spanned) > 1:
+    raise ValueError(
+        f"--devices_per_point={per_point} spans {len(spanned)} of the "
+        f"{len(hosts)} processes; in a multi-process run a point takes at "
+        f"most one host's {len(devices) // len(hosts)} devices, or all "
+        f"{len(devices)}")
+  return [g for g in groups if g[0].process_index == process]
 
 
 def _unstarted_row(point: Mapping[str, Any], workdir: pathlib.Path
@@ -202,6 +252,7 @@ def _run_point(point: Mapping[str, Any], workdir: pathlib.Path, force: bool,
   """Trains one point; returns its result row (failures caught)."""
   used = devices if devices is not None else jax.devices()
   row: dict[str, Any] = {"devices": [d.id for d in used],
+                         "processes": list(RunProcesses.of(used).indices),
                          "start_time": time.time()}
   try:
     summary = trainer.train(_point_config(point), workdir, force=force,
