@@ -89,10 +89,11 @@ class Preset:
       default_factory=dict)
 
 
-# Shared by `tune` and `cpu_long`. SymbolSoup at 250..350 tokens: at the `cpu`
-# preset's 110..160 the reference classifier of
-# experiments/symbol_soup_ceiling.py scores 0.43, here 0.62 (0.78 at the
-# paper's 400..600), so 0.5 is within reach.
+# Shared by `tune` and `cpu_long`. SymbolSoup at 250..350 tokens: there the
+# reference classifiers of experiments/symbol_soup_ceiling.py score 0.23
+# pooling every letter, 0.45 reading each stylized block's letters apart and
+# 0.62 with its letter pairs (at the `cpu` preset's 110..160: 0.19 / 0.30 /
+# 0.43), so 0.5 is within reach of a model that keeps the blocks apart.
 _CPU_LONG_MODEL = dict(n_layers=2, n_heads=4, ssm_head_dim=16, ssm_state=16)
 _CPU_LONG_TRAIN = dict(steps=1200, batch_size=32, lr=3e-3, warmup_steps=100,
                        eval_every=200, eval_batches=0, test_batches=0,

@@ -230,7 +230,13 @@ def test_tiny_sweep_and_report_end_to_end(tmp_path, monkeypatch):
   assert 0 <= tail["sessa"]["bound"]["c2"] <= 1
 
 
-def test_symbol_soup_ceiling_grows_with_length():
-  ceiling = _load("symbol_soup_ceiling").ceiling
-  short, long = ceiling(110, 160, 200), ceiling(400, 600, 200)
-  assert 0.2 < short < long and long > 0.6, (short, long)
+def test_symbol_soup_reference_ladder():
+  """Each rung of the reference classifiers reads more structure and scores
+  higher, and every rung rises with the example length."""
+  accuracies = _load("symbol_soup_ceiling").accuracies
+  short, long = accuracies(110, 160, 200), accuracies(400, 600, 200)
+  for acc in (short, long):
+    rungs = list(acc.values())
+    assert 0.1 < rungs[0] and rungs == sorted(rungs), acc
+  assert all(short[k] < long[k] for k in short), (short, long)
+  assert long["per_block_bigram"] > 0.6, long
