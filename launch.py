@@ -20,7 +20,8 @@ Multi-host: pass --coordinator_address/--num_processes/--process_id (or set
 JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID), or --distributed
 where JAX detects the cluster itself (Cloud TPU, SLURM); run the same command
 on every host. With --sweep and --devices_per_point each host's process trains
-points on its own devices, taking them from a queue shared by all hosts.
+points on its own devices (or with its group of hosts, for points larger than
+a host), taking them from a queue shared by all hosts.
 """
 
 import json
@@ -68,8 +69,8 @@ _SWEEP = flags.DEFINE_string(
 _DEVICES_PER_POINT = flags.DEFINE_integer(
     "devices_per_point", None, "With --sweep: train devices/N points at a "
     "time, each on its own N devices (default: one point on all devices). In a "
-    "multi-process run every process trains points on its own host's devices "
-    "(N at most a host's devices, or all of them).")
+    "multi-process run a point never spans hosts unless N exceeds a host; "
+    "then N must be a whole number of hosts, whose processes train it.")
 _FORCE = flags.DEFINE_bool(
     "force", False,
     "Resume even if WORKDIR/config.json differs in model or data.")

@@ -1,4 +1,4 @@
-"""Packed sweeps over two processes: each point on one host's devices, once."""
+"""Packed sweeps over several processes: each point once, as if alone."""
 
 import json
 import re
@@ -8,11 +8,14 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from sessa_jax import loading
+from sessa_jax.train import point_queue
 from sessa_jax.train import sweep
 from sessa_jax.train import trainer
 from test_launch import finish, free_port, launch
-from test_train_loop import saved_params, train_losses
+from test_train_loop import train_losses
 from test_train_sweep_packed import _hosts, _ids, _write_sweep
 
 
@@ -27,44 +30,51 @@ def test_each_process_takes_its_own_hosts_groups():
   assert _ids(sweep.local_groups(_hosts(1, 4), 2, 0)) == [[0, 1], [2, 3]]
 
 
-def test_groups_over_some_hosts_but_not_all_are_refused():
-  with pytest.raises(ValueError, match="spans 2 of the 4 processes; in a "
-                     "multi-process run a point takes at most one host's 2 "
-                     "devices, or all 8"):
-    sweep.local_groups(_hosts(4, 2), 4, 0)
+def test_a_group_of_whole_hosts_is_trained_by_their_processes():
+  devices = _hosts(5, 2)  # Two groups of two hosts; the fifth host idles.
+  assert _ids(sweep.local_groups(devices, 4, 0)) == [[0, 1, 2, 3]]
+  assert _ids(sweep.local_groups(devices, 4, 3)) == [[4, 5, 6, 7]]
+  assert not sweep.local_groups(devices, 4, 4)
 
 
 def test_a_local_queue_hands_out_each_point_once_until_stopped():
-  queue = sweep.point_queue.PointQueue(["a", "b", "c"], shared=False)
+  queue = point_queue.PointQueue(["a", "b", "c"], shared=False)
   assert [queue.next(), queue.next()] == ["a", "b"]
   queue.stop()
   assert queue.next() is None and queue.stopped()
   assert queue.gather({"a": {"status": "ok"}}) == {"a": {"status": "ok"}}
 
 
-def _launch_pair(spec, workdir, *, returncode=0, signal_when=None):
-  """Runs a packed sweep as two processes of two devices each; their outputs.
+def _launch_processes(spec, workdir, *, processes=2, devices=2,
+                      devices_per_point=1, returncode=0, signal_when=None,
+                      signalled=None):
+  """Runs a packed sweep as several processes; their outputs.
 
   Args:
     spec: the sweep.
     workdir: its directory.
-    returncode: the exit status expected of both.
-    signal_when: if given, SIGTERM both processes once it returns True.
+    processes: how many processes ...
+    devices: ... of how many devices each.
+    devices_per_point: as the flag.
+    returncode: the exit status expected of all.
+    signal_when: if given, SIGTERM processes once it returns True ...
+    signalled: ... these (default: all).
   """
   port = free_port()
-  procs = [launch(f"--sweep={spec}", "--devices_per_point=1",
+  procs = [launch(f"--sweep={spec}", f"--devices_per_point={devices_per_point}",
                   f"--workdir={workdir}",
                   f"--coordinator_address=localhost:{port}",
-                  "--num_processes=2", f"--process_id={i}", devices=2)
-           for i in range(2)]
+                  f"--num_processes={processes}", f"--process_id={i}",
+                  devices=devices)
+           for i in range(processes)]
   if signal_when is not None:
     deadline = time.time() + 240
     while not signal_when():
       assert all(p.poll() is None for p in procs), "a process ended early"
       assert time.time() < deadline, "the points did not start training"
       time.sleep(0.5)
-    for p in procs:
-      p.send_signal(signal.SIGTERM)
+    for i in signalled or range(processes):
+      procs[i].send_signal(signal.SIGTERM)
   return [finish(p, timeout=400, returncode=returncode) for p in procs]
 
 
@@ -83,21 +93,34 @@ def _seeds_sweep(tmp_path):
              for s in range(4)}}""")
 
 
-def _assert_as_if_alone(tmp_path, spec, runs, summary):
+def _params(workdir):
+  """The newest checkpoint's parameters, restored in this one process."""
+  model = loading.load(workdir).model
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _training(runs, names, count):
+  """A test that `count` of the points `names` have logged two steps."""
+  def check():
+    logs = [runs / name / "metrics.jsonl" for name in names]
+    return sum(log.exists() and log.read_text().count("\n") >= 2
+               for log in logs) >= count
+  return check
+
+
+def _assert_as_if_alone(tmp_path, spec, runs, summary, devices=1):
   """Each point's losses, eval loss and parameters equal a lone run's."""
   points = sweep.load_sweep(spec)
   for name, row in summary.items():
     alone = trainer.train(sweep._point_config(points[name]),
                           tmp_path / "alone" / name,
-                          devices=jax.devices()[:1])
+                          devices=jax.devices()[:devices])
     np.testing.assert_allclose(
         [l for _, l in train_losses(runs / name)],
         [l for _, l in train_losses(tmp_path / "alone" / name)], rtol=1e-5)
     assert row["eval/loss"] == pytest.approx(alone["eval/loss"], rel=1e-5)
-    steps = alone["steps"]
-    jax.tree.map(np.testing.assert_array_equal,
-                 saved_params(runs / name, steps),
-                 saved_params(tmp_path / "alone" / name, steps))
+    jax.tree.map(np.testing.assert_array_equal, _params(runs / name),
+                 _params(tmp_path / "alone" / name))
 
 
 def test_two_processes_pack_points_each_once_as_if_alone(tmp_path):
@@ -105,8 +128,8 @@ def test_two_processes_pack_points_each_once_as_if_alone(tmp_path):
   runs = tmp_path / "runs"
   # Two steps, then a relaunch resumes each point to four on whichever
   # process takes it.
-  first = _started(_launch_pair(f"{spec}:2", runs, returncode=1))
-  started = _started(_launch_pair(f"{spec}:4", runs, returncode=1))
+  first = _started(_launch_processes(f"{spec}:2", runs, returncode=1))
+  started = _started(_launch_processes(f"{spec}:4", runs, returncode=1))
 
   # Each point was taken by exactly one process and trained on its devices;
   # both processes took points.
@@ -126,12 +149,13 @@ def test_two_processes_pack_points_each_once_as_if_alone(tmp_path):
   _assert_as_if_alone(tmp_path, f"{spec}:4", runs, summary)
 
   # A relaunch finds every point finished and trains none again.
-  _launch_pair(f"{spec}:4", runs, returncode=1)
+  _launch_processes(f"{spec}:4", runs, returncode=1)
   again = json.loads((runs / "sweep_summary.json").read_text())
   assert {n: again[n]["wall_time_s"] for n in summary} == {
       n: r["wall_time_s"] for n, r in summary.items()}
 
 
+@pytest.mark.slow
 def test_sigterm_to_both_processes_stops_their_points_and_starts_no_other(
     tmp_path):
   spec = _write_sweep(tmp_path, """{
@@ -139,14 +163,9 @@ def test_sigterm_to_both_processes_stops_their_points_and_starts_no_other(
                     "train.checkpoint_every": 100000}
           for i in range(6)}""")
   runs = tmp_path / "runs"
-
-  def four_points_train():
-    logs = [runs / f"p{i}" / "metrics.jsonl" for i in range(6)]
-    return sum(log.exists() and log.read_text().count("\n") >= 2
-               for log in logs) >= 4
-
-  outputs = _launch_pair(spec, runs, returncode=trainer.EXIT_PREEMPTED,
-                         signal_when=four_points_train)
+  outputs = _launch_processes(spec, runs, returncode=trainer.EXIT_PREEMPTED,
+                              signal_when=_training(
+                                  runs, [f"p{i}" for i in range(6)], 4))
   started = _started(outputs)
   assert len(started[0]) == len(started[1]) == 2
   summary = json.loads((runs / "sweep_summary.json").read_text())
@@ -156,3 +175,46 @@ def test_sigterm_to_both_processes_stops_their_points_and_starts_no_other(
     assert statuses[name] == "preempted"
     saved = [int(c.name) for c in (runs / name / "checkpoints").iterdir()]
     assert saved == [summary[name]["step"]]
+
+
+def test_points_larger_than_a_host_train_on_their_group_of_hosts(tmp_path):
+  spec = _write_sweep(tmp_path, """{
+          f"seed{s}": {**POINT, "train.seed": s, "train.steps": 3}
+          for s in range(3)}""")
+  runs = tmp_path / "runs"
+  started = _started(_launch_processes(spec, runs, processes=4, devices=1,
+                                       devices_per_point=2))
+  # Processes 0, 1 and 2, 3 each train their points together.
+  assert started[0] == started[1] and started[2] == started[3]
+  assert sorted(started[0] + started[2]) == ["seed0", "seed1", "seed2"]
+  summary = json.loads((runs / "sweep_summary.json").read_text())
+  assert {r["status"] for r in summary.values()} == {"ok"}
+  for name, row in summary.items():
+    assert row["processes"] == ([0, 1] if name in started[0] else [2, 3])
+    assert sorted(p.name for p in (runs / name / "checkpoints" / "3" / "data")
+                  .glob("*.json")) == ["process_0-of-2.json",
+                                       "process_1-of-2.json"]
+  _assert_as_if_alone(tmp_path, spec, runs, summary, devices=2)
+
+
+def test_sigterm_to_one_process_of_a_group_stops_the_whole_group(tmp_path):
+  names = ["a", "b", "c"]
+  spec = _write_sweep(tmp_path, f"""{{
+          name: {{**POINT, "train.lr": lr, "train.steps": 100000,
+                  "train.checkpoint_every": 100000}}
+          for name, lr in zip({names!r}, (1e-2, 3e-3, 1e-3))}}""")
+  runs = tmp_path / "runs"
+  outputs = _launch_processes(spec, runs, processes=4, devices=1,
+                              devices_per_point=2,
+                              returncode=trainer.EXIT_PREEMPTED,
+                              signal_when=_training(runs, names, 2),
+                              signalled=[1, 3])
+  started = _started(outputs)
+  assert started[0] == started[1] and started[2] == started[3]
+  summary = json.loads((runs / "sweep_summary.json").read_text())
+  for name in started[0] + started[2]:
+    assert summary[name]["status"] == "preempted"
+    saved = [int(c.name) for c in (runs / name / "checkpoints").iterdir()]
+    assert saved == [summary[name]["step"]]
+  assert sorted(r["status"] for r in summary.values()) == [
+      "pending", "preempted", "preempted"]

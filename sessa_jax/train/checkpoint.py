@@ -14,8 +14,9 @@ Orbax keeps process-wide state (a counter naming the signals of its
 operations), so runs sharing a process from several threads (a packed
 sweep's points) take turns: off the main thread, creating a manager, saving
 (until on disk) and restoring hold one lock. Those counters would also
-disagree between processes checkpointing different runs, so a run confined
-to one of several processes creates its directories without signals.
+disagree between processes checkpointing different runs, so a run of some
+of several processes creates its directories without signals, and names its
+barriers by its processes.
 """
 
 from __future__ import annotations
@@ -151,10 +152,11 @@ class Checkpointer:
     self.directory = pathlib.Path(directory).absolute()
     self.read_only = read_only
     self.processes = processes or RunProcesses.everyone()
-    confined = not self.processes.is_everyone
+    subset = not self.processes.is_everyone
     multiprocessing = ocp.options.MultiprocessingOptions(
         primary_host=self.processes.primary,
-        active_processes=set(self.processes.indices) if confined else None)
+        active_processes=set(self.processes.indices) if subset else None,
+        barrier_sync_key_prefix=self.processes.name if subset else None)
     if not read_only and self.processes.is_primary:
       self.directory.mkdir(parents=True, exist_ok=True)
     self.processes.sync(f"created {self.directory}")
@@ -162,14 +164,15 @@ class Checkpointer:
         read_only=read_only, create=False,
         multiprocessing_options=multiprocessing,
         async_options=ocp.options.AsyncOptions(
-            create_directories_asynchronously=not confined),
+            create_directories_asynchronously=not subset),
         **({"save_interval_steps": 0} if read_only else {"max_to_keep": keep}))
     arrays = {}
-    if confined:
+    if subset:
+      handler = (OwnedArrayHandler if self.processes.count == 1
+                 else ocp.type_handlers.ArrayHandler)
       arrays["type_handler_registry"] = (
           ocp.type_handlers.create_type_handler_registry(
-              (jax.Array, OwnedArrayHandler(
-                  primary_host=self.processes.primary))))
+              (jax.Array, handler(primary_host=self.processes.primary))))
     with _turn():
       self._manager = ocp.CheckpointManager(
           self.directory, options=options, item_handlers={

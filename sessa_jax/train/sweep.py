@@ -13,10 +13,10 @@ and the others still run; SIGTERM saves the running points and starts no
 other. With `devices_per_point` the devices are cut into disjoint sub-meshes
 that each train one point at a time, concurrently (threads of each process).
 In a multi-process job (one process per host) every process trains points on
-its own host's sub-meshes, alone, taking them from a queue shared through
-`jax.distributed`; a point larger than a host is refused unless it takes
-every device. At the end `DIR/sweep_summary.json` holds every point's status,
-summary and devices, and a table is printed.
+its own host's sub-meshes, alone, or, for points larger than a host, with
+the other processes of its group of whole hosts, taking them from a queue
+shared through `jax.distributed`. At the end `DIR/sweep_summary.json` holds
+every point's status, summary and devices, and a table is printed.
 """
 
 from __future__ import annotations
@@ -119,13 +119,14 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
   (`device_groups`) and each sub-mesh trains one point at a time in its own
   thread, taking the next unstarted point when it finishes. In a
   multi-process job each process runs the threads of its own host's
-  sub-meshes and trains their points alone; the processes share the queue
-  of points, so each point runs once, on one host.
+  sub-meshes and trains their points alone; a sub-mesh of several whole
+  hosts is trained by their processes together. The processes share the
+  queue of points, so each point runs once.
 
-  SIGTERM stops the sweep: every running point of the signalled process
-  saves a checkpoint and is recorded as "preempted", no process starts
-  another point (the others' running points finish), and the points not
-  started are "pending"; rerunning the sweep resumes there.
+  SIGTERM stops the sweep: every running point of the signalled process (or
+  of its group of hosts) saves a checkpoint and is recorded as "preempted",
+  no process starts another point (the others' running points finish), and
+  the points not started are "pending"; rerunning the sweep resumes there.
 
   Every process must call this with the same arguments.
 
@@ -145,8 +146,7 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
 
   Raises:
     WorkdirLockedError: another sweep is running in `workdir`.
-    ValueError: `devices_per_point` does not fit the devices, or in a
-      multi-process job spans several hosts but not all devices.
+    ValueError: `devices_per_point` does not fit the devices.
   """
   workdir = pathlib.Path(workdir)
   points = load_sweep(spec)
@@ -155,14 +155,15 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
   else:
     groups = local_groups(jax.devices(), devices_per_point,
                           jax.process_index())
-    processes = RunProcesses.of(groups[0])
+    processes = (RunProcesses.of(groups[0]) if groups  # A host left idle.
+                 else RunProcesses.this_one())
     logging.warning("packed sweep: process %d trains %d points at a time on "
                     "devices %s", jax.process_index(), len(groups),
                     [[d.id for d in g] for g in groups])
   results = {name: _unstarted_row(point, workdir / name)
              for name, point in points.items()}
-  queue = point_queue.PointQueue(
-      list(points), shared=not processes.is_everyone)
+  queue = point_queue.PointQueue(list(points), group=processes,
+                                 shared=not processes.is_everyone)
   number = {name: i for i, name in enumerate(points, 1)}
   ran: dict[str, dict[str, Any]] = {}
   lock = threading.Lock()
@@ -171,9 +172,10 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
 
     def next_point() -> str | None:
       with lock:
-        if preemption.requested or any(
-            r["status"] == "preempted" for r in ran.values()):
-          queue.stop()
+        stop = preemption.requested or any(
+            r["status"] == "preempted" for r in ran.values())
+      if processes.any(stop):
+        queue.stop()
       return queue.next()
 
     def worker(devices):
@@ -185,8 +187,9 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
         with lock:
           ran[name] = row
 
-    if len(groups) == 1:
-      worker(groups[0])
+    if len(groups) <= 1:
+      for group in groups:
+        worker(group)
     else:
       threads = [threading.Thread(target=worker, args=(g,), daemon=True,
                                   name=f"sweep-devices-{g[0].id}")
@@ -206,8 +209,9 @@ def local_groups(devices: Sequence[Any], per_point: int, process: int
                 ) -> list[list[Any]]:
   """The sub-meshes (`device_groups`) whose points `process` trains.
 
-  Each process trains the groups of its own host's devices, alone; a single
-  group of every device is trained by all processes together.
+  A process trains the groups of its own host's devices, alone, or the one
+  group of whole hosts that holds its host, with their processes; a host
+  left out of every group trains none.
 
   Args:
     devices: all devices (anything with `id` and `process_index`).
@@ -216,22 +220,9 @@ def local_groups(devices: Sequence[Any], per_point: int, process: int
 
   Returns:
     Its groups, in device order.
-
-  Raises:
-    ValueError: a group spans several processes but not all of them.
   """
-  groups = device_groups(devices, per_point)
-  spanned = {d.process_index for d in groups[0]}
-  hosts = {d.process_index for d in devices}
-  if spanned == hosts:
-    return groups
-  if len(spanned) > 1:
-    raise ValueError(
-        f"--devices_per_point={per_point} spans {len(spanned)} of the "
-        f"{len(hosts)} processes; in a multi-process run a point takes at "
-        f"most one host's {len(devices) // len(hosts)} devices, or all "
-        f"{len(devices)}")
-  return [g for g in groups if g[0].process_index == process]
+  return [g for g in device_groups(devices, per_point)
+          if process in {d.process_index for d in g}]
 
 
 def _unstarted_row(point: Mapping[str, Any], workdir: pathlib.Path

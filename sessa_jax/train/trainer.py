@@ -205,11 +205,13 @@ def make_train_step(state_spec: TrainStateSpec, tc: TrainConfig,
 class Preemption:
   """Turns SIGTERM into a flag the loop polls.
 
-  A context manager. Runs of one process install a handler on entry (the
-  previous one is restored on exit) and poll its flag; runs of several
-  processes leave SIGTERM to `jax.distributed`'s preemption service, whose
-  sync point makes them all stop after the same step. A sweep holds one
-  across all its points, so that SIGTERM between points also stops it.
+  A context manager. A run of all processes of a multi-process job leaves
+  SIGTERM to `jax.distributed`'s preemption service, whose sync point makes
+  them all stop after the same step. Otherwise a handler is installed on
+  entry (the previous one is restored on exit): a run of one process polls
+  its flag; a run of some processes stops when any of them has it, agreed by
+  a reduction over them at every step. A sweep holds one across all its
+  points, so that SIGTERM between points also stops it.
 
   Args:
     processes: the processes of the runs it stops (default: all).
@@ -217,11 +219,11 @@ class Preemption:
 
   def __init__(self, processes: RunProcesses | None = None):
     self.requested = False
-    self._together = (processes or RunProcesses.everyone()).count > 1
+    self.processes = processes or RunProcesses.everyone()
     self._previous = None
 
   def __enter__(self) -> Preemption:
-    if not self._together:
+    if self.processes.count == 1 or not self.processes.is_everyone:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -236,9 +238,9 @@ class Preemption:
     self.requested = True
 
   def reached(self, step: int) -> bool:
-    if self._together:
+    if self.processes.count > 1 and self.processes.is_everyone:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    return self.processes.any(self.requested)
 
 
 def make_finite_check(state_spec: TrainStateSpec, mesh: jax.sharding.Mesh
