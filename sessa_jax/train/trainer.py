@@ -571,8 +571,8 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
     overrides: config keys set on top of the config file (command line,
       sweep point), for the start-of-run report.
     devices: the devices to train on (default: all), e.g. a packed sweep's
-      sub-mesh. They must belong to one process, which then trains alone, or
-      to all processes, which all call `train`.
+      sub-mesh. Every process owning one of them calls `train`, and no
+      other process takes part (`RunProcesses`).
 
   Returns:
     The summary (also in summary.json; a finished run returns it unchanged);
