@@ -219,11 +219,14 @@ class Preemption:
 
   def __init__(self, processes: RunProcesses | None = None):
     self.requested = False
-    self.processes = processes or RunProcesses.everyone()
+    self._processes = processes or RunProcesses.everyone()
+    # A job's processes all together: jax.distributed's preemption service.
+    self._service = (self._processes.count > 1
+                     and self._processes.is_everyone)
     self._previous = None
 
   def __enter__(self) -> Preemption:
-    if self.processes.count == 1 or not self.processes.is_everyone:
+    if not self._service:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -238,9 +241,9 @@ class Preemption:
     self.requested = True
 
   def reached(self, step: int) -> bool:
-    if self.processes.count > 1 and self.processes.is_everyone:
+    if self._service:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.processes.any(self.requested)
+    return self._processes.any(self.requested)
 
 
 def make_finite_check(state_spec: TrainStateSpec, mesh: jax.sharding.Mesh
