@@ -218,3 +218,17 @@ def test_sigterm_to_one_process_of_a_group_stops_the_whole_group(tmp_path):
     assert saved == [summary[name]["step"]]
   assert sorted(r["status"] for r in summary.values()) == [
       "pending", "preempted", "preempted"]
+
+
+@pytest.mark.slow
+def test_a_host_left_out_of_every_group_idles_until_the_sweep_ends(tmp_path):
+  spec = _write_sweep(tmp_path, """{
+          f"seed{s}": {**POINT, "train.seed": s, "train.steps": 2}
+          for s in range(2)}""")
+  runs = tmp_path / "runs"
+  started = _started(_launch_processes(spec, runs, processes=3, devices=1,
+                                       devices_per_point=2))
+  assert started[0] == started[1] == ["seed0", "seed1"] and not started[2]
+  summary = json.loads((runs / "sweep_summary.json").read_text())
+  assert [r["processes"] for r in summary.values()] == [[0, 1], [0, 1]]
+  assert {r["status"] for r in summary.values()} == {"ok"}
