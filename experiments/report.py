@@ -16,9 +16,11 @@ only when named with --out):
   <study>.md    one table per task (mean ± sample std over seeds, beside the
                 Sessa paper's figure), then for every pair of mixers the
                 difference of the test metric with a 95% Welch interval and
-                whether it is resolved; plots: learning curves per task,
-                diffuse_mqar accuracy against lag, and the memory tail of one
-                trained run per mixer.
+                whether it is resolved; for SymbolSoup, the accuracies of
+                the reference classifiers of symbol_soup_ceiling.py at the
+                study's lengths (the structure a figure needs); plots:
+                learning curves per task, diffuse_mqar accuracy against lag,
+                and the memory tail of one trained run per mixer.
 
 With --sweep, points of the sweep that have not finished are listed and the
 report is marked partial. The tables are also printed.
@@ -363,7 +365,8 @@ def progress_lines(entry: Mapping[str, Any]) -> list[str]:
 def render_tables(results: Mapping[str, Any]) -> dict[str, list[str]]:
   """Markdown lines per task (settings, table, comparison) from the JSON."""
   return {task: [settings_line(entry), ""] + task_table(entry) + [""]
-          + progress_lines(entry) + comparison_lines(entry)
+          + reference_lines(entry) + progress_lines(entry)
+          + comparison_lines(entry)
           for task, entry in results["tasks"].items()}
 
 
@@ -454,13 +457,52 @@ def _train_max_lag(runs: Sequence[Run]) -> int | None:
   return None
 
 
-def _memory_tail_module():
-  """experiments/memory_tail.py, loaded beside this file."""
-  path = pathlib.Path(__file__).with_name("memory_tail.py")
-  spec = importlib.util.spec_from_file_location("memory_tail", path)
+def _experiment(name: str):
+  """The module experiments/<name>.py, loaded beside this file."""
+  path = pathlib.Path(__file__).with_name(f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def symbol_soup_reference(entry: Mapping[str, Any], num_examples: int
+                         ) -> dict[str, Any] | None:
+  """The reference classifiers' accuracies at a SymbolSoup task's lengths.
+
+  Args:
+    entry: the task's JSON entry.
+    num_examples: test examples each classifier is scored on.
+
+  Returns:
+    {"tokens": [min, max], "num_examples": N, "accuracy": {classifier:
+    accuracy}} (experiments/symbol_soup_ceiling.py), or None when the runs
+    read files or differ in their lengths.
+  """
+  lengths = {(c["data"].get("min_tokens"), c["data"].get("max_tokens"),
+              c["data"].get("path") or "")
+             for c in (m["config"] for m in entry["mixers"].values())}
+  if len(lengths) != 1:
+    return None
+  lo, hi, path = lengths.pop()
+  if path or lo is None or hi is None:
+    return None
+  accuracy = _experiment("symbol_soup_ceiling").accuracies(lo, hi,
+                                                            num_examples)
+  return {"tokens": [lo, hi], "num_examples": num_examples,
+          "accuracy": accuracy}
+
+
+def reference_lines(entry: Mapping[str, Any]) -> list[str]:
+  """One line naming the reference classifiers' accuracies, if any."""
+  ref = entry.get("reference")
+  if not ref:
+    return []
+  cells = ", ".join(f"{name} {acc:.3f}" for name, acc in ref["accuracy"].items())
+  return [f"Reference classifiers at {ref['tokens'][0]}..{ref['tokens'][1]} "
+          f"tokens (`experiments/symbol_soup_ceiling.py`, "
+          f"{ref['num_examples']} test examples; what each needs is in its "
+          f"docstring): {cells}.", ""]
 
 
 def memory_tail_section(runs: Sequence[Run], task_choice: str,
@@ -483,7 +525,7 @@ def memory_tail_section(runs: Sequence[Run], task_choice: str,
       chosen.setdefault(run.label, run)
   if not chosen:
     return []
-  memory_tail = _memory_tail_module()
+  memory_tail = _experiment("memory_tail")
   prefix = out_dir / f"{study}_memory_tail"
   results = memory_tail.measure_workdirs(
       {label: run.path for label, run in chosen.items()}, prefix=prefix,
@@ -522,7 +564,8 @@ def _shown(path: pathlib.Path) -> str:
 def write_report(root: pathlib.Path, out_dir: pathlib.Path, study: str,
                  memory_tail_task: str = "auto",
                  commands: Sequence[str] = (),
-                 planned: Sequence[str] = ()) -> pathlib.Path:
+                 planned: Sequence[str] = (),
+                 reference_examples: int = 1000) -> pathlib.Path:
   """Writes OUT/<study>.json, OUT/<study>.md and its PNGs; returns the .md.
 
   Args:
@@ -532,6 +575,8 @@ def write_report(root: pathlib.Path, out_dir: pathlib.Path, study: str,
     memory_tail_task: see `memory_tail_section`.
     commands: shell commands that produced `root`, listed in the report.
     planned: every point name of the sweep, if known (marks a partial study).
+    reference_examples: test examples the SymbolSoup reference classifiers
+      are scored on (`symbol_soup_reference`); 0 skips them.
   """
   runs = load_runs(root)
   if not runs:
@@ -541,6 +586,9 @@ def write_report(root: pathlib.Path, out_dir: pathlib.Path, study: str,
   results = study_results(runs, study, source=_shown(root),
                           commands=[c.replace(cwd, "") for c in commands],
                           planned=planned)
+  if reference_examples and "symbol_soup" in results["tasks"]:
+    entry = results["tasks"]["symbol_soup"]
+    entry["reference"] = symbol_soup_reference(entry, reference_examples)
   json_path = out_dir / f"{study}.json"
   json_path.write_text(json.dumps(results, indent=1) + "\n")
   lines = [f"# {study}", ""]
@@ -598,6 +646,10 @@ def main(argv: Sequence[str] | None = None) -> None:
       help="task whose seed-0 runs get the memory-tail plot; 'auto' picks "
       "the longest-context task present, 'none' skips it")
   parser.add_argument(
+      "--reference_examples", type=int, default=1000,
+      help="test examples the SymbolSoup reference classifiers are scored "
+      "on (0 skips them)")
+  parser.add_argument(
       "--command", action="append", default=[],
       help="a command that produced DIR, recorded in the report (repeatable)")
   args = parser.parse_args(argv)
@@ -607,7 +659,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from sessa_jax.train import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
     planned = tuple(sweep_lib.load_sweep(args.sweep))
   write_report(args.dir, args.out or pathlib.Path("workdirs/reports") / study,
-               study, args.memory_tail_task, args.command, planned)
+               study, args.memory_tail_task, args.command, planned,
+               args.reference_examples)
 
 
 if __name__ == "__main__":

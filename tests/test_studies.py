@@ -107,12 +107,14 @@ def test_austen_split_holds_out_novels(monkeypatch, austen_dir):
   assert "persuasion" not in data["path"]
 
 
-def _fake_run(root, name, *, task, mixer, seed, acc, feedback=True):
+def _fake_run(root, name, *, task, mixer, seed, acc, feedback=True,
+              data=None):
   path = root / name
   path.mkdir(parents=True)
   (path / "config.json").write_text(json.dumps({
       "model": {"mixer": mixer, "feedback": feedback, "block": "gated"},
-      "data": {"task": task, "max_lag": 32}, "train": {"seed": seed}}))
+      "data": {"task": task, "max_lag": 32, **(data or {})},
+      "train": {"seed": seed}}))
   (path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in [
       {"step": 10, "train/loss": 3.0}, {"step": 20, "train/loss": 2.0,
                                         "eval/accuracy": acc / 2}]))
@@ -167,13 +169,14 @@ def test_report_tables_and_plots(tmp_path, capsys):
 
 def test_report_json_round_trips_every_table(tmp_path):
   runs = tmp_path / "study"
+  lengths = {"min_tokens": 110, "max_tokens": 160}
   for seed, acc in enumerate([0.61, 0.65, 0.7]):
     _fake_run(runs, f"symbol_soup.sessa.s{seed}", task="symbol_soup",
-              mixer="sessa", seed=seed, acc=acc)
+              mixer="sessa", seed=seed, acc=acc, data=lengths)
     _fake_run(runs, f"symbol_soup.sessa,attention.s{seed}", task="symbol_soup",
-              mixer="sessa,attention", seed=seed, acc=acc / 3)
+              mixer="sessa,attention", seed=seed, acc=acc / 3, data=lengths)
   md = report.write_report(runs, tmp_path / "out", "study",
-                           memory_tail_task="none",
+                           memory_tail_task="none", reference_examples=40,
                            planned=["symbol_soup.sessa.s0", "text.sessa.s0",
                                     *(p.name for p in runs.iterdir())])
   results = json.loads((tmp_path / "out" / "study.json").read_text())
@@ -185,7 +188,12 @@ def test_report_json_round_trips_every_table(tmp_path):
   assert hybrid["config"]["model"]["mixer"] == "sessa,attention"
   assert "seed" not in hybrid["config"]["train"]
   assert results["not_finished"] == ["text.sessa.s0"]
+  reference = entry["reference"]
+  assert reference["tokens"] == [110, 160] and reference["num_examples"] == 40
+  assert list(reference["accuracy"]) == [
+      "pooled_all", "pooled_blocks", "per_block", "per_block_bigram"]
   text = md.read_text()
+  assert "Reference classifiers at 110..160 tokens" in text
   assert text.startswith("# study\n\n**Partial**: 6 of 7 points finished")
   # Every table and comparison is recomputed from the JSON alone.
   for lines in report.render_tables(results).values():
