@@ -123,6 +123,14 @@ def _assert_as_if_alone(tmp_path, spec, runs, summary, devices=1):
                  _params(tmp_path / "alone" / name))
 
 
+def _assert_preempted_with_one_checkpoint(runs, summary, names):
+  """Each named point was preempted and saved once, at the step it reached."""
+  for name in names:
+    assert summary[name]["status"] == "preempted"
+    saved = [int(c.name) for c in (runs / name / "checkpoints").iterdir()]
+    assert saved == [summary[name]["step"]]
+
+
 def test_two_processes_pack_points_each_once_as_if_alone(tmp_path):
   spec = _seeds_sweep(tmp_path)
   runs = tmp_path / "runs"
@@ -171,10 +179,8 @@ def test_sigterm_to_both_processes_stops_their_points_and_starts_no_other(
   summary = json.loads((runs / "sweep_summary.json").read_text())
   statuses = {n: r["status"] for n, r in summary.items()}
   assert sorted(statuses.values()) == ["pending"] * 2 + ["preempted"] * 4
-  for name in started[0] + started[1]:
-    assert statuses[name] == "preempted"
-    saved = [int(c.name) for c in (runs / name / "checkpoints").iterdir()]
-    assert saved == [summary[name]["step"]]
+  _assert_preempted_with_one_checkpoint(runs, summary,
+                                        started[0] + started[1])
 
 
 def test_points_larger_than_a_host_train_on_their_group_of_hosts(tmp_path):
@@ -212,10 +218,8 @@ def test_sigterm_to_one_process_of_a_group_stops_the_whole_group(tmp_path):
   started = _started(outputs)
   assert started[0] == started[1] and started[2] == started[3]
   summary = json.loads((runs / "sweep_summary.json").read_text())
-  for name in started[0] + started[2]:
-    assert summary[name]["status"] == "preempted"
-    saved = [int(c.name) for c in (runs / name / "checkpoints").iterdir()]
-    assert saved == [summary[name]["step"]]
+  _assert_preempted_with_one_checkpoint(runs, summary,
+                                        started[0] + started[2])
   assert sorted(r["status"] for r in summary.values()) == [
       "pending", "preempted", "preempted"]
 
