@@ -107,13 +107,6 @@ def accuracies(min_tokens: int, max_tokens: int, num_examples: int = 1000,
   return {name: c / num_examples for name, c in correct.items()}
 
 
-def ceiling(min_tokens: int, max_tokens: int, num_examples: int = 1000,
-            seed: int = 0) -> float:
-  """The top rung: the per-block bigram classifier's test accuracy."""
-  return accuracies(min_tokens, max_tokens, num_examples,
-                    seed)["per_block_bigram"]
-
-
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--lengths", default="110:160,250:350,400:600",
