@@ -87,6 +87,18 @@ def test_points_come_seed_by_seed():
       "sessa", "attention", "mamba2", "sessa+attention"}
 
 
+def test_horizon_is_cpu_long_symbol_soup_with_more_steps():
+  study = matched_budget.sweep("cpu_long")
+  horizon = matched_budget.sweep("horizon")
+  assert set(horizon) == {"symbol_soup.sessa.s0", "symbol_soup.attention.s0"}
+  for name, point in horizon.items():
+    changed = {k for k in point.keys() | study[name].keys()
+               if point.get(k) != study[name].get(k)}
+    assert changed == {"train.steps", "train.eval_every",
+                       "train.checkpoint_every"}
+    assert point["train.steps"] == 5 * study[name]["train.steps"]
+
+
 def test_text_task_follows_the_corpus(monkeypatch, tmp_path):
   (tmp_path / "a.txt").write_text("It is a truth universally acknowledged. " * 400)
   monkeypatch.setattr(matched_budget, "AUSTEN", pathlib.Path("/nonexistent"))
@@ -94,7 +106,7 @@ def test_text_task_follows_the_corpus(monkeypatch, tmp_path):
   text = _groups(points)["text"]
   assert len(text) == 3 * 3  # Three mixers, three seeds, no ablation.
   assert all(p["data.path"] == str(tmp_path / "*.txt") for p in text.values())
-  with pytest.raises(ValueError, match="not one of: tiny, cpu, tune, cpu_long, paper"):
+  with pytest.raises(ValueError, match="not one of: tiny, cpu, tune, cpu_long, horizon, paper"):
     matched_budget.sweep("laptop")
   with pytest.raises(ValueError, match="expected text=GLOB or seeds=N"):
     matched_budget.sweep("cpu,seeds=zero")
