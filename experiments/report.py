@@ -541,12 +541,14 @@ def memory_tail_section(runs: Sequence[Run], task_choice: str,
   for label, result in results.items():
     for entry in result.get("layers", []):
       b = entry["bound"]
+      floor = (f"1 − γ_min·c₂ = {b['floor_exponent']:.3f}"
+               if b["gamma_min"] >= 0 else "no guaranteed tail (γ_min < 0)")
       lines += ["", f"{label} feedback impulse response (layer "
                 f"{entry['layer']}, recorded routing): fitted exponent "
                 f"{b['fitted_exponent']:.3f}; c₂ = {b['c2']:.3g}, γ_max = "
                 f"{b['gamma_max']:g}, 1 − γ_max·c₂ = {b['paper_exponent']:.3f}"
-                f"; recorded γ_min = {b['gamma_min']:.3f}, 1 − γ_min·c₂ = "
-                f"{b['floor_exponent']:.3f}; negative gains on "
+                f"; recorded γ_min = {b['gamma_min']:.3f}, {floor}; "
+                f"negative gains on "
                 f"{b['negative_gain_fraction']:.0%} of tokens (the paper's "
                 "regime assumes γ ≥ 0)."]
   return lines + [""]
