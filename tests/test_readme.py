@@ -135,7 +135,9 @@ def test_flags_exist():
       continue
     for program in programs:
       assert program.is_file(), f"README runs {program}, which is missing"
-    flags = set(re.findall(r"--(\w+)\b(?!\.)", command.split("#")[0]))
+    # Leading VAR=value settings are the environment's, not the program's.
+    argv = re.sub(r"^(\w+=\S*\s+)+", "", command.split("#")[0].lstrip())
+    flags = set(re.findall(r"--(\w+)\b(?!\.)", argv))
     missing = flags - set().union(*map(_defined_flags, programs))
     assert not missing, (f"README passes {sorted(missing)} to "
                          f"{[p.name for p in programs]} in {command!r}")
