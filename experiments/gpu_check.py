@@ -182,8 +182,12 @@ def markdown(result) -> str:
   cfg = result["config"]
   lines = [f"# GPU check on {result['device']} (JAX {result['jax']})", "",
            f"`python experiments/gpu_check.py{result['argv']}`; B = "
-           f"{cfg['batch']}, K = D = {cfg['width']}, chunk {cfg['chunk']}, "
-           f"tiles {cfg['tile']}; {result['wall_s']:.0f} s in all.", "",
+           f"{cfg['batch']}, K = D = {cfg['width']}, chunk {cfg['chunk']}; "
+           f"{result['wall_s']:.0f} s in all.", "",
+           "Kernel tiles (rows / Triton pipeline stages): " + "; ".join(
+               f"{dtype}: " + ", ".join(f"{k} {t}/{s}" for k, (t, s)
+                                         in tilings.items())
+               for dtype, tilings in cfg["tile"].items()) + ".", "",
            "## Correctness against the dense float32 oracle", "",
            "Relative max error of the Pallas solve (chunked in brackets).",
            "", "| inputs | T | " + " | ".join(NAMES) + " | ok |",
@@ -247,8 +251,8 @@ def main(argv=None):
     checks = [(40, "float32"), (37, "float32"), (64, "bfloat16")]
     lengths, layer_lengths = [64, 128], [48]
   else:
-    # chunk None: each solve's default (256-row chunks; Pallas tiles of 64
-    # rows for bfloat16 operands, 32 for float32: `default_tile`).
+    # chunk None: each solve's default (256-row chunks; each Pallas
+    # kernel's tile and stages fit the GPU's shared memory: `kernel_tilings`).
     b, width, heads, chunk = 2, 256, 4, None
     checks = [(1024, "float32"), (1500, "float32"), (1024, "bfloat16")]
     lengths = [4096, 16384, 32768]
@@ -259,8 +263,8 @@ def main(argv=None):
     layer_lengths = [int(x) for x in args.layer_lengths.split(",") if x]
   interpret = not on_gpu
   pallas_chunk = blocks.DEFAULT_CHUNK if chunk is None else chunk
-  tiles = {dtype: feedback_pallas.default_tile("gpu", pallas_chunk, width,
-                                               jnp.dtype(dtype))
+  tiles = {dtype: feedback_pallas.kernel_tilings(
+      "gpu", pallas_chunk, width, jnp.dtype(dtype), jnp.float32)
            for dtype in TOLERANCE}
   started = time.time()
   out_dir = pathlib.Path(args.out_dir)

@@ -30,8 +30,9 @@ Presets (the argument after ':'):
             Mamba-2 and the sessa,attention hybrid, 3 seeds, SymbolSoup at
             250..350 tokens and diffuse MQAR; its learning rate is the tune
             grid's first setting until the tuning sweep has finished.
-  horizon   `cpu_long`'s SymbolSoup runs of Sessa and attention, one seed,
-            with 5x the steps: how far the CPU budget is from learning it.
+  horizon   `cpu_long`'s SymbolSoup runs of Sessa, attention and Mamba-2,
+            3 seeds, with 5x the steps: whether the mixers' ordering holds
+            across seeds once the CPU budget starts to learn the task.
   paper     longer sequences and bigger models, for a GPU or TPU slice.
 Options follow the preset, comma-separated: `text=GLOB` trains the text task
 on other files (`cpu,text=/data/corpus/*.txt`), `seeds=N` changes the number
@@ -141,7 +142,8 @@ PRESETS = {
         tasks=LONG_CONTEXT, seeds=(0, 1, 2), ablation=(), width=64,
         model=_CPU_LONG_MODEL, train=_CPU_LONG_TRAIN, data=_CPU_LONG_DATA),
     "horizon": Preset(
-        mixers=("sessa", "attention"), tasks=("symbol_soup",), seeds=(0,),
+        mixers=("sessa", "attention", "mamba2"), tasks=("symbol_soup",),
+        seeds=(0, 1, 2),
         ablation=(), width=64, model=_CPU_LONG_MODEL,
         train={**_CPU_LONG_TRAIN, "steps": 6000, "eval_every": 500,
                "checkpoint_every": 500},

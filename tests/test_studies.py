@@ -90,7 +90,9 @@ def test_points_come_seed_by_seed():
 def test_horizon_is_cpu_long_symbol_soup_with_more_steps():
   study = matched_budget.sweep("cpu_long")
   horizon = matched_budget.sweep("horizon")
-  assert set(horizon) == {"symbol_soup.sessa.s0", "symbol_soup.attention.s0"}
+  assert set(horizon) == {f"symbol_soup.{mixer}.s{seed}"
+                          for mixer in ("sessa", "attention", "mamba2")
+                          for seed in (0, 1, 2)}
   for name, point in horizon.items():
     changed = {k for k in point.keys() | study[name].keys()
                if point.get(k) != study[name].get(k)}

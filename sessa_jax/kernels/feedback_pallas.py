@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
+from sessa_jax import targets
 from sessa_jax.kernels import blocks
 from sessa_jax.kernels import feedback_pallas_gpu
 from sessa_jax.kernels import feedback_pallas_tpu
@@ -67,11 +68,9 @@ BACKENDS = {"tpu": feedback_pallas_tpu, "gpu": feedback_pallas_gpu}
 # TPU tile height: blocks of hundreds of rows keep the MXU busy per grid
 # step; (256, K) and (256, D) tiles of float32 fit VMEM with room to spare.
 TPU_TILE = 256
-# Largest (tile x feature width) operand tile of the GPU kernels, in bytes.
-# Measured on an H200 at K = D = 256: 64 rows of bfloat16 and 32 rows of
-# float32 compile; 64 rows of float32 ask for more shared memory than a
-# block may have.
-GPU_TILE_BYTES = 32 * 1024
+# Shared memory per block assumed for GPU kernels traced without a GPU
+# target (interpret mode on CPU): an H200's.
+DEFAULT_GPU_SMEM = targets.GPUS["h200"].smem_per_block_optin
 
 
 class _Setup(NamedTuple):
@@ -79,47 +78,74 @@ class _Setup(NamedTuple):
   backend: str
   interpret: bool | pltpu.InterpretParams
   chunk: int
-  tile: int
-  leaf_tile: int
+  tilings: tuple[tuple[str, int, int], ...]  # (kernel, tile, stages)
   scale: float
   mm_dtype: jnp.dtype
 
-  @property
-  def group(self) -> int:
-    """Kernel tiles per chunk."""
-    return self.chunk // self.tile
+  def tiling(self, name) -> tuple[int, int]:
+    """(tile, stages) of kernel `name`."""
+    for kernel, tile, stages in self.tilings:
+      if kernel == name:
+        return tile, stages
+    raise KeyError(name)
+
+  def group(self, name) -> int:
+    """Tiles of kernel `name` per chunk."""
+    return self.chunk // self.tiling(name)[0]
 
   @property
   def kernels(self):
     return BACKENDS[self.backend]
 
   def op(self, name, **static):
-    """Kernel `name` of this backend, with tiles of `tile` rows (the leaf
-    kernels, whose operands are in the compute dtype: `leaf_tile`)."""
-    block = self.leaf_tile if name.startswith("leaf") else self.tile
-    return functools.partial(getattr(self.kernels, name), block=block,
+    """Kernel `name` of this backend, with its tile (and GPU stages)."""
+    tile, stages = self.tiling(name)
+    if self.backend == "gpu":
+      static["stages"] = stages
+    return functools.partial(getattr(self.kernels, name), block=tile,
                              scale=self.scale, interpret=self.interpret,
                              **static)
 
 
 def _default_backend() -> str:
-  return "gpu" if jax.default_backend() == "gpu" else "tpu"
+  return "gpu" if targets.platform() == "gpu" else "tpu"
 
 
-def default_tile(backend: str, chunk: int, width: int, mm_dtype) -> int:
-  """Kernel tile height for this chunk, operand width and dtype.
+def kernel_tilings(backend: str, chunk: int, width: int, mm_dtype,
+                   compute_dtype, smem_bytes: int | None = None
+                   ) -> dict[str, tuple[int, int]]:
+  """Each kernel's (tile height, pipeline stages) for one solve.
 
-  The largest legal tile that divides `chunk` and is at most: `TPU_TILE` on
-  TPU; on GPU the largest power of two up to 64 whose tile of the
-  (power-of-two padded) feature width fits `GPU_TILE_BYTES`, at least 16.
+  TPU: `TPU_TILE` rows (or the largest divisor of `chunk` below it that
+  gcd gives), one "stage" (Mosaic pipelines by itself). GPU: per kernel,
+  the largest tile and most stages whose shared memory fits `smem_bytes`
+  (`feedback_pallas_gpu.tiling`); the leaf kernels' operands are in the
+  compute dtype, the others' in the matmul dtype.
+
+  Args:
+    backend: `tpu` or `gpu`.
+    chunk: the solve's chunk.
+    width: the larger feature width (K or D), before padding.
+    mm_dtype: the matmul operands' dtype.
+    compute_dtype: the solve's compute dtype (float32 or float64).
+    smem_bytes: GPU shared memory per block; defaults to the active
+      target's (an H200's when it is no GPU).
   """
   if backend == "tpu":
-    return math.gcd(chunk, TPU_TILE)
-  tile_row = feedback_pallas_gpu.feature_width(width) * mm_dtype.itemsize
-  cap = 64
-  while cap > 16 and cap * tile_row > GPU_TILE_BYTES:
-    cap //= 2
-  return math.gcd(chunk, cap)
+    tile = math.gcd(chunk, TPU_TILE)
+    names = feedback_pallas_tpu.KERNELS
+    return {name: (tile, 1) for name in names}
+  if smem_bytes is None:
+    smem_bytes = targets.active().smem_bytes or DEFAULT_GPU_SMEM
+  gpu = feedback_pallas_gpu
+  padded = gpu.feature_width(width)
+  out = {}
+  for name in gpu.KERNELS:
+    dtype = compute_dtype if name.startswith("leaf") else mm_dtype
+    plan = gpu.tiling(name, chunk, padded, jnp.dtype(dtype).itemsize,
+                      smem_bytes)
+    out[name] = (plan.tile, plan.stages)
+  return out
 
 
 def _chunked(x, chunk):
@@ -151,7 +177,7 @@ def _diagonal(q_btk, k_btk, lse_bt, setup):
 
 def _row_lse(q_btk, k_btk, setup):
   """Log-sum-exp over all earlier keys per row (0 for row 0), float32+."""
-  lse_off = setup.op("row_stats", group=setup.group)(q_btk, k_btk)
+  lse_off = setup.op("row_stats", group=setup.group("row_stats"))(q_btk, k_btk)
   logits = _diagonal_logits(q_btk, k_btk, setup, lse_off.dtype)
   lse_diag = jax.nn.logsumexp(
       jnp.where(_strict_lower(setup.chunk), logits, -jnp.inf), axis=-1)
@@ -191,7 +217,8 @@ def _forward(q_btk, k_btk, gamma_bt, f_btd, setup):
   a_diag = _diagonal(q_btk, k_btk, lse, setup)
   inv = blocks.unit_lower_inverse(_chunked(gamma_bt, chunk)[..., None]
                                   * a_diag)
-  rect = setup.op("rect_apply", side_max=_largest_side(n, setup.group))
+  group = setup.group("rect_apply")
+  rect = setup.op("rect_apply", side_max=_largest_side(n, group))
   leaf = setup.op("leaf_solve")
 
   def step(i, carry):
@@ -199,7 +226,7 @@ def _forward(q_btk, k_btk, gamma_bt, f_btd, setup):
     s = leaf(_index(i), inv, f_btd, gamma_bt, ctx_off, s)
     side = _lowest_bit(i + 1)
     sched = _schedule(i + 1, jnp.minimum(side, n - 1 - i), i + 1 - side,
-                      side, setup.group)
+                      side, group)
     return s, rect(sched, q_mm, k_mm, s[-1], lse, ctx_off)
 
   init = (_with_copy(jnp.zeros_like(f_btd), mm_dtype), jnp.zeros_like(f_btd))
@@ -219,7 +246,8 @@ def _backward(setup, res, g_btd):
   inv = blocks.unit_lower_inverse(_chunked(gamma_bt, chunk)[..., None]
                                   * a_diag)
   dq_in_loop = setup.kernels.DQ_IN_COLUMN_PASS
-  col = setup.op("rect_col", side_max=_largest_side(n, setup.group))
+  group = setup.group("rect_col")
+  col = setup.op("rect_col", side_max=_largest_side(n, group))
   leaf = setup.op("leaf_adjoint")
 
   def step(i, carry):
@@ -228,8 +256,7 @@ def _backward(setup, res, g_btd):
     outs = leaf(_index(j), inv, rhs, gamma_bt, ctx_btd, outs)
     _, delta, *w = outs
     side = _lowest_bit(j)
-    sched = _schedule(j, jnp.minimum(side, n - j), j - side, side,
-                      setup.group)
+    sched = _schedule(j, jnp.minimum(side, n - j), j - side, side, group)
     return (outs, *col(sched, q_mm, k_mm, w[-1], s_mm, delta, lse, rhs,
                        *grads))
 
@@ -243,7 +270,7 @@ def _backward(setup, res, g_btd):
   if dq_in_loop:
     dq = dq[0]
   else:
-    dq = setup.op("row_grad", group=setup.group)(
+    dq = setup.op("row_grad", group=setup.group("row_grad"))(
         q_mm, k_mm, s_mm, w[-1], delta, lse)
   w = w[0]
   # The diagonal blocks' share of the logit gradient.
@@ -295,13 +322,15 @@ def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
     chunk: rows per chunk: the diagonal blocks solved in plain JAX and the
       leaves of the loop (`blocks.DEFAULT_CHUNK`). T is padded up to a
       multiple of it.
-    tile: the kernels' tile height, dividing `chunk`: a multiple of 8 on
-      TPU, a power of two on GPU (at least 16 when compiled). Defaults per
-      backend, width and dtype (`default_tile`).
+    tile: every kernel's tile height, dividing `chunk`: a multiple of 8 on
+      TPU, a power of two on GPU (at least 16 when compiled; one pipeline
+      stage). Defaults per kernel, backend, width, dtype and the target's
+      shared memory (`kernel_tilings`).
     scale: logit scale; defaults to K ** -0.5.
-    backend: `tpu` or `gpu` kernels; defaults to the platform's (TPU kernels
-      when running on CPU).
-    interpret: run the kernels in interpret mode; defaults to True on CPU.
+    backend: `tpu` or `gpu` kernels; defaults to the active target's
+      (`sessa_jax.targets`; TPU kernels on CPU).
+    interpret: run the kernels in interpret mode; defaults to True when
+      the active target is a CPU.
       The TPU kernels also take the TPU interpreter's settings (e.g. its
       race detector).
 
@@ -315,18 +344,18 @@ def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
     raise ValueError(f"feedback_solve_pallas backend={backend!r} is not one "
                      f"of: {', '.join(BACKENDS)}")
   if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+    interpret = targets.platform() == "cpu"
   compute = jnp.result_type(q_btk, k_btk, gamma_bt, f_btd, jnp.float32)
   mm_dtype = jnp.dtype(
       jnp.bfloat16 if q_btk.dtype == jnp.bfloat16 else compute)
   chunk = blocks.resolve_chunk(chunk)
   width = max(q_btk.shape[-1], f_btd.shape[-1])
-  tile = int(default_tile(backend, chunk, width, mm_dtype)
-             if tile is None else tile)
-  _check_tiles(backend, chunk, tile, interpret)
-  # The leaf kernels' operands are in the compute dtype, whose tiles may
-  # need to be smaller.
-  leaf_tile = math.gcd(tile, default_tile(backend, chunk, width, compute))
+  if tile is None:
+    tilings = kernel_tilings(backend, chunk, width, mm_dtype, compute)
+  else:
+    tilings = {name: (int(tile), 1) for name in BACKENDS[backend].KERNELS}
+  for kernel_tile, _ in tilings.values():
+    _check_tiles(backend, chunk, kernel_tile, interpret)
   if scale is None:  # Before padding K.
     scale = q_btk.shape[-1] ** -0.5
   # Zero feature padding is exact: it adds nothing to any dot product.
@@ -336,6 +365,8 @@ def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
       _forward, _backward, _pad_features(q_btk, kd), _pad_features(k_btk, kd),
       gamma_bt, _pad_features(f_btd, d), multiple=chunk,
       settings=lambda scale, compute: _Setup(
-          backend, interpret, chunk, tile, leaf_tile, scale, mm_dtype),
+          backend, interpret, chunk,
+          tuple((k, *v) for k, v in sorted(tilings.items())), scale,
+          mm_dtype),
       scale=scale)
   return s[..., :f_btd.shape[-1]]

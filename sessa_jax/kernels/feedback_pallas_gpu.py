@@ -29,10 +29,16 @@ power of two. Passing `plgpu.CompilerParams` selects the Triton lowering.
 Matmul operands keep their dtype (bfloat16 feeds the tensor cores);
 accumulation, statistics and accumulators are float32 (float64 for float64
 inputs).
+
+Each kernel's tile height and pipeline stages are chosen for the target's
+shared memory per block (`tiling`): Triton stages every streamed operand
+tile through shared memory, once per pipeline stage, so a tiling that runs
+on an H200 (232,448 bytes) can fail to compile on an A100 (166,912).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -50,6 +56,40 @@ from sessa_jax.kernels.blocks import acc_dtype, tile_dot
 MIN_PROGRAMS = 128
 MIN_PROGRAMS_INTERPRET = 4
 DQ_IN_COLUMN_PASS = True
+KERNELS = ("row_stats", "rect_apply", "rect_col", "leaf_solve",
+           "leaf_adjoint")
+# Largest tile height tried: 64-row bfloat16 tiles were the fastest setting
+# measured on an H200 (K = D = 256).
+MAX_TILE = 64
+# Shared memory a kernel's Triton program asks for, in bytes per byte of one
+# (tile, feature width) operand tile, keyed (operand itemsize 2 or 4,
+# pipeline stages, tile): the largest ratio measured by deviceless compiles
+# (jaxlib 0.10.2, sm_90 target; `make test-targets` checks the tilings it
+# gives on H200 and A100 targets) over padded feature widths 128, 256, 512.
+# The leaf kernels' operands are float32 (the compute dtype), one stage.
+SMEM_PER_TILE_BYTE = {
+    "row_stats": {(4, 1, 16): 2.0, (4, 1, 32): 2.0, (4, 1, 64): 2.0,
+                  (2, 1, 16): 2.0, (2, 1, 32): 2.0, (2, 1, 64): 2.0,
+                  (2, 2, 16): 2.032, (2, 2, 32): 2.063, (2, 2, 64): 3.032},
+    "rect_apply": {(4, 1, 16): 2.0, (4, 1, 32): 2.0, (4, 1, 64): 2.0,
+                   (2, 1, 16): 2.125, (2, 1, 32): 2.25, (2, 1, 64): 2.0,
+                   (2, 2, 16): 3.125, (2, 2, 32): 3.25, (2, 2, 64): 5.0},
+    "rect_col": {(4, 1, 16): 5.0, (4, 1, 32): 5.0, (4, 1, 64): 5.5,
+                 (2, 1, 16): 5.125, (2, 1, 32): 5.25, (2, 1, 64): 4.5,
+                 (2, 2, 16): 7.063, (2, 2, 32): 6.063, (2, 2, 64): 8.063},
+    "leaf_solve": {(4, 1, 16): 1.0, (4, 1, 32): 1.0, (4, 1, 64): 1.0},
+    "leaf_adjoint": {(4, 1, 16): 1.0, (4, 1, 32): 1.0, (4, 1, 64): 1.0},
+}
+# Bytes allowed beyond the table's estimate (per-row vectors of narrow
+# widths, below the widths measured).
+SMEM_SLACK = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """One kernel's tile height and Triton pipeline stages."""
+  tile: int
+  stages: int
 
 
 def feature_width(width: int) -> int:
@@ -57,15 +97,66 @@ def feature_width(width: int) -> int:
   return max(16, 1 << (width - 1).bit_length())
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, operand,
-          aliases=None):
-  """The pallas_call; `operand` is one input, whose dtype sets the pipeline.
+def smem_estimate(kernel: str, tiling: Tiling, width: int,
+                  itemsize: int) -> int | None:
+  """Shared memory (bytes) `kernel` asks for; None when not tabulated.
 
-  Two pipeline stages (double-buffered loads) for 16-bit operands, one for
-  float32: the settings checked on an H200 (see `feedback_pallas` for the
-  tile heights that fit its shared memory).
+  Args:
+    kernel: one of `KERNELS`.
+    tiling: its tile height and pipeline stages.
+    width: the padded feature width (the larger of K and D).
+    itemsize: bytes per element of the kernel's matmul operands (the
+      compute dtype's for the leaf kernels); 8-byte operands scale the
+      4-byte ratios.
   """
-  stages = 2 if operand.dtype.itemsize <= 2 else 1
+  ratio = SMEM_PER_TILE_BYTE[kernel].get(
+      (2 if itemsize <= 2 else 4, tiling.stages, tiling.tile))
+  if ratio is None:
+    return None
+  return int(ratio * tiling.tile * width * itemsize) + SMEM_SLACK
+
+
+def tiling(kernel: str, chunk: int, width: int, itemsize: int,
+           smem_bytes: int) -> Tiling:
+  """The largest tile (then the most stages) of `kernel` that fits.
+
+  Tiles are powers of two from `MAX_TILE` down to 16 that divide `chunk`;
+  16-bit operands try two pipeline stages before one, wider ones take one.
+  A chunk with no such divisor gets its largest power-of-two divisor, which
+  only interpret mode takes (Triton's dots need 16 rows).
+
+  Args:
+    kernel: one of `KERNELS`.
+    chunk: the solve's chunk (tiles must divide it).
+    width: the padded feature width (the larger of K and D).
+    itemsize: bytes per element of the kernel's operands.
+    smem_bytes: the target's shared memory per block.
+
+  Raises:
+    ValueError: naming the kernel, the smallest request and the limit when
+      no tiling fits.
+  """
+  tiles = [t for t in (64, 32, 16) if t <= MAX_TILE and chunk % t == 0]
+  if not tiles:
+    return Tiling(chunk & -chunk if chunk & -chunk < MAX_TILE else MAX_TILE,
+                  1)
+  needs = []
+  for tile in tiles:
+    for stages in range(2 if itemsize <= 2 else 1, 0, -1):
+      need = smem_estimate(kernel, Tiling(tile, stages), width, itemsize)
+      if need <= smem_bytes:
+        return Tiling(tile, stages)
+      needs.append(need)
+  raise ValueError(
+      f"feedback_solve GPU kernel {kernel}: no tile of chunk={chunk} fits "
+      f"{smem_bytes:,} bytes of shared memory per block at feature width "
+      f"{width} with {itemsize}-byte operands (the smallest asks for "
+      f"{min(needs):,} bytes)")
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, stages,
+          aliases=None):
+  """The pallas_call, with `stages` Triton pipeline stages."""
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, input_output_aliases=aliases or {},
@@ -129,7 +220,7 @@ def _stats_kernel(q_ref, k_ref, lse_ref, *, block, group, scale):
   lse_ref[...] = jnp.where(l > 0, m + jnp.log(l), -jnp.inf)
 
 
-def row_stats(q_btk, k_btk, *, block, group, scale, interpret):
+def row_stats(q_btk, k_btk, *, block, group, scale, interpret, stages=1):
   """Row log-sum-exps over keys of earlier groups, -inf where none: (B, T)."""
   b, t, kd = q_btk.shape
   return _call(
@@ -137,7 +228,7 @@ def row_stats(q_btk, k_btk, *, block, group, scale, interpret):
                         scale=scale),
       (b, t // block), [_block(kd, block), _whole(k_btk)],
       _vec_block(block), jax.ShapeDtypeStruct((b, t), acc_dtype(q_btk)),
-      interpret, q_btk)(q_btk, k_btk)
+      interpret, stages)(q_btk, k_btk)
 
 
 def _share(p, side, extent, programs):
@@ -181,7 +272,7 @@ def _rect_apply_kernel(sched_ref, q_ref, k_ref, s_ref, lse_ref, _, ctx_ref,
 
 
 def rect_apply(sched, q_btk, k_btk, s_btd, lse_bt, ctx_btd, *, block,
-               side_max, scale, interpret):
+               side_max, scale, interpret, stages=1):
   """ctx_t += sum_j exp(q_t.k_j * scale - lse_t) s_j over one rectangle.
 
   Args:
@@ -195,6 +286,7 @@ def rect_apply(sched, q_btk, k_btk, s_btd, lse_bt, ctx_btd, *, block,
     side_max: the largest side (in tiles) of any rectangle of this solve.
     scale: logit scale.
     interpret: run in interpret mode.
+    stages: Triton pipeline stages.
 
   Returns:
     The updated ctx.
@@ -206,7 +298,7 @@ def rect_apply(sched, q_btk, k_btk, s_btd, lse_bt, ctx_btd, *, block,
                         scale=scale),
       (q_btk.shape[0], programs), [_SCHEDULE] + [_whole(x) for x in operands[1:]],
       _whole(ctx_btd), jax.ShapeDtypeStruct(ctx_btd.shape, ctx_btd.dtype),
-      interpret, q_btk, aliases={5: 0})(*operands)
+      interpret, stages, aliases={5: 0})(*operands)
 
 
 def _rect_col_kernel(sched_ref, q_ref, k_ref, w_ref, s_ref, delta_ref,
@@ -240,7 +332,8 @@ def _rect_col_kernel(sched_ref, q_ref, k_ref, w_ref, s_ref, delta_ref,
 
 
 def rect_col(sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
-             dk_btk, dq_btk, *, block, side_max, scale, interpret):
+             dk_btk, dq_btk, *, block, side_max, scale, interpret,
+             stages=1):
   """One backward rectangle: dv, dk (keys) and dq (rows), in place.
 
   For keys j and rows t of the rectangle `sched` (see `rect_apply`), with
@@ -262,7 +355,7 @@ def rect_col(sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
       [_SCHEDULE] + [_whole(x) for x in operands[1:]],
       [_whole(x) for x in outs],
       [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
-      interpret, q_btk, aliases={7: 0, 8: 1, 9: 2})(*operands)
+      interpret, stages, aliases={7: 0, 8: 1, 9: 2})(*operands)
 
 
 _INDEX = pl.BlockSpec((1,), lambda b, r: (0,))
@@ -302,7 +395,7 @@ def _leaf_kernel(index_ref, inv_ref, rhs_ref, gamma_ref, ctx_ref, *refs,
 
 
 def _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, block,
-          transpose, interpret):
+          transpose, interpret, stages):
   b, n, c = inv_bncc.shape[:3]
   operands = (index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, *outs)
   return list(_call(
@@ -311,12 +404,12 @@ def _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, block,
       (b, c // block), [_INDEX] + [_whole(x) for x in operands[1:]],
       [_whole(x) for x in outs],
       [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
-      interpret, rhs_btd,
+      interpret, stages,
       aliases={5 + k: k for k in range(len(outs))})(*operands))
 
 
 def leaf_solve(index, inv_bncc, f_btd, gamma_bt, ctx_btd, s_outs, *, block,
-               scale, interpret):
+               scale, interpret, stages=1):
   """Solves chunk `index`: s_i = inv_i (f_i + gamma_i ctx_i), in place.
 
   Args:
@@ -330,24 +423,26 @@ def leaf_solve(index, inv_bncc, f_btd, gamma_bt, ctx_btd, s_outs, *, block,
     block: tile height (dividing C).
     scale: unused (the kernels' common signature).
     interpret: run in interpret mode.
+    stages: Triton pipeline stages.
 
   Returns:
     The updated `s_outs`.
   """
   del scale
   return _leaf(index, inv_bncc, f_btd, gamma_bt, ctx_btd, s_outs,
-               block=block, transpose=False, interpret=interpret)
+               block=block, transpose=False, interpret=interpret,
+               stages=stages)
 
 
 def leaf_adjoint(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, block,
-                 scale, interpret):
+                 scale, interpret, stages=1):
   """Solves chunk `index` of the adjoint: u_i = inv_i^T rhs_i, in place.
 
   Also writes delta_i = gamma_i (u_i . ctx_i) and w_i = gamma_i u_i.
 
   Args:
-    index, inv_bncc, gamma_bt, ctx_btd, block, scale, interpret: as for
-      `leaf_solve`.
+    index, inv_bncc, gamma_bt, ctx_btd, block, scale, interpret, stages: as
+      for `leaf_solve`.
     rhs_btd: the adjoint right-hand side (B, T, D).
     outs: (u (B, T, D), delta (B, T), w (B, T, D)[, w in the matmul dtype]),
       updated in place.
@@ -357,4 +452,5 @@ def leaf_adjoint(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, block,
   """
   del scale
   return _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs,
-               block=block, transpose=True, interpret=interpret)
+               block=block, transpose=True, interpret=interpret,
+               stages=stages)

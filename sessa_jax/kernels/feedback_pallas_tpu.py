@@ -41,6 +41,8 @@ from jax.experimental.pallas import tpu as pltpu
 from sessa_jax.kernels.blocks import acc_dtype, tile_dot
 
 DQ_IN_COLUMN_PASS = False
+KERNELS = ("row_stats", "rect_apply", "rect_col", "row_grad", "leaf_solve",
+           "leaf_adjoint")
 
 
 def feature_width(width: int) -> int:
