@@ -6,7 +6,7 @@ STAMP := $(VENV)/.install-stamp
 LOCK := requirements/lock.txt
 PYTEST_WORKERS ?= 2
 
-.PHONY: install lock test test-slow run bench clean
+.PHONY: install lock test test-slow run bench dry-run test-targets clean
 
 ## On CPU, glibc returns an XLA step's large buffers to the system and maps them
 ## again on the next step; keeping them cut a small model's step time by about
@@ -56,5 +56,44 @@ run: install
 bench: install
 	$(PY) experiments/bench.py
 
+## Compilers for deviceless compiles (sessa_jax/train/target_compile.py),
+## each in an environment of its own at the locked JAX version: JAX's CUDA
+## plugin (about 5.5 GB) and libtpu (about 1.5 GB).
+.venv-cuda/.install-stamp: setup.cfg pyproject.toml $(LOCK)
+	$(PYTHON) -m venv .venv-cuda
+	.venv-cuda/bin/python -m pip install -q --upgrade pip setuptools wheel
+	.venv-cuda/bin/python -m pip install -q -c $(LOCK) -e '.[cuda]'
+	touch $@
+
+.venv-tpu/.install-stamp: setup.cfg pyproject.toml $(LOCK)
+	$(PYTHON) -m venv .venv-tpu
+	.venv-tpu/bin/python -m pip install -q --upgrade pip setuptools wheel
+	.venv-tpu/bin/python -m pip install -q -c $(LOCK) -e '.[tpu]'
+	touch $@
+
+## Compile CONFIG's train step for TARGET (h200, h100, a100, h200x8,
+## v5e:2x2, v6e:4x4, v5p:2x2x2, ...) on this CPU: memory per device, FLOPs,
+## whether it fits. ARGS takes more flags, e.g. ARGS='--config.mesh.fsdp=4'.
+TARGET ?= h200
+CONFIG ?= configs/default.py
+ARGS ?=
+TARGET_VENV = $(if $(filter v%,$(TARGET)),.venv-tpu,.venv-cuda)
+dry-run:
+	@$(MAKE) --no-print-directory $(TARGET_VENV)/.install-stamp
+	$(TARGET_VENV)/bin/python launch.py --config='$(CONFIG)' \
+	    --workdir=workdirs/dry_run --dry_run --target='$(TARGET)' $(ARGS)
+
+## Every accelerator path compiled for h200, a100, v5e:2x2 and v6e:2x2
+## (about 30 minutes on 2 cores); writes experiments/results/targets.{md,json}
+## and fails if any case does.
+test-targets: install .venv-cuda/.install-stamp .venv-tpu/.install-stamp
+	mkdir -p workdirs/targets
+	.venv-cuda/bin/python experiments/compile_targets.py --targets=h200,a100 \
+	    --out=workdirs/targets/gpu.json; \
+	.venv-tpu/bin/python experiments/compile_targets.py \
+	    --targets=v5e:2x2,v6e:2x2 --out=workdirs/targets/tpu.json; \
+	$(PY) experiments/compile_targets.py --merge workdirs/targets/gpu.json \
+	    workdirs/targets/tpu.json --out_dir experiments/results
+
 clean:
-	rm -rf $(VENV) .venv-lock build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-cuda .venv-tpu .venv-lock build *.egg-info .pytest_cache

@@ -3,6 +3,8 @@ r"""Train, evaluate, sample from or dry-run a config; or run a sweep.
   python launch.py --config=configs/mqar.py:mamba2,tiny --workdir=workdirs/m \
       --config.train.lr=1e-3
   python launch.py --config=configs/mqar.py --workdir=workdirs/m --dry_run
+  python launch.py --config=configs/mqar.py --workdir=workdirs/m --dry_run \
+      --target=h200
   python launch.py --workdir=workdirs/m --mode=eval [--step=1000]
   python launch.py --workdir=workdirs/text --mode=sample --prompt="It was"
   python launch.py --sweep=experiments/matched_budget.py:tiny \
@@ -34,8 +36,10 @@ from ml_collections import config_flags
 
 from sessa_jax import loading
 from sessa_jax import sampling
+from sessa_jax import targets
 from sessa_jax.train import sharding
 from sessa_jax.train import sweep
+from sessa_jax.train import target_compile
 from sessa_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -51,6 +55,11 @@ _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Build the model and optimizer, compile one train step "
     "on the configured mesh, print its memory and FLOPs per device, and exit "
     "without training or writing checkpoints.")
+_TARGET = flags.DEFINE_string(
+    "target", None, "With --dry_run: compile for this chip instead of the "
+    "local devices, without it: h200, h100, a100, or a TPU topology such as "
+    "v5e:2x2, v6e:4x4, v5p:2x2x2 (the mesh spans all its chips). Needs the "
+    "target's compiler: `make dry-run TARGET=...` installs it.")
 _STEP = flags.DEFINE_integer(
     "step", None, "Checkpoint step for --mode=eval/sample (default: newest).")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (--mode=sample).")
@@ -138,6 +147,12 @@ def _run(argv) -> int:
     # Library INFO logs (orbax, XLA) would bury the progress bar;
     # --verbosity=0 brings them back.
     logging.set_verbosity(logging.WARNING)
+  target = None
+  if _TARGET.value is not None:
+    if not _DRY_RUN.value or _SWEEP.value:
+      raise app.UsageError("--target compiles a --dry_run of one --config")
+    target = targets.parse(_TARGET.value)
+    target_compile.prepare(target)
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, auto=_DISTRIBUTED.value)
   if _SWEEP.value:
@@ -158,7 +173,8 @@ def _run(argv) -> int:
   else:
     raise app.UsageError("pass --config=configs/<file>.py[:arg] (or --sweep)")
   if _DRY_RUN.value:
-    trainer.dry_run(config, _WORKDIR.value, overrides=overrides)
+    trainer.dry_run(config, _WORKDIR.value, overrides=overrides,
+                    target=target)
     return 0
   if _MODE.value == "train":
     summary = trainer.train(config, _WORKDIR.value, force=_FORCE.value,

@@ -165,19 +165,22 @@ def _layer_flops(cfg, t):
   return budget.flops_per_token(one, t) - 2.0 * cfg.d_model * cfg.vocab_size
 
 
-def layer_step(cfg, batch, t):
+def layer_step(cfg, batch, t, abstract=False):
   """A jitted MixerBlock forward+backward for `cfg` and its (params, x).
 
   The input is random in `cfg.dtype`; the loss is the float32 mean square of
-  the block's output; gradients flow to the parameters and the input.
+  the block's output; gradients flow to the parameters and the input. With
+  `abstract`, (params, x) are shapes only (for a compile).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sessa_jax.models import MixerBlock  # pylint: disable=g-import-not-at-top
-  graphdef, params = nnx.split(MixerBlock(cfg, rngs=nnx.Rngs(0)))
-  x = jax.random.normal(jax.random.key(1), (batch, t, cfg.d_model),
-                        jnp.dtype(cfg.dtype))
+  make = lambda: MixerBlock(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(nnx.eval_shape(make) if abstract else make())
+  x = jax.ShapeDtypeStruct((batch, t, cfg.d_model), jnp.dtype(cfg.dtype))
+  if not abstract:
+    x = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
 
   @jax.jit
   def step(params, x):

@@ -28,6 +28,14 @@ H100/H200:
    tokens/s per T, and the Pallas compile time at the longest T and its
    ratio to the shortest's.
 
+Before any of that it compiles the Pallas solve (forward+backward, float32
+and bfloat16) and the Sessa MixerBlock for the GPU it runs on, with the
+kernel tiles chosen for that GPU (`feedback_pallas.kernel_tilings`), and
+stops at once if one fails, so a lent GPU is not spent finding that out.
+`--target=h200` runs only that step, as a deviceless compile on a CPU with
+the CUDA compiler installed (`.venv-cuda`, made by `make dry-run`): run it
+before renting the GPU.
+
 `--dry_run` runs the same code on CPU with tiny shapes, the kernels in
 interpret mode and cuDNN skipped; the test suite uses it.
 """
@@ -50,6 +58,7 @@ if str(ROOT) not in sys.path:  # Run as a script from a checkout.
   sys.path.insert(0, str(ROOT))
 
 from experiments import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sessa_jax import targets  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sessa_jax.kernels import blocks  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sessa_jax.kernels import feedback_chunked  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sessa_jax.kernels import feedback_pallas  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -71,6 +80,13 @@ def _inputs(b, t, width, dtype, seed=0):
   f = jax.random.normal(keys[3], (b, t, width), jnp.float32)
   cot = jax.random.normal(keys[4], (b, t, width), jnp.float32)
   return [x.astype(dtype) for x in (q, k, gamma, f, cot)]
+
+
+def _input_shapes(b, t, width, dtype):
+  """The (q, k, gamma, f, cotangent) shapes of `_inputs`."""
+  return [jax.ShapeDtypeStruct(s, dtype) for s in
+          [(b, t, width), (b, t, width), (b, t), (b, t, width),
+           (b, t, width)]]
 
 
 def _value_and_grads(solve):
@@ -143,6 +159,55 @@ def check_correctness(b, t, width, chunk, interpret, dtype, impl="pallas"):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     errors[name] = float(np.max(np.abs(x - y)) / np.max(np.abs(y)))
   return errors
+
+
+def preflight(b, t, width, heads, chunk, target=None, device=None) -> list:
+  """Compiles the Pallas solve and a Sessa MixerBlock, as the check will.
+
+  Args:
+    b, t, width, heads, chunk: the check's shapes.
+    target: compile deviceless for this target name (on a CPU with the
+      CUDA compiler) instead of the local GPU.
+    device: unused unless `target`: one of its devices (filled in here).
+
+  Returns:
+    One row per case: `case`, `ok`, `compile_s` or `error` (one line).
+  """
+  from sessa_jax.train import target_compile  # pylint: disable=g-import-not-at-top
+  chip = targets.parse(target) if target else targets.local()
+  if target:
+    target_compile.prepare(chip)
+    device = target_compile.devices(chip)[0]
+  sharding = (jax.sharding.SingleDeviceSharding(device) if device is not None
+              else None)
+
+  def abstract(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  cases = {f"pallas solve {dtype} T={t}": lambda dtype=dtype: (
+      _value_and_grads(_solvers(chunk, False)["pallas"]),
+      [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in _input_shapes(
+          b, t, width, jnp.dtype(dtype))])
+           for dtype in TOLERANCE}
+  cases[f"sessa block bfloat16 T={t}"] = lambda: bench.layer_step(
+      ModelConfig(mixer="sessa", d_model=width, n_heads=heads, n_layers=1,
+                  dtype="bfloat16", feedback_impl="pallas",
+                  feedback_chunk=chunk), b, t, abstract=True)
+  rows = []
+  for case, build in cases.items():
+    row = {"case": case, "target": chip.name}
+    start = time.perf_counter()
+    try:
+      with target_compile.compiling(chip, device):
+        fn, args = build()
+        fn.lower(*jax.tree.map(abstract, args)).compile()
+      row["ok"], row["compile_s"] = True, time.perf_counter() - start
+    except Exception as e:  # pylint: disable=broad-except
+      lines = str(e).strip().splitlines() or [repr(e)]
+      row["ok"], row["error"] = False, f"{type(e).__name__}: {lines[0]}"
+    print(row, flush=True)
+    rows.append(row)
+  return rows
 
 
 def ratios(result) -> dict:
@@ -241,11 +306,24 @@ def main(argv=None):
                       help="comma-separated T values to time layers at")
   parser.add_argument("--budget_s", type=float, default=240.0,
                       help="stop starting new timings after this many seconds")
+  parser.add_argument("--target", default=None,
+                      help="only compile the check's kernels for this GPU "
+                           "(h200, h100, a100) on this CPU, then exit")
   args = parser.parse_args(argv)
 
+  if args.target:
+    from sessa_jax.train import target_compile  # pylint: disable=g-import-not-at-top
+    try:
+      rows = preflight(2, 1024, 256, 4, None, target=args.target)
+    except (target_compile.CompilerMissing, ValueError) as e:
+      parser.exit(1, f"gpu_check.py: error: {e}\n")
+    print("every case compiles" if all(r["ok"] for r in rows)
+          else "a case does not compile")
+    return 0 if all(r["ok"] for r in rows) else 1
   on_gpu = jax.default_backend() == "gpu"
   if not on_gpu and not args.dry_run:
-    parser.error("no GPU found; use --dry_run to exercise the script on CPU")
+    parser.error("no GPU found; use --dry_run to exercise the script on CPU, "
+                 "or --target=h200 to compile for one")
   if args.dry_run:
     b, width, heads, chunk = 1, 32, 4, 16
     checks = [(40, "float32"), (37, "float32"), (64, "bfloat16")]
@@ -277,6 +355,7 @@ def main(argv=None):
       "config": {"batch": b, "width": width, "heads": heads,
                  "chunk": pallas_chunk, "tile": tiles,
                  "timing_dtype": "bfloat16", "tolerance": TOLERANCE},
+      "preflight": [],
       "correctness": [],
       "timings": [],
       "layers": [],
@@ -295,6 +374,13 @@ def main(argv=None):
 
   def over_budget():
     return time.time() - started > args.budget_s
+
+  if on_gpu:
+    result["preflight"] = preflight(b, 1024, width, heads, chunk)
+    save()
+    if not all(r["ok"] for r in result["preflight"]):
+      print("a case does not compile for this GPU; see gpu_check.json")
+      return 1
 
   for t, dtype in checks:
     row = {"t": t, "dtype": dtype}
@@ -359,7 +445,8 @@ def main(argv=None):
   print("ratios:", json.dumps(result["ratios"], indent=1))
   print(f"wrote {out_dir}/gpu_check.{{json,md}} in "
         f"{time.time() - started:.0f} s")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -6,8 +6,9 @@ the SSD's state passing) follow `active()`: the target set by
 (`sessa_jax.train.target_compile`) sets it to an H200 or a TPU slice while
 the process itself runs on CPU.
 
-Target names: `h200`, `h100`, `a100` (one GPU) and TPU topologies
-`<generation>:<chips>` such as `v5e:2x2`, `v6e:4x4`, `v5p:2x2x2`, `v4:2x2x1`.
+Target names: `h200`, `h100`, `a100` (one GPU), `h200x8` (8 GPUs of one
+host), and TPU topologies `<generation>:<chips>` such as `v5e:2x2`,
+`v6e:4x4`, `v5p:2x2x2`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class Target:
     memory_bytes: device memory per chip (None: unknown).
     smem_bytes: GPU only: shared memory one thread block may use (opt-in).
     compute_capability: GPU only: e.g. (9, 0).
-    topology: TPU only: the chips' arrangement, e.g. `2x2`.
+    topology: TPU: the chips' arrangement, e.g. `2x2`; GPU: XLA's
+      `slices x hosts x GPUs per host`, e.g. `1x1x8`.
     chips: chips the target spans.
   """
   name: str
@@ -67,12 +69,11 @@ GPUS = {
 # whose name is not in GPUS.
 SMEM_BY_CAPABILITY = {(9, 0): 232_448, (8, 0): 166_912, (8, 6): 101_376,
                       (8, 9): 101_376, (7, 5): 65_536, (7, 0): 98_304}
-# HBM per chip of each TPU generation, and the TPU_ACCELERATOR_TYPE prefix
-# libtpu expects for it.
-TPUS = {"v4": (32 << 30, "v4"), "v5e": (16 << 30, "v5litepod"),
-        "v5p": (95 << 30, "v5p"), "v6e": (32 << 30, "v6e")}
+# HBM per chip of each TPU generation.
+TPUS = {"v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
 
 _ACTIVE = contextvars.ContextVar("sessa_jax_target", default=None)
+_TRACED = contextvars.ContextVar("sessa_jax_traced_kernels", default=None)
 
 
 def _chip_count(topology: str) -> int:
@@ -89,21 +90,22 @@ def parse(name: str) -> Target:
     ValueError: naming the choices when `name` is not a known target.
   """
   key = name.strip().lower()
-  if key in GPUS:
-    spec = GPUS[key]
+  gpu, _, count = key.partition("x")
+  if gpu in GPUS and (not count or count.isdigit() and int(count) > 0):
+    spec, chips = GPUS[gpu], int(count or 1)
     return Target(key, "gpu", spec.memory_bytes, spec.smem_per_block_optin,
-                  spec.compute_capability)
+                  spec.compute_capability, f"1x1x{chips}", chips)
   generation, _, topology = key.partition(":")
   if generation in TPUS and topology:
     parts = topology.split("x")
     if len(parts) in (2, 3) and all(p.isdigit() and int(p) > 0
                                     for p in parts):
-      return Target(key, "tpu", TPUS[generation][0], topology=topology,
+      return Target(key, "tpu", TPUS[generation], topology=topology,
                     chips=_chip_count(topology))
   raise ValueError(
-      f"target {name!r} is not one of: {', '.join(GPUS)}, or a TPU "
-      f"topology <generation>:<chips> with generation one of "
-      f"{', '.join(TPUS)} (e.g. v5e:2x2, v5p:2x2x2)")
+      f"target {name!r} is not one of: {', '.join(GPUS)} (one GPU; "
+      f"h200x8: 8 of one host), or a TPU topology <generation>:<chips> "
+      f"with generation one of {', '.join(TPUS)} (e.g. v5e:2x2, v5p:2x2x2)")
 
 
 def local() -> Target:
@@ -135,9 +137,33 @@ def platform() -> str:
 
 @contextlib.contextmanager
 def compiling_for(target: Target | str):
-  """Within the block, kernels are chosen (and traced) for `target`."""
+  """Within the block, kernels are chosen (and traced) for `target`.
+
+  Pallas kernels traced inside are listed by `traced_kernels`, so that a
+  compile failure can be pinned on one of them.
+  """
   token = _ACTIVE.set(parse(target) if isinstance(target, str) else target)
+  traced = _TRACED.set([])
   try:
     yield
   finally:
+    _TRACED.reset(traced)
     _ACTIVE.reset(token)
+
+
+def traced(name: str, call):
+  """`call` (a pallas_call), noting its operands' shapes when traced inside
+  `compiling_for`."""
+  def wrapper(*operands):
+    log = _TRACED.get()
+    if log is not None:
+      log.append((name, call, [jax.ShapeDtypeStruct(x.shape, x.dtype)
+                               for x in operands]))
+    return call(*operands)
+  return wrapper
+
+
+def traced_kernels() -> list:
+  """(name, pallas_call, operand shapes) of each kernel traced so far
+  inside `compiling_for`; empty outside it."""
+  return list(_TRACED.get() or [])

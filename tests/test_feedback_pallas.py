@@ -12,6 +12,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxpr_sizes import equations
+from sessa_jax import targets
 from sessa_jax.kernels import feedback, feedback_pallas, feedback_pallas_gpu
 from sessa_jax.kernels import feedback_ref
 
@@ -116,51 +117,51 @@ def test_pallas_rejects_illegal_tiles():
     feedback_pallas.feedback_solve_pallas(*args, backend="cuda")
 
 
-H200_SMEM, A100_SMEM = 232_448, 166_912
-
-
-@pytest.mark.parametrize("smem", [H200_SMEM, A100_SMEM])
+@pytest.mark.parametrize("target", ["h200", "a100"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("width", [32, 128, 200, 256, 384, 512])
-def test_gpu_tilings_fit_shared_memory_and_divide_the_chunk(smem, dtype,
+def test_gpu_tilings_fit_shared_memory_and_divide_the_chunk(target, dtype,
                                                             width):
   gpu = feedback_pallas_gpu
-  tilings = feedback_pallas.kernel_tilings(
-      "gpu", 256, width, jnp.dtype(dtype), jnp.float32, smem)
+  chip = targets.parse(target)
+  gpu_arch = gpu.arch(chip.compute_capability)
+  with targets.compiling_for(chip):
+    tilings = feedback_pallas.kernel_tilings(
+        "gpu", 256, width, jnp.dtype(dtype), jnp.float32)
   assert set(tilings) == set(gpu.KERNELS)
+  padded = gpu.feature_width(width)
   for name, (tile, stages) in tilings.items():
     itemsize = 4 if name.startswith("leaf") else jnp.dtype(dtype).itemsize
-    need = gpu.smem_estimate(name, gpu.Tiling(tile, stages),
-                             gpu.feature_width(width), itemsize)
+    need = gpu.smem_estimate(name, gpu.Tiling(tile, stages), padded,
+                             itemsize, gpu_arch)
     assert 256 % tile == 0 and 16 <= tile <= gpu.MAX_TILE
-    assert need <= smem
+    assert need <= chip.smem_bytes
     # Nothing larger fits: a bigger tile, or more stages at this tile.
     bigger = [gpu.Tiling(t, s) for t in (32, 64) if t > tile
               for s in (1, 2)] + [gpu.Tiling(tile, stages + 1)]
     for plan in bigger:
       if plan.stages <= (2 if itemsize == 2 else 1):
-        assert gpu.smem_estimate(name, plan, gpu.feature_width(width),
-                                 itemsize) > smem
+        assert gpu.smem_estimate(name, plan, padded, itemsize,
+                                 gpu_arch) > chip.smem_bytes
 
 
 def test_gpu_tilings_for_the_h200_and_the_chunk():
-  bf16 = feedback_pallas.kernel_tilings("gpu", 256, 256, jnp.dtype(
-      jnp.bfloat16), jnp.float32, H200_SMEM)
-  # The bfloat16 column pass drops to one stage (two asked for 263,168).
-  assert bf16["rect_col"] == (64, 1) and bf16["rect_apply"] == (64, 2)
-  a100 = feedback_pallas.kernel_tilings("gpu", 256, 256, jnp.dtype(
-      jnp.bfloat16), jnp.float32, A100_SMEM)
-  assert a100["rect_col"] == (64, 1)
-  small = feedback_pallas.kernel_tilings("gpu", 96, 32, jnp.dtype(
-      jnp.float32), jnp.float32, H200_SMEM)
-  assert {t for t, _ in small.values()} == {32}  # The largest dividing 96.
-  tpu = feedback_pallas.kernel_tilings("tpu", 96, 256, jnp.dtype(
-      jnp.float32), jnp.float32)
+  bf16, f32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+  with targets.compiling_for("h200"):
+    h200 = feedback_pallas.kernel_tilings("gpu", 256, 256, bf16, f32)
+    # The bfloat16 column pass drops to one stage (two asked for 263,168).
+    assert h200["rect_col"] == (64, 1) and h200["rect_apply"] == (64, 2)
+    small = feedback_pallas.kernel_tilings("gpu", 96, 32, f32, f32)
+    assert {t for t, _ in small.values()} == {32}  # The largest dividing 96.
+    with pytest.raises(ValueError, match="row_stats: no tile of chunk=256 "
+                                         "fits 100,000 bytes"):
+      feedback_pallas.kernel_tilings("gpu", 256, 1024, f32, f32, 100_000)
+  with targets.compiling_for("a100"):
+    # Ampere's one-stage 64-row column pass asks for 172,032 > 166,912.
+    a100 = feedback_pallas.kernel_tilings("gpu", 256, 256, bf16, f32)
+    assert a100["rect_col"] == (32, 2)
+  tpu = feedback_pallas.kernel_tilings("tpu", 96, 256, f32, f32)
   assert set(tpu.values()) == {(32, 1)}
-  with pytest.raises(ValueError, match="row_stats: no tile of chunk=256 fits "
-                                       "100,000 bytes"):
-    feedback_pallas.kernel_tilings("gpu", 256, 1024, jnp.dtype(jnp.float32),
-                                   jnp.float32, 100_000)
 
 
 @pytest.mark.parametrize("backend,calls", [("gpu", 7), ("tpu", 8)])

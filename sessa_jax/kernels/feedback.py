@@ -28,6 +28,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from sessa_jax import mesh_axes
+from sessa_jax import targets
 from sessa_jax.kernels import feedback_chunked
 from sessa_jax.kernels import feedback_ref
 
@@ -36,13 +37,13 @@ IMPLS = ("auto", "dense", "chunked", "pallas")
 
 
 def resolve_impl(impl: str) -> str:
-  """Maps `auto` to the implementation used on the default backend."""
+  """Maps `auto` to the implementation for the active target's platform."""
   if impl not in IMPLS:
     raise ValueError(
         f"feedback_solve impl={impl!r} is not one of: {', '.join(IMPLS)}")
   if impl != "auto":
     return impl
-  return "chunked" if jax.default_backend() == "cpu" else "pallas"
+  return "chunked" if targets.platform() == "cpu" else "pallas"
 
 
 def _solve_local(q_fb, k_fb, gamma, f, *, impl, chunk, scale):

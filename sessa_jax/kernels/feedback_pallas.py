@@ -129,21 +129,24 @@ def kernel_tilings(backend: str, chunk: int, width: int, mm_dtype,
     mm_dtype: the matmul operands' dtype.
     compute_dtype: the solve's compute dtype (float32 or float64).
     smem_bytes: GPU shared memory per block; defaults to the active
-      target's (an H200's when it is no GPU).
+      target's (an H200's when it is no GPU). The shared memory each tiling
+      asks for is estimated for the active target's architecture.
   """
   if backend == "tpu":
     tile = math.gcd(chunk, TPU_TILE)
     names = feedback_pallas_tpu.KERNELS
     return {name: (tile, 1) for name in names}
+  chip = targets.active()
   if smem_bytes is None:
-    smem_bytes = targets.active().smem_bytes or DEFAULT_GPU_SMEM
+    smem_bytes = chip.smem_bytes or DEFAULT_GPU_SMEM
   gpu = feedback_pallas_gpu
+  gpu_arch = gpu.arch(chip.compute_capability)
   padded = gpu.feature_width(width)
   out = {}
   for name in gpu.KERNELS:
     dtype = compute_dtype if name.startswith("leaf") else mm_dtype
     plan = gpu.tiling(name, chunk, padded, jnp.dtype(dtype).itemsize,
-                      smem_bytes)
+                      smem_bytes, gpu_arch)
     out[name] = (plan.tile, plan.stages)
   return out
 

@@ -47,6 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from sessa_jax import targets
 from sessa_jax.kernels.blocks import acc_dtype, tile_dot
 
 # Least programs per batch row of a rectangle launch: with B = 2, about two
@@ -62,27 +63,48 @@ KERNELS = ("row_stats", "rect_apply", "rect_col", "leaf_solve",
 # measured on an H200 (K = D = 256).
 MAX_TILE = 64
 # Shared memory a kernel's Triton program asks for, in bytes per byte of one
-# (tile, feature width) operand tile, keyed (operand itemsize 2 or 4,
-# pipeline stages, tile): the largest ratio measured by deviceless compiles
-# (jaxlib 0.10.2, sm_90 target; `make test-targets` checks the tilings it
-# gives on H200 and A100 targets) over padded feature widths 128, 256, 512.
-# The leaf kernels' operands are float32 (the compute dtype), one stage.
+# (tile, feature width) operand tile, by GPU architecture (Hopper's and
+# Ampere's Triton layouts differ), keyed (operand itemsize 2 or 4, pipeline
+# stages, tile): the largest ratio measured by deviceless compiles (jaxlib
+# 0.10.2, H200 and A100 targets) over padded feature widths 128, 256 and 512,
+# with float32 accumulators (`make test-targets` checks the tilings they
+# give). The leaf kernels' operands are float32 (the compute dtype).
+_LEAF = {(4, 1, 16): 1, (4, 1, 32): 1, (4, 1, 64): 1}
 SMEM_PER_TILE_BYTE = {
-    "row_stats": {(4, 1, 16): 2.0, (4, 1, 32): 2.0, (4, 1, 64): 2.0,
-                  (2, 1, 16): 2.0, (2, 1, 32): 2.0, (2, 1, 64): 2.0,
-                  (2, 2, 16): 2.032, (2, 2, 32): 2.063, (2, 2, 64): 3.032},
-    "rect_apply": {(4, 1, 16): 2.0, (4, 1, 32): 2.0, (4, 1, 64): 2.0,
-                   (2, 1, 16): 2.125, (2, 1, 32): 2.25, (2, 1, 64): 2.0,
-                   (2, 2, 16): 3.125, (2, 2, 32): 3.25, (2, 2, 64): 5.0},
-    "rect_col": {(4, 1, 16): 5.0, (4, 1, 32): 5.0, (4, 1, 64): 5.5,
-                 (2, 1, 16): 5.125, (2, 1, 32): 5.25, (2, 1, 64): 4.5,
-                 (2, 2, 16): 7.063, (2, 2, 32): 6.063, (2, 2, 64): 8.063},
-    "leaf_solve": {(4, 1, 16): 1.0, (4, 1, 32): 1.0, (4, 1, 64): 1.0},
-    "leaf_adjoint": {(4, 1, 16): 1.0, (4, 1, 32): 1.0, (4, 1, 64): 1.0},
+    "sm_90": {
+        "row_stats": {(2, 1, 16): 2, (2, 1, 32): 2, (2, 1, 64): 2,
+                      (2, 2, 16): 2.032, (2, 2, 32): 2.063, (2, 2, 64): 3.032,
+                      (4, 1, 16): 2, (4, 1, 32): 2, (4, 1, 64): 2},
+        "rect_apply": {(2, 1, 16): 2.125, (2, 1, 32): 2.25, (2, 1, 64): 2,
+                       (2, 2, 16): 3.125, (2, 2, 32): 3.25, (2, 2, 64): 5,
+                       (4, 1, 16): 2, (4, 1, 32): 2, (4, 1, 64): 2},
+        "rect_col": {(2, 1, 16): 5.125, (2, 1, 32): 5.25, (2, 1, 64): 4.5,
+                     (2, 2, 16): 7.063, (2, 2, 32): 6.063, (2, 2, 64): 8.063,
+                     (4, 1, 16): 5, (4, 1, 32): 5, (4, 1, 64): 5.5},
+        "leaf_solve": _LEAF, "leaf_adjoint": _LEAF},
+    "sm_80": {
+        "row_stats": {(2, 1, 16): 2, (2, 1, 32): 2, (2, 1, 64): 1.5,
+                      (2, 2, 16): 2.032, (2, 2, 32): 2.063, (2, 2, 64): 2.063,
+                      (4, 1, 16): 2, (4, 1, 32): 2, (4, 1, 64): 1.5},
+        "rect_apply": {(2, 1, 16): 2.125, (2, 1, 32): 2.25, (2, 1, 64): 2.5,
+                       (2, 2, 16): 3.125, (2, 2, 32): 3.25, (2, 2, 64): 3.5,
+                       (4, 1, 16): 2, (4, 1, 32): 2, (4, 1, 64): 2},
+        "rect_col": {(2, 1, 16): 5.125, (2, 1, 32): 5.25, (2, 1, 64): 5.5,
+                     (2, 2, 16): 7.063, (2, 2, 32): 7.063, (2, 2, 64): 6.063,
+                     (4, 1, 16): 5, (4, 1, 32): 5, (4, 1, 64): 5},
+        "leaf_solve": _LEAF, "leaf_adjoint": _LEAF},
 }
 # Bytes allowed beyond the table's estimate (per-row vectors of narrow
 # widths, below the widths measured).
 SMEM_SLACK = 1024
+
+
+def arch(compute_capability: tuple[int, int] | None) -> str:
+  """The `SMEM_PER_TILE_BYTE` table of a GPU: Hopper's for 9.x and unknown
+  GPUs, Ampere's for older ones."""
+  if compute_capability is None or compute_capability[0] >= 9:
+    return "sm_90"
+  return "sm_80"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +119,8 @@ def feature_width(width: int) -> int:
   return max(16, 1 << (width - 1).bit_length())
 
 
-def smem_estimate(kernel: str, tiling: Tiling, width: int,
-                  itemsize: int) -> int | None:
+def smem_estimate(kernel: str, tiling: Tiling, width: int, itemsize: int,
+                  gpu_arch: str = "sm_90") -> int | None:
   """Shared memory (bytes) `kernel` asks for; None when not tabulated.
 
   Args:
@@ -108,8 +130,9 @@ def smem_estimate(kernel: str, tiling: Tiling, width: int,
     itemsize: bytes per element of the kernel's matmul operands (the
       compute dtype's for the leaf kernels); 8-byte operands scale the
       4-byte ratios.
+    gpu_arch: `sm_90` or `sm_80` (`arch`).
   """
-  ratio = SMEM_PER_TILE_BYTE[kernel].get(
+  ratio = SMEM_PER_TILE_BYTE[gpu_arch][kernel].get(
       (2 if itemsize <= 2 else 4, tiling.stages, tiling.tile))
   if ratio is None:
     return None
@@ -117,7 +140,7 @@ def smem_estimate(kernel: str, tiling: Tiling, width: int,
 
 
 def tiling(kernel: str, chunk: int, width: int, itemsize: int,
-           smem_bytes: int) -> Tiling:
+           smem_bytes: int, gpu_arch: str = "sm_90") -> Tiling:
   """The largest tile (then the most stages) of `kernel` that fits.
 
   Tiles are powers of two from `MAX_TILE` down to 16 that divide `chunk`;
@@ -131,6 +154,7 @@ def tiling(kernel: str, chunk: int, width: int, itemsize: int,
     width: the padded feature width (the larger of K and D).
     itemsize: bytes per element of the kernel's operands.
     smem_bytes: the target's shared memory per block.
+    gpu_arch: `sm_90` or `sm_80` (`arch`).
 
   Raises:
     ValueError: naming the kernel, the smallest request and the limit when
@@ -143,7 +167,8 @@ def tiling(kernel: str, chunk: int, width: int, itemsize: int,
   needs = []
   for tile in tiles:
     for stages in range(2 if itemsize <= 2 else 1, 0, -1):
-      need = smem_estimate(kernel, Tiling(tile, stages), width, itemsize)
+      need = smem_estimate(kernel, Tiling(tile, stages), width, itemsize,
+                           gpu_arch)
       if need <= smem_bytes:
         return Tiling(tile, stages)
       needs.append(need)
@@ -155,13 +180,20 @@ def tiling(kernel: str, chunk: int, width: int, itemsize: int,
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, stages,
-          aliases=None):
-  """The pallas_call, with `stages` Triton pipeline stages."""
-  return pl.pallas_call(
+          aliases=None, name=None):
+  """The pallas_call, with `stages` Triton pipeline stages.
+
+  Named `name` (default: the kernel function's) in compile reports, with
+  its tile height and stages.
+  """
+  name = name or kernel.func.__name__.strip("_").removesuffix("_kernel")
+  block = kernel.keywords["block"]
+  return targets.traced(f"{name} (gpu, tile {block}, {stages} stage"
+                        f"{'s' if stages > 1 else ''})", pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, input_output_aliases=aliases or {},
       compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=stages),
-      interpret=bool(interpret))
+      interpret=bool(interpret), name=name))
 
 
 def _block(width, block):
@@ -203,7 +235,7 @@ def _causal_key_count(r, group):
   return (r // group) * group
 
 
-def _stats_kernel(q_ref, k_ref, lse_ref, *, block, group, scale):
+def _row_stats_kernel(q_ref, k_ref, lse_ref, *, block, group, scale):
   r = pl.program_id(1)
   q = q_ref[...]
 
@@ -224,7 +256,7 @@ def row_stats(q_btk, k_btk, *, block, group, scale, interpret, stages=1):
   """Row log-sum-exps over keys of earlier groups, -inf where none: (B, T)."""
   b, t, kd = q_btk.shape
   return _call(
-      functools.partial(_stats_kernel, block=block, group=group,
+      functools.partial(_row_stats_kernel, block=block, group=group,
                         scale=scale),
       (b, t // block), [_block(kd, block), _whole(k_btk)],
       _vec_block(block), jax.ShapeDtypeStruct((b, t), acc_dtype(q_btk)),
@@ -404,8 +436,8 @@ def _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, block,
       (b, c // block), [_INDEX] + [_whole(x) for x in operands[1:]],
       [_whole(x) for x in outs],
       [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
-      interpret, stages,
-      aliases={5 + k: k for k in range(len(outs))})(*operands))
+      interpret, stages, aliases={5 + k: k for k in range(len(outs))},
+      name="leaf_adjoint" if transpose else "leaf_solve")(*operands))
 
 
 def leaf_solve(index, inv_bncc, f_btd, gamma_bt, ctx_btd, s_outs, *, block,

@@ -38,6 +38,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from sessa_jax import targets
 from sessa_jax.kernels.blocks import acc_dtype, tile_dot
 
 DQ_IN_COLUMN_PASS = False
@@ -55,6 +56,12 @@ def _interpret(interpret):
   if isinstance(interpret, pltpu.InterpretParams):
     return interpret
   return pltpu.InterpretParams() if interpret else False
+
+
+def _name(kernel) -> str:
+  """A kernel's name for compile reports: `rect_col (tpu)`."""
+  name = getattr(kernel, "func", kernel).__name__
+  return name.strip("_").removesuffix("_kernel") + " (tpu)"
 
 
 def _logits(q_ref, k_ref, scale):
@@ -110,12 +117,12 @@ def _causal_call(kernel, operands, row_operands, out_width, acc, scratch,
       in_specs=[spec(x.shape[-1], row if is_row else key)
                 for x, is_row in zip(operands, row_operands)],
       out_specs=spec(out_width, row), scratch_shapes=scratch)
-  return pl.pallas_call(
+  return targets.traced(_name(kernel), pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=jax.ShapeDtypeStruct((b, t, out_width), acc),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary")),
-      interpret=_interpret(interpret))(*pairs, *operands)
+      interpret=_interpret(interpret)))(*pairs, *operands)
 
 
 def _step_flags(flags_ref):
@@ -128,7 +135,7 @@ def _step_flags(flags_ref):
 # Row log-sum-exp over the key blocks of earlier groups.
 
 
-def _stats_kernel(rows_ref, keys_ref, flags_ref, q_ref, k_ref, lse_ref, m_sc,
+def _row_stats_kernel(rows_ref, keys_ref, flags_ref, q_ref, k_ref, lse_ref, m_sc,
                   l_sc, *, scale):
   del rows_ref, keys_ref
   first, last, visible = _step_flags(flags_ref)
@@ -157,7 +164,7 @@ def row_stats(q_btk, k_btk, *, block, group, scale, interpret):
   """Row log-sum-exps over keys of earlier groups, -inf where none: (B, T)."""
   acc = acc_dtype(q_btk)
   lse = _causal_call(
-      functools.partial(_stats_kernel, scale=scale), (q_btk, k_btk),
+      functools.partial(_row_stats_kernel, scale=scale), (q_btk, k_btk),
       (True, False), 1, acc,
       [pltpu.VMEM((block, 1), acc), pltpu.VMEM((block, 1), acc)], block,
       group, interpret)
@@ -174,7 +181,7 @@ def _rect_call(kernel, sched, grid, in_specs, out_specs, outs, scratch,
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
       out_specs=out_specs, scratch_shapes=scratch)
-  return pl.pallas_call(
+  return targets.traced(_name(kernel), pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
       input_output_aliases=aliases,
@@ -182,8 +189,7 @@ def _rect_call(kernel, sched, grid, in_specs, out_specs, outs, scratch,
       # needs parallel extents when tracing); the batch axis stays parallel.
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-      interpret=_interpret(interpret))(
-          sched, *operands)
+      interpret=_interpret(interpret)))(sched, *operands)
 
 
 _ROWS, _KEYS = 0, 2  # Where each side's first tile sits in the schedule.
@@ -294,7 +300,7 @@ def rect_col(sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
 # Rows gather from keys: dq_t = sum_j dlogit_tj k_j.
 
 
-def _grad_kernel(rows_ref, keys_ref, flags_ref, q_ref, k_ref, s_ref, w_ref,
+def _row_grad_kernel(rows_ref, keys_ref, flags_ref, q_ref, k_ref, s_ref, w_ref,
                  delta_ref, lse_ref, dq_ref, dq_sc, *, scale):
   del rows_ref, keys_ref
   first, last, visible = _step_flags(flags_ref)
@@ -321,7 +327,7 @@ def row_grad(q_btk, k_btk, s_btd, w_btd, delta_bt, lse_bt, *, block, group,
   acc = acc_dtype(q_btk)
   kd = q_btk.shape[-1]
   return _causal_call(
-      functools.partial(_grad_kernel, scale=scale),
+      functools.partial(_row_grad_kernel, scale=scale),
       (q_btk, k_btk, s_btd, w_btd, delta_bt[..., None], lse_bt[..., None]),
       (True, False, False, True, True, True), kd, acc,
       [pltpu.VMEM((block, kd), acc)], block, group, interpret)
@@ -360,14 +366,17 @@ def _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, transpose,
                 chunk(rhs_btd), chunk(gamma_bt[..., None]), chunk(ctx_btd),
                 *[chunk(x) for x in outs]],
       out_specs=[chunk(x) for x in outs])
-  new = pl.pallas_call(
-      functools.partial(_leaf_kernel, transpose=transpose),
-      grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
-      input_output_aliases={5 + k: k for k in range(len(outs))},
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-      interpret=_interpret(interpret))(
-          index, inv_bncc, rhs_btd, gamma_bt[..., None], ctx_btd, *outs)
+  new = targets.traced(
+      "leaf_adjoint (tpu)" if transpose else "leaf_solve (tpu)",
+      pl.pallas_call(
+          functools.partial(_leaf_kernel, transpose=transpose),
+          grid_spec=grid_spec,
+          out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
+          input_output_aliases={5 + k: k for k in range(len(outs))},
+          compiler_params=pltpu.CompilerParams(
+              dimension_semantics=("parallel",)),
+          interpret=_interpret(interpret)))(
+              index, inv_bncc, rhs_btd, gamma_bt[..., None], ctx_btd, *outs)
   return [y[..., 0] if x.ndim == 2 else y for x, y in zip(flat, new)]
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sessa_jax import targets
+
 IMPLS = ("auto", "chunked", "sequential")
 STATE_PASSING = ("auto", "scan", "matmul")
 # Above this many chunks the matmul form of the state passing (quadratic in
@@ -141,7 +143,7 @@ def ssd_chunked(x_bthp: jax.Array, log_a_bth: jax.Array, b_btn: jax.Array,
              else initial_state.astype(acc))
 
   if state_passing == "auto":
-    on_cpu = jax.default_backend() == "cpu"
+    on_cpu = targets.platform() == "cpu"
     state_passing = "scan" if on_cpu or nc > _MATMUL_MAX_CHUNKS else "matmul"
   if state_passing == "scan":
     starts_bchpn, final_bhpn = _pass_states_scan(s0_bhpn, chunk_states_bchpn,

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sessa_jax import targets
 from sessa_jax.kernels import attention_chunked
 from sessa_jax.models import cached_attention
 from sessa_jax.models import rope
@@ -36,7 +37,7 @@ def resolve_impl(requested: str, dtype: jnp.dtype, head_dim: int,
   if jnp.dtype(dtype) == jnp.float64:
     return "einsum"
   if requested == "auto":
-    backend = jax.default_backend()
+    backend = targets.platform()
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     fits = head_dim % 8 == 0 and head_dim <= 128
     if backend == "gpu" and half and fits:

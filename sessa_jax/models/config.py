@@ -13,6 +13,7 @@ BLOCKS = ("gated", "prenorm_mlp")
 GAMMA_FORMS = ("tanh_bias", "tanh")
 DTYPES = ("float32", "bfloat16", "float64")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")
+REMATS = ("none", "block", "save_dots", "save_dots_no_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,12 @@ class ModelConfig:
     ssm_state: Mamba-2 state size N.
     ssm_conv: Mamba-2 causal depthwise convolution width.
     ssm_chunk: Mamba-2 chunk length of the SSD scan.
+    remat: what each block of the full forward keeps for the backward pass
+      (the rest is recomputed there; prefill and decoding are not
+      rematerialised): `none` keeps every intermediate, `block` only the
+      block's input, `save_dots` every matmul output (batched ones such as
+      the attention scores included) and `save_dots_no_batch` only matmuls
+      without batch dimensions (the projections).
     dtype: compute dtype of activations.
     param_dtype: dtype parameters are stored in.
   """
@@ -83,6 +90,7 @@ class ModelConfig:
   ssm_state: int = 64
   ssm_conv: int = 4
   ssm_chunk: int = 64
+  remat: str = "none"
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -124,7 +132,7 @@ class ModelConfig:
     for key, choices in (("block", BLOCKS), ("gamma_form", GAMMA_FORMS),
                          ("dtype", DTYPES), ("param_dtype", DTYPES),
                          ("attention_impl", ATTENTION_IMPLS),
-                         ("feedback_impl", FEEDBACK_IMPLS)):
+                         ("feedback_impl", FEEDBACK_IMPLS), ("remat", REMATS)):
       checks.one_of("model", key, getattr(self, key), choices)
     checks.at_least("model", self, (
         "vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio",

@@ -14,6 +14,14 @@ from sessa_jax.models.layers import Linear, param
 from sessa_jax.models.norms import LayerNorm
 from sessa_jax.models.partitioning import constrain
 
+# What a rematerialised block saves for the backward pass, per `cfg.remat`.
+_REMAT_POLICIES = {
+    "block": None,  # Only the block's input.
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 class LanguageModel(nnx.Module):
   """Causal language model over any mixer, or a hybrid stack of them.
@@ -51,9 +59,15 @@ class LanguageModel(nnx.Module):
     return jnp.take(table_vd, tokens, axis=0).astype(self._dtype)
 
   def hidden(self, x_btd: jax.Array) -> jax.Array:
-    """All blocks and the final norm: (B, T, D) -> (B, T, D)."""
+    """All blocks and the final norm: (B, T, D) -> (B, T, D).
+
+    Each block is rematerialised as `cfg.remat` says.
+    """
+    forward = MixerBlock.__call__
+    if self.cfg.remat != "none":
+      forward = nnx.remat(forward, policy=_REMAT_POLICIES[self.cfg.remat])
     for block in self.blocks:
-      x_btd = block(x_btd)
+      x_btd = forward(block, x_btd)
     return self.final_norm(x_btd)
 
   def logits(self, h: jax.Array) -> jax.Array:

@@ -54,12 +54,18 @@ def _mib(n: int | float | None) -> str:
   return "?" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
-def format_analysis(stats: dict[str, Any]) -> str:
-  """Two lines for a log: memory per device, then FLOPs."""
+def format_analysis(stats: dict[str, Any],
+                    memory_bytes: int | None = None) -> str:
+  """Two lines for a log: memory per device (against the chip's
+  `memory_bytes`, when known), then FLOPs."""
+  peak = stats["peak_bytes"]
   memory = (f"memory per device: arguments {_mib(stats['argument_bytes'])}, "
             f"outputs {_mib(stats['output_bytes'])}, temporaries "
             f"{_mib(stats['temp_bytes'])}, aliased {_mib(stats['alias_bytes'])}"
-            f", peak {_mib(stats['peak_bytes'])}")
+            f", peak {_mib(peak)}")
+  if memory_bytes and peak is not None:
+    memory += (f" of {memory_bytes / 2**30:,.1f} GiB ({peak / memory_bytes:.0%}"
+               f"; {'fits' if peak <= memory_bytes else 'does NOT fit'})")
   flops = stats["flops"]
   cost = ("FLOPs per device (XLA cost model): "
           + ("?" if flops is None else f"{flops:.4g}"))

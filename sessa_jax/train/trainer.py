@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from sessa_jax import budget
 from sessa_jax import data as data_lib
 from sessa_jax import models
+from sessa_jax import targets
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.train import checkpoint as checkpoint_lib
 from sessa_jax.train import compiled as compiled_lib
@@ -45,12 +46,16 @@ from sessa_jax.train import optimizer as optimizer_lib
 from sessa_jax.train import profiling
 from sessa_jax.train import run_info
 from sessa_jax.train import sharding as sharding_lib
+from sessa_jax.train import target_compile
 from sessa_jax.train import workdir_lock
 from sessa_jax.train.config import TrainConfig
 from sessa_jax.train.processes import RunProcesses
 
 # Sections of config.json that must match to resume in the same workdir.
 RESUME_KEYS = ("model", "data")
+# Keys of those sections that change how a step is computed, not what: a
+# run may resume with another value.
+RESUME_FREE = ("model.remat",)
 # Exit status of a run (or sweep) stopped by SIGTERM after saving a
 # checkpoint: sysexits' EX_TEMPFAIL, "try again later"; relaunch to resume.
 EXIT_PREEMPTED = 75
@@ -297,7 +302,8 @@ def _check_resume(workdir: pathlib.Path, raw: Mapping[str, Any], force: bool
     before, after = old.get(section, {}), new.get(section, {})
     diffs += [f"{section}.{key}: {before.get(key)!r} -> {after.get(key)!r}"
               for key in sorted(set(before) | set(after))
-              if before.get(key) != after.get(key)]
+              if before.get(key) != after.get(key)
+              and f"{section}.{key}" not in RESUME_FREE]
   if diffs and not force:
     raise ValueError(
         f"{path} differs from the given config in {', '.join(RESUME_KEYS)} "
@@ -515,8 +521,13 @@ def abstract_batch(task: data_lib.Task, batch_size: int
           for k, v in example.items()}
 
 
+class DoesNotFit(RuntimeError):
+  """A compiled train step needs more memory per device than the chip has."""
+
+
 def dry_run(config, workdir: str | pathlib.Path | None = None, *,
-            overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+            overrides: Mapping[str, Any] | None = None,
+            target: targets.Target | str | None = None) -> dict[str, Any]:
   """Builds the model and optimizer and compiles one train step; trains nothing.
 
   Lowers and compiles the step on the configured mesh from abstract shapes
@@ -528,24 +539,61 @@ def dry_run(config, workdir: str | pathlib.Path | None = None, *,
     config: the experiment ConfigDict.
     workdir: the run directory (only for the task's cache); may be None.
     overrides: config keys set on top of the config file, for the report.
+    target: compile for this chip (`sessa_jax.targets`: `h200`, `v5e:2x2`,
+      ...) instead of the local devices, without it: the mesh spans all of
+      the target's chips and kernels are chosen for it
+      (`target_compile`).
 
   Returns:
-    The run description (`run_info.describe`) plus `compile_s` and
-    `compiled`: the step's `compiled.analyze` figures per device.
+    The run description (`run_info.describe`) plus `compile_s`, `compiled`
+    (the step's `compiled.analyze` figures per device),
+    `model_flops_per_device` (3 x the forward count; XLA's cost model
+    leaves out Pallas kernels and gives nothing on GPU), and `target`,
+    `memory_bytes` and `fits` (peak per device within the chip's memory).
+
+  Raises:
+    DoesNotFit: when the peak memory per device exceeds the chip's.
+    target_compile.KernelTooLarge: when a kernel does not fit on chip.
   """
-  resolved = setup(config, workdir)
-  tc = resolved.exp.train
-  state_spec = make_state_spec(resolved.model_cfg, tc, resolved.mesh)
-  info = introduce(resolved, state_spec, overrides)
-  step = make_train_step(state_spec, tc, resolved.mesh)
-  start = time.time()
-  compiled = step.lower(state_spec.abstract,
-                        abstract_batch(resolved.task, tc.batch_size)).compile()
+  if isinstance(target, str):
+    target = targets.parse(target)
+  devices = None if target is None else target_compile.devices(target)
+  compiling = (contextlib.nullcontext() if target is None
+               else target_compile.compiling(target, devices[0]))
+  with compiling:
+    resolved = setup(config, workdir, devices)
+    tc = resolved.exp.train
+    state_spec = make_state_spec(resolved.model_cfg, tc, resolved.mesh)
+    info = introduce(resolved, state_spec, overrides)
+    step = make_train_step(state_spec, tc, resolved.mesh)
+    start = time.time()
+    compiled = step.lower(
+        state_spec.abstract,
+        abstract_batch(resolved.task, tc.batch_size)).compile()
   info["compile_s"] = time.time() - start
   info["compiled"] = compiled_lib.analyze(compiled)
+  # Forward + backward, about 3x the forward (`budget.flops_per_token`).
+  info["model_flops_per_device"] = (3 * info["flops_per_token"]
+                                    * info["tokens_per_step"]
+                                    / resolved.mesh.devices.size)
+  chip = target or targets.local()
+  info["target"], info["memory_bytes"] = chip.name, chip.memory_bytes
+  peak = info["compiled"]["peak_bytes"]
+  info["fits"] = (None if peak is None or chip.memory_bytes is None
+                  else peak <= chip.memory_bytes)
   if resolved.processes.is_primary:
-    print(f"one train step compiled in {info['compile_s']:.1f} s\n"
-          + compiled_lib.format_analysis(info["compiled"]), flush=True)
+    print(f"one train step compiled for {chip.name} in "
+          f"{info['compile_s']:.1f} s\n"
+          + compiled_lib.format_analysis(info["compiled"],
+                                         chip.memory_bytes)
+          + f"; model count (3 x forward) "
+          f"{info['model_flops_per_device']:.4g}", flush=True)
+  if info["fits"] is False:
+    raise DoesNotFit(
+        f"the train step needs {peak / 2**30:.2f} GiB per device at its peak;"
+        f" {chip.name} has {chip.memory_bytes / 2**30:.2f} GiB (lower "
+        "train.batch_size, raise train.grad_accum or mesh.fsdp, or set "
+        "model.remat)")
   return info
 
 
