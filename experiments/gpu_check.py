@@ -210,6 +210,37 @@ def preflight(b, t, width, heads, chunk, target=None, device=None) -> list:
   return rows
 
 
+def check_remat(b, t, width, heads, feedback_impl) -> dict:
+  """Relative max difference of loss and gradients under each `model.remat`
+  from `none`, for a 2-block float32 Sessa LM (the solve's custom VJP
+  inside `jax.checkpoint`, as in training)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sessa_jax.models import LanguageModel  # pylint: disable=g-import-not-at-top
+  from sessa_jax.models.config import REMATS  # pylint: disable=g-import-not-at-top
+  tokens = jax.random.randint(jax.random.key(0), (b, t), 0, 256)
+
+  def loss_and_grads(remat):
+    cfg = ModelConfig(mixer="sessa", d_model=width, n_heads=heads,
+                      n_layers=2, vocab_size=256, remat=remat,
+                      feedback_impl=feedback_impl)
+    graphdef, params = nnx.split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
+
+    def loss(params):
+      logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+      return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  base = jax.tree.leaves(loss_and_grads("none"))
+  out = {}
+  for remat in REMATS[1:]:
+    other = jax.tree.leaves(loss_and_grads(remat))
+    out[remat] = max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y)))
+              / max(float(np.max(np.abs(np.asarray(y)))), 1e-30))
+        for x, y in zip(other, base))
+  return out
+
+
 def ratios(result) -> dict:
   """The figures the targets are stated in, from a result's rows."""
   times = {(r["t"], r["impl"], r.get("heads")): r["seconds"]
@@ -265,6 +296,16 @@ def markdown(result) -> str:
              for n in NAMES]
     lines.append(f"| {row['dtype']} | {row['t']} | " + " | ".join(cells)
                  + f" | {row['ok']} |")
+  if result.get("preflight"):
+    lines += ["", "Compiled first: " + "; ".join(
+        f"{r['case']} " + (f"{r['compile_s']:.1f} s" if r["ok"]
+                           else f"FAILED ({r['error']})")
+        for r in result["preflight"]) + "."]
+  if result.get("remat"):
+    lines += ["", "`model.remat` vs `none` (2-block float32 Sessa LM, loss and "
+              "gradients, relative max difference): " + ", ".join(
+                  f"{k} {v:.1e}" if isinstance(v, float) else f"{k}: {v}"
+                  for k, v in result["remat"].items())]
   impls = list(dict.fromkeys(
       (r["impl"], r.get("heads")) for r in result["timings"]))
   head = [impl if h is None else f"{impl} {h} x {cfg['width'] // h}"
@@ -356,6 +397,7 @@ def main(argv=None):
                  "chunk": pallas_chunk, "tile": tiles,
                  "timing_dtype": "bfloat16", "tolerance": TOLERANCE},
       "preflight": [],
+      "remat": {},
       "correctness": [],
       "timings": [],
       "layers": [],
@@ -381,6 +423,15 @@ def main(argv=None):
     if not all(r["ok"] for r in result["preflight"]):
       print("a case does not compile for this GPU; see gpu_check.json")
       return 1
+
+  try:
+    result["remat"] = check_remat(b, 256 if on_gpu else 32, width, heads,
+                                  "pallas" if on_gpu else "chunked")
+  except Exception as e:  # pylint: disable=broad-except
+    result["remat"] = {"error": _error(e)}
+  print("remat vs none, relative max difference:", result["remat"],
+        flush=True)
+  save()
 
   for t, dtype in checks:
     row = {"t": t, "dtype": dtype}
