@@ -33,6 +33,12 @@ Presets (the argument after ':'):
   horizon   `cpu_long`'s SymbolSoup runs of Sessa, attention and Mamba-2,
             3 seeds, with 5x the steps: whether the mixers' ordering holds
             across seeds once the CPU budget starts to learn the task.
+  device    one GPU in about 8 minutes: the paper's SymbolSoup lengths
+            (400..600) and diffuse MQAR, Sessa, attention and Mamba-2 at
+            width 128, 3 seeds, 1,000 steps in bfloat16; its points run
+            concurrently, each in its own process
+            (`python experiments/device_study.py`).
+  device_tiny  `device`'s tasks and mixers at a CPU's size (tests).
   paper     longer sequences and bigger models, for a GPU or TPU slice.
 Options follow the preset, comma-separated: `text=GLOB` trains the text task
 on other files (`cpu,text=/data/corpus/*.txt`), `seeds=N` changes the number
@@ -148,6 +154,35 @@ PRESETS = {
         train={**_CPU_LONG_TRAIN, "steps": 6000, "eval_every": 500,
                "checkpoint_every": 500},
         data=_CPU_LONG_DATA),
+    # One GPU in about 8 minutes, the points run concurrently in their own
+    # processes (`experiments/device_study.py`): the paper's SymbolSoup
+    # lengths and diffuse MQAR, three mixers, three seeds.
+    "device": Preset(
+        mixers=("sessa", "attention", "mamba2"), tasks=LONG_CONTEXT,
+        seeds=(0, 1, 2), ablation=(), width=128,
+        model=dict(n_layers=2, n_heads=4, ssm_head_dim=32, ssm_state=32),
+        train=dict(steps=2500, batch_size=32, lr=3e-3, warmup_steps=100,
+                   eval_every=500, eval_batches=0, test_batches=0,
+                   checkpoint_every=500, log_every=100, dtype="bfloat16"),
+        data={"symbol_soup": dict(seq_len=600, min_tokens=400,
+                                  max_tokens=600, num_val=256, num_test=1024),
+              "diffuse_mqar": dict(seq_len=1100, num_pairs=16, max_lag=256,
+                                   key_vocab=64, value_vocab=64,
+                                   filler_vocab=16, num_val=256,
+                                   num_test=1024)}),
+    # `device` at a size a CPU runs in seconds (tests): same tasks, mixers
+    # and one seed; short sequences, a few steps.
+    "device_tiny": Preset(
+        mixers=("sessa", "attention", "mamba2"), tasks=LONG_CONTEXT,
+        seeds=(0,), ablation=(), width=32,
+        model=dict(n_layers=1, n_heads=2, ssm_head_dim=16, ssm_state=8),
+        train=dict(steps=3, batch_size=4, lr=3e-3, warmup_steps=1,
+                   eval_every=3, eval_batches=1, test_batches=1,
+                   checkpoint_every=3, log_every=1),
+        data={"symbol_soup": dict(seq_len=64, min_tokens=40, max_tokens=60,
+                                  num_val=8, num_test=8),
+              "diffuse_mqar": dict(seq_len=64, num_pairs=2, max_lag=14,
+                                   num_val=8, num_test=8)}),
     "paper": Preset(
         mixers=("sessa", "attention", "mamba2"),
         tasks=("symbol_soup", "diffuse_mqar", "text"), seeds=(0, 1),

@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -45,6 +48,8 @@ def _groups(points):
     ("cpu_long", {"sessa", "attention", "mamba2", "sessa+attention"}, 3,
      {None}),
     ("tune", {"sessa", "attention"}, 1, {"lr3e-3", "lr1e-2"}),
+    ("device", {"sessa", "attention", "mamba2"}, 3, {None}),
+    ("device_tiny", {"sessa", "attention", "mamba2"}, 1, {None}),
 ])
 def test_presets_are_matched(monkeypatch, preset, variants, seeds, settings):
   monkeypatch.setattr(matched_budget, "AUSTEN", pathlib.Path("/nonexistent"))
@@ -79,6 +84,26 @@ def test_presets_are_matched(monkeypatch, preset, variants, seeds, settings):
                for n, p in group.items() if "nofb" not in n)
 
 
+def test_device_study_runs_points_concurrently_on_one_cpu(tmp_path):
+  """Each point in its own process, two at a time; the sweep then finds
+  every point finished (its config.json the sweep's own) and summarises."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # One plain CPU device, as a user runs it.
+  proc = subprocess.run(
+      [sys.executable, "experiments/device_study.py",
+       "--sweep=experiments/matched_budget.py:device_tiny",
+       f"--workdir={tmp_path}", "--concurrent=2"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+      check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  summary = json.loads((tmp_path / "sweep_summary.json").read_text())
+  assert set(summary) == set(matched_budget.sweep("device_tiny"))
+  assert all(row["status"] == "ok" and row["steps"] == 3
+             for row in summary.values()), summary
+  assert all((tmp_path / f"{name}.log").stat().st_size for name in summary)
+  assert "6 points, 2 at a time" in proc.stdout
+
+
 def test_points_come_seed_by_seed():
   names = list(matched_budget.sweep("cpu_long"))
   first = names[:len(names) // 3]
@@ -108,7 +133,8 @@ def test_text_task_follows_the_corpus(monkeypatch, tmp_path):
   text = _groups(points)["text"]
   assert len(text) == 3 * 3  # Three mixers, three seeds, no ablation.
   assert all(p["data.path"] == str(tmp_path / "*.txt") for p in text.values())
-  with pytest.raises(ValueError, match="not one of: tiny, cpu, tune, cpu_long, horizon, paper"):
+  with pytest.raises(ValueError, match="not one of: tiny, cpu, tune, cpu_long, "
+                                       "horizon, device, device_tiny, paper"):
     matched_budget.sweep("laptop")
   with pytest.raises(ValueError, match="expected text=GLOB or seeds=N"):
     matched_budget.sweep("cpu,seeds=zero")

@@ -1,0 +1,113 @@
+r"""Runs a sweep's points concurrently on one accelerator, a process each.
+
+  python experiments/device_study.py --workdir=workdirs/device
+  python experiments/device_study.py --sweep=experiments/matched_budget.py:device_tiny \
+      --workdir=workdirs/device_tiny --concurrent=3
+  python experiments/report.py workdirs/device --study=device \
+      --sweep=experiments/matched_budget.py:device --out=workdirs/device
+
+Small models leave most of a GPU idle, and one device cannot be cut into
+sub-meshes the way `launch.py --sweep --devices_per_point` cuts a host's
+devices. So each point trains in its own `launch.py` process, `--concurrent`
+of them at a time, each allowed `0.9 / concurrent` of the device's memory
+(`XLA_PYTHON_CLIENT_MEM_FRACTION`; `XLA_FLAGS` below), with its output in
+`DIR/<point>.log`.
+Each run is exactly the one the sweep would run (the point's config file
+and overrides), in `DIR/<point>`; a relaunch resumes unfinished points.
+Finally `launch.py --sweep` over `DIR` finds every point finished, writes
+`DIR/sweep_summary.json` and prints the table, as for any sweep (it trains
+any point left unfinished, one at a time).
+
+Separate processes rather than seeds batched into one program: they reuse
+the trainer unchanged (checkpoints, resume, SIGTERM, NaN checks per run)
+and let points of different mixers and shapes share the device, which a
+vmapped program cannot. Exit status: that of the final sweep (0 when every
+point is ok).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # Run as a script from a checkout.
+  sys.path.insert(0, str(ROOT))
+
+from sessa_jax.train import sweep as sweep_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+DEFAULT_SWEEP = "experiments/matched_budget.py:device"
+# Memory left to the CUDA/XLA runtime outside the processes' shares.
+MEMORY_SHARE = 0.9
+# XLA:GPU's Triton GEMMs find no tiling for the matched attention model's
+# 144-wide matmuls (its H200 target compile fails: "Couldn't find output
+# tile sizes"); cuBLAS takes them. Ignored on CPU.
+XLA_FLAGS = "--xla_gpu_enable_triton_gemm=false"
+
+
+def point_command(name: str, point, workdir: pathlib.Path) -> list[str]:
+  """`launch.py` training one sweep point, as the sweep would."""
+  overrides = [f"--config.{key}={value}" for key, value in point.items()
+               if key != "config"]
+  return [sys.executable, str(ROOT / "launch.py"),
+          f"--config={point['config']}", f"--workdir={workdir / name}",
+          *overrides]
+
+
+def run_points(points, workdir: pathlib.Path, concurrent: int,
+               env=None) -> dict[str, int]:
+  """Trains `points` in `concurrent` processes at a time; name -> exit."""
+  env = dict(os.environ if env is None else env)
+  env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{MEMORY_SHARE / concurrent:.3f}"
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()
+  pending, running, codes = list(points.items()), {}, {}
+  while pending or running:
+    while pending and len(running) < concurrent:
+      name, point = pending.pop(0)
+      log = (workdir / f"{name}.log").open("w")
+      running[name] = (subprocess.Popen(  # pylint: disable=consider-using-with
+          point_command(name, point, workdir), cwd=ROOT, env=env,
+          stdout=log, stderr=subprocess.STDOUT), log, time.time())
+      print(f"started {name}", flush=True)
+    time.sleep(0.5)
+    for name, (proc, log, start) in list(running.items()):
+      if proc.poll() is not None:
+        log.close()
+        codes[name] = proc.returncode
+        del running[name]
+        print(f"{name}: exit {proc.returncode} after "
+              f"{time.time() - start:.0f} s", flush=True)
+  return codes
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sweep", default=DEFAULT_SWEEP,
+                      help="sweep file and preset (default: %(default)s)")
+  parser.add_argument("--workdir", required=True, help="the sweep directory")
+  parser.add_argument("--concurrent", type=int, default=9,
+                      help="points training at once (default: %(default)s)")
+  args = parser.parse_args(argv)
+  if args.concurrent < 1:
+    parser.error(f"--concurrent={args.concurrent} must be at least 1")
+  workdir = pathlib.Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  points = sweep_lib.load_sweep(args.sweep)
+  start = time.time()
+  run_points(points, workdir, args.concurrent)
+  trained = time.time() - start
+  summary = subprocess.run(
+      [sys.executable, str(ROOT / "launch.py"), f"--sweep={args.sweep}",
+       f"--workdir={workdir}"], cwd=ROOT, check=False)
+  print(f"{len(points)} points, {args.concurrent} at a time: trained in "
+        f"{trained:.0f} s, {time.time() - start:.0f} s with the summary",
+        flush=True)
+  return summary.returncode
+
+
+if __name__ == "__main__":
+  sys.exit(main())
