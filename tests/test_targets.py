@@ -79,6 +79,11 @@ def test_explain_turns_on_chip_memory_errors_into_one_line():
   assert target_compile.explain(smem, h200) == (
       "a Pallas GPU kernel asks for 263,168 bytes of shared memory per "
       "block; h200 has 232,448")
+  for vmem in ("E1001: CompileTimeScopedVmemOom: ...",
+               "Ran out of memory in memory space vmem. Used 128.00M of "
+               "127.94M vmem. Exceeded vmem capacity by 64.0K."):
+    assert target_compile.explain(RuntimeError(vmem), targets.parse(
+        "v6e:2x2")).endswith("(v6e:2x2's VMEM)")
   other = ValueError("first line\nsecond")
   assert target_compile.explain(other, h200) == "ValueError: first line"
 

@@ -125,7 +125,8 @@ def devices(target: targets.Target | str) -> list[jax.Device]:
 
 _SMEM = re.compile(r"Shared memory size limit exceeded: requested (\d+), "
                    r"available: (\d+)")
-_VMEM = re.compile(r"(Scoped ?Vmem ?Oom|[Vv]mem.{0,40}(limit|exceed|OOM))")
+_VMEM = re.compile(r"scoped ?vmem ?oom|memory space vmem|vmem.{0,40}(limit|exceed|oom)",
+                   re.IGNORECASE)
 
 
 def _culprit(target: targets.Target, device: jax.Device) -> str | None:
