@@ -111,17 +111,17 @@ def parse(name: str) -> Target:
 def local() -> Target:
   """The chip this process runs on (its first device)."""
   device = jax.devices()[0]
-  platform = device.platform
-  memory = (device.memory_stats() or {}).get("bytes_limit") if platform != \
-      "cpu" else None
+  kind = _platform(device.platform)
+  memory = None
+  if kind != "cpu":
+    memory = (device.memory_stats() or {}).get("bytes_limit")
   name = f"local:{device.device_kind}"
-  if platform == "gpu":
+  if kind == "gpu":
     capability = tuple(int(x) for x in
                        str(device.compute_capability).split("."))
     return Target(name, "gpu", memory,
                   SMEM_BY_CAPABILITY.get(capability, 101_376), capability)
-  return Target(name, platform if platform in ("tpu", "cpu") else "gpu",
-                memory, chips=jax.device_count())
+  return Target(name, kind, memory, chips=jax.device_count())
 
 
 def active() -> Target:
@@ -130,9 +130,17 @@ def active() -> Target:
   return local() if target is None else target
 
 
+def _platform(name: str) -> str:
+  """A JAX platform name as `gpu`, `tpu` or `cpu`."""
+  return name if name in ("tpu", "cpu") else "gpu"
+
+
 def platform() -> str:
   """`gpu`, `tpu` or `cpu`: the active target's platform."""
-  return active().platform
+  target = _ACTIVE.get()
+  if target is None:
+    return _platform(jax.default_backend())
+  return target.platform
 
 
 @contextlib.contextmanager
