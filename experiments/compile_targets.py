@@ -177,7 +177,7 @@ def _train_case(target_name, sharded):
           "fits": info["fits"]}
 
 
-def run_target(name, expect_failure_ok=True):
+def run_target(name):
   """Every case of one target: {case: row}."""
   from sessa_jax.train import target_compile  # pylint: disable=g-import-not-at-top
   target = targets.parse(name)
