@@ -124,33 +124,22 @@ def vmem_control(device):
       [jax.ShapeDtypeStruct((4096, 4096), jnp.float32)], device)
 
 
-def _peak(compiled):
-  memory = compiled.memory_analysis()
-  if memory is None:
-    return None
-  return (memory.argument_size_in_bytes + memory.output_size_in_bytes
-          + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-
-
-def kernel_smem(target, device_probe):
-  """Shared memory each kernel traced for `target` asks for, by compiling
-  it alone for the same chip with no shared memory to give."""
-  import jax  # pylint: disable=g-import-not-at-top
+def kernel_smem(device_probe):
+  """Shared memory each kernel traced for the active target asks for, by
+  compiling it alone for the same chip with no shared memory to give."""
+  from sessa_jax.train import target_compile  # pylint: disable=g-import-not-at-top
   out = {}
-  for name, call, shapes in targets.traced_kernels():
-    args = [jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                 sharding=_sharding(device_probe))
-            for s in shapes]
-    try:
-      jax.jit(call).lower(*args).compile()
+  for name, error in target_compile.compile_traced_kernels(device_probe):
+    if error is None:
       out[name] = 0
-    except Exception as e:  # pylint: disable=broad-except
-      found = re.search(r"requested (\d+)", str(e))
-      out[name] = int(found.group(1)) if found else str(e).splitlines()[0]
+      continue
+    found = re.search(r"requested (\d+)", str(error))
+    out[name] = int(found.group(1)) if found else str(error).splitlines()[0]
   return out
 
 
 def _compile_case(target, build, device, smem_probe=None):
+  from sessa_jax.train import compiled as compiled_lib  # pylint: disable=g-import-not-at-top
   from sessa_jax.train import target_compile  # pylint: disable=g-import-not-at-top
   row = {}
   start = time.time()
@@ -158,9 +147,9 @@ def _compile_case(target, build, device, smem_probe=None):
     fn, args = build()
     compiled = fn.lower(*args).compile()
     row["compile_s"] = time.time() - start
-    row["peak_bytes"] = _peak(compiled)
+    row["peak_bytes"] = compiled_lib.analyze(compiled)["peak_bytes"]
     if smem_probe is not None:
-      row["smem"] = kernel_smem(target, smem_probe)
+      row["smem"] = kernel_smem(smem_probe)
   return row
 
 

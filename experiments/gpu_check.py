@@ -72,21 +72,20 @@ TOLERANCE = {"float32": 2e-2, "bfloat16": 5e-2}
 NAMES = ("s", "dq", "dk", "dgamma", "df")
 
 
-def _inputs(b, t, width, dtype, seed=0):
-  keys = jax.random.split(jax.random.key(seed), 5)
-  q = jax.random.normal(keys[0], (b, t, width), jnp.float32)
-  k = jax.random.normal(keys[1], (b, t, width), jnp.float32)
-  gamma = 0.999 * jnp.tanh(jax.random.normal(keys[2], (b, t), jnp.float32))
-  f = jax.random.normal(keys[3], (b, t, width), jnp.float32)
-  cot = jax.random.normal(keys[4], (b, t, width), jnp.float32)
-  return [x.astype(dtype) for x in (q, k, gamma, f, cot)]
-
-
 def _input_shapes(b, t, width, dtype):
   """The (q, k, gamma, f, cotangent) shapes of `_inputs`."""
   return [jax.ShapeDtypeStruct(s, dtype) for s in
           [(b, t, width), (b, t, width), (b, t), (b, t, width),
            (b, t, width)]]
+
+
+def _inputs(b, t, width, dtype, seed=0):
+  shapes = _input_shapes(b, t, width, jnp.float32)
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  q, k, gamma, f, cot = [jax.random.normal(key, x.shape, x.dtype)
+                         for key, x in zip(keys, shapes)]
+  gamma = 0.999 * jnp.tanh(gamma)
+  return [x.astype(dtype) for x in (q, k, gamma, f, cot)]
 
 
 def _value_and_grads(solve):
@@ -161,33 +160,31 @@ def check_correctness(b, t, width, chunk, interpret, dtype, impl="pallas"):
   return errors
 
 
-def preflight(b, t, width, heads, chunk, target=None, device=None) -> list:
+def preflight(b, t, width, heads, chunk, target=None) -> list:
   """Compiles the Pallas solve and a Sessa MixerBlock, as the check will.
 
   Args:
     b, t, width, heads, chunk: the check's shapes.
     target: compile deviceless for this target name (on a CPU with the
       CUDA compiler) instead of the local GPU.
-    device: unused unless `target`: one of its devices (filled in here).
 
   Returns:
     One row per case: `case`, `ok`, `compile_s` or `error` (one line).
   """
   from sessa_jax.train import target_compile  # pylint: disable=g-import-not-at-top
   chip = targets.parse(target) if target else targets.local()
+  device = sharding = None
   if target:
     target_compile.prepare(chip)
     device = target_compile.devices(chip)[0]
-  sharding = (jax.sharding.SingleDeviceSharding(device) if device is not None
-              else None)
+    sharding = jax.sharding.SingleDeviceSharding(device)
 
   def abstract(x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
   cases = {f"pallas solve {dtype} T={t}": lambda dtype=dtype: (
       _value_and_grads(_solvers(chunk, False)["pallas"]),
-      [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in _input_shapes(
-          b, t, width, jnp.dtype(dtype))])
+      _input_shapes(b, t, width, jnp.dtype(dtype)))
            for dtype in TOLERANCE}
   cases[f"sessa block bfloat16 T={t}"] = lambda: bench.layer_step(
       ModelConfig(mixer="sessa", d_model=width, n_heads=heads, n_layers=1,

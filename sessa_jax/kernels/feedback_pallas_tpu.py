@@ -135,8 +135,8 @@ def _step_flags(flags_ref):
 # Row log-sum-exp over the key blocks of earlier groups.
 
 
-def _row_stats_kernel(rows_ref, keys_ref, flags_ref, q_ref, k_ref, lse_ref, m_sc,
-                  l_sc, *, scale):
+def _row_stats_kernel(rows_ref, keys_ref, flags_ref, q_ref, k_ref, lse_ref,
+                      m_sc, l_sc, *, scale):
   del rows_ref, keys_ref
   first, last, visible = _step_flags(flags_ref)
 
@@ -300,8 +300,8 @@ def rect_col(sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
 # Rows gather from keys: dq_t = sum_j dlogit_tj k_j.
 
 
-def _row_grad_kernel(rows_ref, keys_ref, flags_ref, q_ref, k_ref, s_ref, w_ref,
-                 delta_ref, lse_ref, dq_ref, dq_sc, *, scale):
+def _row_grad_kernel(rows_ref, keys_ref, flags_ref, q_ref, k_ref, s_ref,
+                     w_ref, delta_ref, lse_ref, dq_ref, dq_sc, *, scale):
   del rows_ref, keys_ref
   first, last, visible = _step_flags(flags_ref)
 

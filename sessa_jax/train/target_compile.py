@@ -125,21 +125,37 @@ def devices(target: targets.Target | str) -> list[jax.Device]:
 
 _SMEM = re.compile(r"Shared memory size limit exceeded: requested (\d+), "
                    r"available: (\d+)")
-_VMEM = re.compile(r"scoped ?vmem ?oom|memory space vmem|vmem.{0,40}(limit|exceed|oom)",
-                   re.IGNORECASE)
+_VMEM = re.compile(
+    r"scoped ?vmem ?oom|memory space vmem|vmem.{0,40}(limit|exceed|oom)",
+    re.IGNORECASE)
 
 
-def _culprit(target: targets.Target, device: jax.Device) -> str | None:
-  """The first kernel traced for `target` that fails to compile alone,
-  with its compiler's first line."""
+def compile_traced_kernels(device: jax.Device):
+  """Compiles each Pallas kernel traced for the active target alone.
+
+  Args:
+    device: one of the target's `devices`, to compile on.
+
+  Yields:
+    (kernel name, None if it compiled, else the exception).
+  """
   sharding = jax.sharding.SingleDeviceSharding(device)
   for name, call, shapes in targets.traced_kernels():
     args = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
             for s in shapes]
     try:
       jax.jit(call).lower(*args).compile()
+      yield name, None
     except Exception as e:  # pylint: disable=broad-except
-      return f"{name}: {str(e).strip().splitlines()[0][:300]}"
+      yield name, e
+
+
+def _culprit(device: jax.Device) -> str | None:
+  """The first traced kernel that fails to compile alone, with its
+  compiler's first line."""
+  for name, error in compile_traced_kernels(device):
+    if error is not None:
+      return f"{name}: {str(error).strip().splitlines()[0][:300]}"
   return None
 
 
@@ -156,7 +172,7 @@ def explain(error: Exception, target: targets.Target,
   smem = _SMEM.search(text)
   if not smem and not _VMEM.search(text):
     return f"{type(error).__name__}: {first}"
-  culprit = _culprit(target, device) if device is not None else None
+  culprit = _culprit(device) if device is not None else None
   if smem:
     return (f"{culprit or 'a Pallas GPU kernel'} asks for "
             f"{int(smem.group(1)):,} bytes of shared memory per block; "
