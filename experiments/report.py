@@ -383,30 +383,54 @@ def _legend_outside(ax) -> None:
   ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
 
 
+def _seed_band(runs: Sequence[Run], key: str):
+  """Steps every run logged `key` at, with the mean, min and max over runs."""
+  curves = [dict(zip(*_curve(run, key))) for run in runs]
+  curves = [c for c in curves if c]
+  if not curves:
+    return None
+  steps = sorted(set.intersection(*(set(c) for c in curves)))
+  if not steps:
+    return None
+  values = np.asarray([[c[s] for s in steps] for c in curves])
+  return (np.asarray(steps), values.mean(0), values.min(0), values.max(0),
+          len(curves))
+
+
 def plot_learning_curves(task: str, runs: Sequence[Run],
                          path: pathlib.Path) -> bool:
-  """Training loss and the main eval metric against step, one line per run."""
+  """Training loss and the main eval metric against step, one line per model.
+
+  Each line is the mean over the model's seeds at the steps all of them
+  logged, in a band from their minimum to their maximum.
+  """
   eval_key = EVAL_KEY.get(task, "eval/accuracy")
+  by_label: dict[str, list[Run]] = {}
+  for run in runs:
+    by_label.setdefault(run.label, []).append(run)
   fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-  labelled, drawn = set(), False
-  for run in sorted(runs, key=lambda r: (_label_key(r.label), r.seed)):
+  drawn = False
+  for label in sorted(by_label, key=_label_key):
     for ax, key in zip(axes, ("train/loss", eval_key)):
-      steps, values = _curve(run, key)
-      if steps.size:
-        drawn = True
-        style = plot_style.line_style(run.label)
-        if steps.size >= 20:
-          style.pop("marker", None)
-        ax.plot(steps, values, alpha=0.85, **{"marker": ".", **style},
-                label=None if run.label in labelled else run.label)
-        if ax is axes[-1]:
-          labelled.add(run.label)
+      band = _seed_band(by_label[label], key)
+      if band is None:
+        continue
+      steps, mean, low, high, seeds = band
+      drawn = True
+      style = plot_style.line_style(label)
+      if steps.size < 20:
+        style.setdefault("marker", ".")
+      ax.plot(steps, mean, alpha=0.9, **style,
+              label=f"{label} ({seeds} seed{'s' * (seeds > 1)})")
+      if seeds > 1:
+        ax.fill_between(steps, low, high, color=style["color"], alpha=0.2,
+                        lw=0)
   for ax, key in zip(axes, ("train/loss", eval_key)):
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
   _legend_outside(axes[-1])
-  fig.suptitle(f"{task}: learning curves (one line per seed)")
+  fig.suptitle(f"{task}: learning curves (mean over seeds, band: min..max)")
   fig.tight_layout()
   fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
@@ -507,7 +531,7 @@ def reference_lines(entry: Mapping[str, Any]) -> list[str]:
 
 def memory_tail_section(runs: Sequence[Run], task_choice: str,
                         out_dir: pathlib.Path, study: str) -> list[str]:
-  """Measures influence vs lag on one trained run per mixer; md lines."""
+  """Measures influence vs lag on every finished seed of one task; md lines."""
   done = [r for r in runs if r.summary is not None]
   tasks = {r.task for r in done}
   if task_choice == "none" or not done:
@@ -519,38 +543,46 @@ def memory_tail_section(runs: Sequence[Run], task_choice: str,
   else:
     raise ValueError(f"--memory_tail_task={task_choice!r}: no finished run of "
                      f"that task; choices: auto, none, {', '.join(sorted(tasks))}")
-  chosen = {}
-  for run in sorted(done, key=lambda r: (_label_key(r.label), r.seed)):
-    if run.task == task and plot_style.ABLATION_SUFFIX not in run.label:
-      chosen.setdefault(run.label, run)
+  chosen = {f"{run.label} s{run.seed}": run
+            for run in sorted(done, key=lambda r: (_label_key(r.label), r.seed))
+            if run.task == task
+            and plot_style.ABLATION_SUFFIX not in run.label}
   if not chosen:
     return []
   memory_tail = _experiment("memory_tail")
   prefix = out_dir / f"{study}_memory_tail"
   results = memory_tail.measure_workdirs(
-      {label: run.path for label, run in chosen.items()}, prefix=prefix,
+      {name: run.path for name, run in chosen.items()}, prefix=prefix,
       title=f"memory tail after training on {task}")
-  lines = [f"## Memory tail ({task}, seed-{min(r.seed for r in chosen.values())}"
-           " checkpoints)", "",
+  slopes: dict[str, list[float]] = {}
+  for name, run in chosen.items():
+    slopes.setdefault(run.label, []).append(results[name]["influence"]["slope"])
+  window = next(iter(results.values()))["influence"]["window"]
+  lines = [f"## Memory tail ({task}, every seed's final checkpoint)", "",
            f"![memory tail]({prefix.name}.png)", "",
-           "| mixer | fitted log-log slope | fit window (lags) |", "|---|---|---|"]
-  for label in sorted(results, key=_label_key):
-    curve = results[label]["influence"]
-    lines.append(f"| {label} | {curve['slope']:.3f} | "
-                 f"{curve['window'][0]}..{curve['window'][1]} |")
-  for label, result in results.items():
-    for entry in result.get("layers", []):
+           "Fitted log-log slope of the influence against lag, fit window "
+           f"lags {window[0]}..{window[1]}.", "",
+           "| mixer | slope per seed | mean ± std |", "|---|---|---|"]
+  for label in sorted(slopes, key=_label_key):
+    per_seed = ", ".join(f"{v:+.3f}" for v in slopes[label])
+    mean, std = _mean_std(slopes[label])
+    spread = "" if std is None else f" ± {std:.3f}"
+    lines.append(f"| {label} | {per_seed} | {mean:+.3f}{spread} |")
+  impulses = [(name, entry) for name, result in results.items()
+              for entry in result.get("layers", [])]
+  if impulses:
+    lines += ["", "Feedback impulse response of each Sessa layer (recorded "
+              "routing and gains): fitted exponent beside the paper's "
+              "1 − γ_max·c₂; a guaranteed tail needs γ_min ≥ 0, and the "
+              "paper's regime assumes γ ≥ 0.", "",
+              "| run | layer | fitted exponent | c₂ | 1 − γ_max·c₂ | γ_min | "
+              "negative gains |", "|---|---|---|---|---|---|---|"]
+    for name, entry in impulses:
       b = entry["bound"]
-      floor = (f"1 − γ_min·c₂ = {b['floor_exponent']:.3f}"
-               if b["gamma_min"] >= 0 else "no guaranteed tail (γ_min < 0)")
-      lines += ["", f"{label} feedback impulse response (layer "
-                f"{entry['layer']}, recorded routing): fitted exponent "
-                f"{b['fitted_exponent']:.3f}; c₂ = {b['c2']:.3g}, γ_max = "
-                f"{b['gamma_max']:g}, 1 − γ_max·c₂ = {b['paper_exponent']:.3f}"
-                f"; recorded γ_min = {b['gamma_min']:.3f}, {floor}; "
-                f"negative gains on "
-                f"{b['negative_gain_fraction']:.0%} of tokens (the paper's "
-                "regime assumes γ ≥ 0)."]
+      lines.append(f"| {name} | {entry['layer']} | "
+                   f"{b['fitted_exponent']:.3f} | {b['c2']:.3g} | "
+                   f"{b['paper_exponent']:.3f} | {b['gamma_min']:.3f} | "
+                   f"{b['negative_gain_fraction']:.0%} |")
   return lines + [""]
 
 
@@ -645,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       "listed and the report is marked partial")
   parser.add_argument(
       "--memory_tail_task", default="auto",
-      help="task whose seed-0 runs get the memory-tail plot; 'auto' picks "
+      help="task whose runs (every seed) get the memory-tail plot; 'auto' picks "
       "the longest-context task present, 'none' skips it")
   parser.add_argument(
       "--reference_examples", type=int, default=1000,

@@ -84,24 +84,56 @@ def test_presets_are_matched(monkeypatch, preset, variants, seeds, settings):
                for n, p in group.items() if "nofb" not in n)
 
 
-def test_device_study_runs_points_concurrently_on_one_cpu(tmp_path):
+def _one_cpu_env() -> dict[str, str]:
+  """The environment of a user's run: one plain CPU device."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # No fake devices (they once hid a hang).
+  return env
+
+
+def _run_script(args, timeout: float) -> subprocess.CompletedProcess:
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=_one_cpu_env(),
+                        capture_output=True, text=True, timeout=timeout,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+@pytest.fixture(scope="module", name="device_tiny_sweep")
+def _device_tiny_sweep(tmp_path_factory):
+  """`device_tiny` trained by experiments/device_study.py, two at a time."""
+  workdir = tmp_path_factory.mktemp("device_tiny")
+  proc = _run_script(["experiments/device_study.py",
+                      "--sweep=experiments/matched_budget.py:device_tiny",
+                      f"--workdir={workdir}", "--concurrent=2"], timeout=600)
+  return workdir, proc
+
+
+def test_device_study_runs_points_concurrently_on_one_cpu(device_tiny_sweep):
   """Each point in its own process, two at a time; the sweep then finds
   every point finished (its config.json the sweep's own) and summarises."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # One plain CPU device, as a user runs it.
-  proc = subprocess.run(
-      [sys.executable, "experiments/device_study.py",
-       "--sweep=experiments/matched_budget.py:device_tiny",
-       f"--workdir={tmp_path}", "--concurrent=2"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-      check=False)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  summary = json.loads((tmp_path / "sweep_summary.json").read_text())
+  workdir, proc = device_tiny_sweep
+  summary = json.loads((workdir / "sweep_summary.json").read_text())
   assert set(summary) == set(matched_budget.sweep("device_tiny"))
   assert all(row["status"] == "ok" and row["steps"] == 3
              for row in summary.values()), summary
-  assert all((tmp_path / f"{name}.log").stat().st_size for name in summary)
+  assert all((workdir / f"{name}.log").stat().st_size for name in summary)
   assert "6 points, 2 at a time" in proc.stdout
+
+
+def test_report_and_memory_tail_finish_on_one_cpu(device_tiny_sweep,
+                                                  tmp_path):
+  """Both analysis scripts, Sessa runs included, on one plain CPU device;
+  a hang fails at the time limit instead of stalling the suite."""
+  workdir, _ = device_tiny_sweep
+  _run_script(["experiments/report.py", str(workdir), "--study=dt",
+               f"--out={tmp_path}", "--reference_examples=20"], timeout=300)
+  tail = json.loads((tmp_path / "dt_memory_tail.json").read_text())
+  assert {"sessa s0", "attention s0", "mamba2 s0"} <= set(tail)
+  _run_script(["experiments/memory_tail.py",
+               f"--workdir=sessa={workdir / 'symbol_soup.sessa.s0'}",
+               f"--out={tmp_path / 'mt'}"], timeout=300)
+  assert json.loads((tmp_path / "mt.json").read_text())["sessa"]["layers"]
 
 
 def test_points_come_seed_by_seed():
@@ -270,12 +302,14 @@ def test_tiny_sweep_and_report_end_to_end(tmp_path, monkeypatch):
               "tiny_memory_tail.png"):
     assert (out / png).stat().st_size > 1000, png
   tail = json.loads((out / "tiny_memory_tail.json").read_text())
-  assert set(tail) == {"sessa", "attention", "sessa,attention"}
+  # Every seed's run is measured, named by mixer and seed.
+  assert set(tail) == {"sessa s0", "attention s0", "sessa,attention s0"}
   # The hybrid's one Sessa layer (layer 0) gets its feedback impulse response.
-  assert [e["layer"] for e in tail["sessa,attention"]["layers"]] == [0]
-  assert [e["layer"] for e in tail["sessa"]["layers"]] == [0, 1]
-  assert np.isfinite(tail["attention"]["influence"]["slope"])
-  assert 0 <= tail["sessa"]["bound"]["c2"] <= 1
+  assert [e["layer"] for e in tail["sessa,attention s0"]["layers"]] == [0]
+  assert [e["layer"] for e in tail["sessa s0"]["layers"]] == [0, 1]
+  assert np.isfinite(tail["attention s0"]["influence"]["slope"])
+  assert 0 <= tail["sessa s0"]["bound"]["c2"] <= 1
+  assert "| sessa s0 | 1 |" in text
 
 
 def test_symbol_soup_reference_ladder():
@@ -288,3 +322,18 @@ def test_symbol_soup_reference_ladder():
     assert 0.1 < rungs[0] and rungs == sorted(rungs), acc
   assert all(short[k] < long[k] for k in short), (short, long)
   assert long["per_block_bigram"] > 0.6, long
+
+
+def test_seed_band_uses_steps_every_seed_logged():
+  runs = [report.Run(name=f"t.sessa.s{i}", path=pathlib.Path("."), config={},
+                     summary=None, metrics=metrics)
+          for i, metrics in enumerate((
+              [{"step": 0, "k": 1.0}, {"step": 10, "k": 3.0},
+               {"step": 20, "k": 5.0}],
+              [{"step": 0, "k": 3.0}, {"step": 10, "k": 1.0}]))]
+  steps, mean, low, high, seeds = report._seed_band(runs, "k")  # pylint: disable=protected-access
+  np.testing.assert_array_equal(steps, [0, 10])
+  np.testing.assert_allclose(mean, [2.0, 2.0])
+  np.testing.assert_allclose(low, [1.0, 1.0])
+  np.testing.assert_allclose(high, [3.0, 3.0])
+  assert seeds == 2 and report._seed_band(runs, "absent") is None  # pylint: disable=protected-access
