@@ -37,6 +37,7 @@ from ml_collections import config_flags
 from sessa_jax import loading
 from sessa_jax import sampling
 from sessa_jax import targets
+from sessa_jax.train import console
 from sessa_jax.train import sharding
 from sessa_jax.train import sweep
 from sessa_jax.train import target_compile
@@ -91,7 +92,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "Index of this process (multi-host).")
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "On an error, print the traceback, not just its message "
-    "(also with --verbosity=0 or higher).")
+    "(also with --verbosity=0 or higher), and let libraries (orbax, XLA) log "
+    "to stderr.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with cluster "
     "auto-detection (Cloud TPU pods, SLURM, Open MPI).")
@@ -144,9 +146,7 @@ def _run(argv) -> int:
   if _DEVICES_PER_POINT.value is not None and not _SWEEP.value:
     raise app.UsageError("--devices_per_point packs the points of a --sweep")
   if not flags.FLAGS["verbosity"].present:
-    # Library INFO logs (orbax, XLA) would bury the progress bar;
-    # --verbosity=0 brings them back.
-    logging.set_verbosity(logging.WARNING)
+    console.setup(verbose=_VERBOSE.value)
   target = None
   if _TARGET.value is not None:
     if not _DRY_RUN.value or _SWEEP.value:
@@ -192,7 +192,8 @@ def main(argv):
   except app.UsageError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    if _VERBOSE.value or logging.get_verbosity() >= logging.INFO:
+    if _VERBOSE.value or (flags.FLAGS["verbosity"].present
+                          and logging.get_verbosity() >= logging.INFO):
       raise
     _error_exit(f"{type(e).__name__}: {e} (--verbose for the traceback)")
   raise SystemExit(status)

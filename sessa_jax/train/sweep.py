@@ -157,8 +157,8 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
                           jax.process_index())
     processes = (RunProcesses.of(groups[0]) if groups  # A host left idle.
                  else RunProcesses.this_one())
-    logging.warning("packed sweep: process %d trains %d points at a time on "
-                    "devices %s", jax.process_index(), len(groups),
+    logging.info("packed sweep: process %d trains %d points at a time on "
+                 "devices %s", jax.process_index(), len(groups),
                     [[d.id for d in g] for g in groups])
   results = {name: _unstarted_row(point, workdir / name)
              for name, point in points.items()}
@@ -180,8 +180,7 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
 
     def worker(devices):
       while (name := next_point()) is not None:
-        logging.warning("sweep point %d/%d: %s", number[name], len(points),
-                        name)
+        logging.info("sweep point %d/%d: %s", number[name], len(points), name)
         row = _run_point(points[name], workdir / name, force, preemption,
                          devices)
         with lock:

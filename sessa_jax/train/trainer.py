@@ -441,7 +441,7 @@ class Run:
       else:
         advice = "move that directory away to start over"
       raise checkpoint_lib.CheckpointRestoreError(f"{e}; {advice}") from None
-    logging.warning("restored %s/%d", self.checkpointer.directory, step)
+    logging.info("restored %s/%d", self.checkpointer.directory, step)
     return step
 
   def start(self) -> None:
@@ -645,7 +645,7 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
     stack.callback(run.close)
     done = finished_summary(run.workdir, run.tc.steps)
     if done is not None and not run.config_changes:
-      logging.warning("%s already finished %d steps; nothing to do",
+      logging.info("%s already finished %d steps; nothing to do",
                       run.workdir, run.tc.steps)
       return done
     return _train_loop(run, start_time, stop_at, preemption, stack,
