@@ -17,7 +17,9 @@ when --config is not given.
 Relaunching with the same --workdir resumes from its newest checkpoint; one
 run at a time may use a workdir (WORKDIR/run.lock). Exit status: 0 done, 1
 error (one line; --verbose for the traceback), 75 (trainer.EXIT_PREEMPTED)
-stopped by SIGTERM after saving a checkpoint: relaunch to resume.
+stopped by SIGTERM after saving a checkpoint: relaunch to resume; 130
+(trainer.EXIT_INTERRUPTED) the same after Ctrl-C (a second Ctrl-C exits at
+once, without saving).
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or set
 JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID), or --distributed
 where JAX detects the cluster itself (Cloud TPU, SLURM); run the same command
@@ -160,7 +162,7 @@ def _run(argv) -> int:
                               devices_per_point=_DEVICES_PER_POINT.value)
     statuses = {r["status"] for r in results.values()}
     if statuses & {"preempted", "pending"}:
-      return trainer.EXIT_PREEMPTED
+      return _stopped_status(results.values())
     return 0 if statuses <= {"ok"} else 1
   if _MODE.value == "sample":
     _sample()
@@ -183,7 +185,25 @@ def _run(argv) -> int:
     summary = trainer.evaluate_checkpoint(config, _WORKDIR.value,
                                           force=_FORCE.value, step=_STEP.value)
   print(json.dumps(summary, indent=2, sort_keys=True))
-  return trainer.EXIT_PREEMPTED if summary.get("preempted") else 0
+  if summary.get("preempted"):
+    return _stopped_status([summary])
+  _print_results(_MODE.value)
+  return 0
+
+
+def _stopped_status(rows) -> int:
+  """The exit status of runs stopped early: 130 after Ctrl-C, else 75."""
+  if any(row.get("signal") == "SIGINT" for row in rows):
+    return trainer.EXIT_INTERRUPTED
+  return trainer.EXIT_PREEMPTED
+
+
+def _print_results(mode: str) -> None:
+  """Names the files a finished run (or evaluation) left in the workdir."""
+  files = ("eval_summary.json" if mode == "eval" else
+           "summary.json (final metrics), metrics.jsonl (every logged step), "
+           "tb/ (TensorBoard), checkpoints/")
+  print(f"results in {_WORKDIR.value}: {files}")
 
 
 def main(argv):
