@@ -67,9 +67,11 @@ _STEP = flags.DEFINE_integer(
     "step", None, "Checkpoint step for --mode=eval/sample (default: newest).")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (--mode=sample).")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", 200,
-                                   "Tokens to generate (--mode=sample).")
+                                   "Tokens to generate (--mode=sample).",
+                                   lower_bound=0)
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1,
-                                    "Continuations to print (--mode=sample).")
+                                    "Continuations to print (--mode=sample).",
+                                    lower_bound=1)
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", 0.0, "0: greedy; else sample softmax(logits / T).")
 _TOP_K = flags.DEFINE_integer("top_k", None,

@@ -66,6 +66,20 @@ def _point_overrides(point: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in point.items() if k != "config"}
 
 
+def _changed_keys(point: Mapping[str, Any]) -> dict[str, Any]:
+  """The point's keys whose value differs from its config file's, for the
+  start-of-run report (a sweep sets keys shared by all its points too)."""
+  base = config_lib.load_config(point["config"])
+  return {key: value for key, value in _point_overrides(point).items()
+          if _lookup(base, key) != value}
+
+
+def _lookup(config, dotted: str) -> Any:
+  for name in dotted.split("."):
+    config = config[name]
+  return config
+
+
 def _point_config(point: Mapping[str, Any]):
   return config_lib.apply_overrides(
       config_lib.load_config(point["config"]), _point_overrides(point))
@@ -247,7 +261,7 @@ def _run_point(point: Mapping[str, Any], workdir: pathlib.Path, force: bool,
   try:
     summary = trainer.train(_point_config(point), workdir, force=force,
                             preemption=preemption,
-                            overrides=_point_overrides(point), devices=devices)
+                            overrides=_changed_keys(point), devices=devices)
     row.update(summary, status="preempted" if summary.get("preempted")
                else "ok")
   except Exception as e:  # pylint: disable=broad-except

@@ -702,6 +702,9 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
     run = Run(config, workdir, force=force, devices=devices)
     stack.callback(run.close)
     done = finished_summary(run.workdir, run.tc.steps)
+    if run.config_changes:
+      logging.warning("--force: resuming %s with %s", run.workdir,
+                      "; ".join(run.config_changes))
     if done is not None and not run.config_changes:
       logging.info("%s already finished %d steps; nothing to do",
                       run.workdir, run.tc.steps)
