@@ -75,6 +75,7 @@ def _changed_keys(point: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _lookup(config, dotted: str) -> Any:
+  """The value of a dotted key ('train.lr') of a ConfigDict."""
   for name in dotted.split("."):
     config = config[name]
   return config
