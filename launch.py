@@ -17,7 +17,9 @@ when --config is not given.
 Relaunching with the same --workdir resumes from its newest checkpoint; one
 run at a time may use a workdir (WORKDIR/run.lock). Exit status: 0 done, 1
 error (one line; --verbose for the traceback), 75 (trainer.EXIT_PREEMPTED)
-stopped by SIGTERM after saving a checkpoint: relaunch to resume.
+stopped by SIGTERM after saving a checkpoint: relaunch to resume; 130
+(trainer.EXIT_INTERRUPTED) the same after Ctrl-C (a second Ctrl-C exits at
+once, without saving).
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or set
 JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID), or --distributed
 where JAX detects the cluster itself (Cloud TPU, SLURM); run the same command
@@ -37,6 +39,7 @@ from ml_collections import config_flags
 from sessa_jax import loading
 from sessa_jax import sampling
 from sessa_jax import targets
+from sessa_jax.train import console
 from sessa_jax.train import sharding
 from sessa_jax.train import sweep
 from sessa_jax.train import target_compile
@@ -64,9 +67,11 @@ _STEP = flags.DEFINE_integer(
     "step", None, "Checkpoint step for --mode=eval/sample (default: newest).")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (--mode=sample).")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", 200,
-                                   "Tokens to generate (--mode=sample).")
+                                   "Tokens to generate (--mode=sample).",
+                                   lower_bound=0)
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1,
-                                    "Continuations to print (--mode=sample).")
+                                    "Continuations to print (--mode=sample).",
+                                    lower_bound=1)
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", 0.0, "0: greedy; else sample softmax(logits / T).")
 _TOP_K = flags.DEFINE_integer("top_k", None,
@@ -91,7 +96,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "Index of this process (multi-host).")
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "On an error, print the traceback, not just its message "
-    "(also with --verbosity=0 or higher).")
+    "(also with --verbosity=0 or higher), and let libraries (orbax, XLA) log "
+    "to stderr.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with cluster "
     "auto-detection (Cloud TPU pods, SLURM, Open MPI).")
@@ -144,9 +150,7 @@ def _run(argv) -> int:
   if _DEVICES_PER_POINT.value is not None and not _SWEEP.value:
     raise app.UsageError("--devices_per_point packs the points of a --sweep")
   if not flags.FLAGS["verbosity"].present:
-    # Library INFO logs (orbax, XLA) would bury the progress bar;
-    # --verbosity=0 brings them back.
-    logging.set_verbosity(logging.WARNING)
+    console.setup(verbose=_VERBOSE.value)
   target = None
   if _TARGET.value is not None:
     if not _DRY_RUN.value or _SWEEP.value:
@@ -160,7 +164,7 @@ def _run(argv) -> int:
                               devices_per_point=_DEVICES_PER_POINT.value)
     statuses = {r["status"] for r in results.values()}
     if statuses & {"preempted", "pending"}:
-      return trainer.EXIT_PREEMPTED
+      return _stopped_status(results.values())
     return 0 if statuses <= {"ok"} else 1
   if _MODE.value == "sample":
     _sample()
@@ -183,7 +187,25 @@ def _run(argv) -> int:
     summary = trainer.evaluate_checkpoint(config, _WORKDIR.value,
                                           force=_FORCE.value, step=_STEP.value)
   print(json.dumps(summary, indent=2, sort_keys=True))
-  return trainer.EXIT_PREEMPTED if summary.get("preempted") else 0
+  if summary.get("preempted"):
+    return _stopped_status([summary])
+  _print_results(_MODE.value)
+  return 0
+
+
+def _stopped_status(rows) -> int:
+  """The exit status of runs stopped early: 130 after Ctrl-C, else 75."""
+  if any(row.get("signal") == "SIGINT" for row in rows):
+    return trainer.EXIT_INTERRUPTED
+  return trainer.EXIT_PREEMPTED
+
+
+def _print_results(mode: str) -> None:
+  """Names the files a finished run (or evaluation) left in the workdir."""
+  files = ("eval_summary.json" if mode == "eval" else
+           "summary.json (final metrics), metrics.jsonl (every logged step), "
+           "tb/ (TensorBoard), checkpoints/")
+  print(f"results in {_WORKDIR.value}: {files}")
 
 
 def main(argv):
@@ -192,7 +214,8 @@ def main(argv):
   except app.UsageError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    if _VERBOSE.value or logging.get_verbosity() >= logging.INFO:
+    if _VERBOSE.value or (flags.FLAGS["verbosity"].present
+                          and logging.get_verbosity() >= logging.INFO):
       raise
     _error_exit(f"{type(e).__name__}: {e} (--verbose for the traceback)")
   raise SystemExit(status)

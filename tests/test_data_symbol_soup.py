@@ -236,3 +236,17 @@ def test_seq_len_shorter_than_examples_is_an_error(assets_dir):
 def test_impossible_token_bounds_are_an_error():
   with pytest.raises(ValueError, match=r"\[400, 400\]"):
     data.get_task({"task": "symbol_soup", "min_tokens": 400, "max_tokens": 400})
+
+
+@pytest.mark.parametrize("line,message", [
+    (b"\xff\xfe\tCLASS_0\n", "line 2: not UTF-8"),
+    (b"a" * 131_073 + b"\tCLASS_0\n", "line 2: field larger than field limit"),
+    (b"\tCLASS_0\n", "line 2: empty Text field"),
+])
+def test_bad_tsv_lines_name_file_and_line(tmp_path, line, message):
+  # Old code: a bare UnicodeDecodeError or csv.Error, and an empty text
+  # trained as all padding.
+  path = tmp_path / "bad.tsv"
+  path.write_bytes(b"Text\tAnswer\n" + line)
+  with pytest.raises(ValueError, match=f"{path}, {message}"):
+    ss.read_tsv(str(path))

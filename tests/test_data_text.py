@@ -161,3 +161,12 @@ def test_austen_six(austen_dir):
   assert task.num_examples("train") == (3_124_764 + 4 - 1) // 256
   batch = next(data.make_iterator(task, "val", batch_size=4, seed=0))
   assert batch["inputs"].shape == (4, 256)
+
+
+def test_odd_length_token_file_is_refused(tmp_path):
+  # Old code: numpy read it silently, dropping the last byte.
+  (tmp_path / "a.bin").write_bytes(b"\0" * 2001)
+  with pytest.raises(ValueError, match=r"a.bin: 2001 bytes is not a whole "
+                                       "number of uint16 tokens"):
+    data.get_task({"task": "text", "path": str(tmp_path / "a.bin"),
+                   "format": "uint16", "vocab_size": 700})

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import pathlib
 import socket
 import threading
 import time
@@ -216,3 +217,79 @@ def test_lock_left_by_a_dead_process_is_taken_over(tmp_path, caplog):
   with pytest.raises(workdir_lock.WorkdirLockedError,
                      match=f"pid 1 on host elsewhere.*remove {path}"):
     workdir_lock.WorkdirLock(tmp_path).acquire()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.lr", float("nan"), "train.lr must be a finite number, got nan"),
+    ("train.lr", float("inf"), "train.lr must be a finite number, got inf"),
+    ("train.b2", 1.0, r"train.b2 must lie in \[0, 1\), got 1.0"),
+    ("data.num_test", 4, "split 'test' of task 'mqar' has 4 examples, fewer "
+                         "than one batch of 8"),
+])
+def test_values_that_cannot_work_are_refused_before_any_step(
+    tmp_path, key, value, message):
+  # Old code: nan/inf/b2 trained; the test split failed after every step.
+  config = config_lib.apply_overrides(tiny_config(steps=2), {key: value})
+  with pytest.raises(ValueError, match=message):
+    trainer.train(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()  # Old code: an empty workdir.
+
+
+def test_steps_below_the_restored_step_are_refused(tmp_path):
+  # Old code: "finished" silently, rewrote config.json, appended a row.
+  trainer.train(tiny_config(steps=4), tmp_path)
+  (tmp_path / "summary.json").unlink()
+  before = file_hashes(tmp_path)
+  with pytest.raises(ValueError, match="train.steps=2 is below step 4"):
+    trainer.train(tiny_config(steps=2), tmp_path)
+  assert file_hashes(tmp_path) == before
+
+
+def test_empty_summary_json_names_its_file(tmp_path):
+  # Old code: a bare JSONDecodeError.
+  (tmp_path / "summary.json").write_text("")
+  with pytest.raises(ValueError, match=f"{tmp_path}/summary.json, line 1: "
+                                       "not valid JSON"):
+    trainer.finished_summary(tmp_path, 4)
+
+
+def test_full_disk_writing_config_json_names_it_and_leaves_no_temp_file(
+    tmp_path, monkeypatch):
+  # Old code: no path in the error, .config.json.tmp<pid> left behind.
+  real_write_text = pathlib.Path.write_text
+
+  def write_half(path, text, *args, **kwargs):
+    real_write_text(path, text[:len(text) // 2], *args, **kwargs)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(pathlib.Path, "write_text", write_half)
+  with pytest.raises(OSError, match=f"cannot write {tmp_path}/config.json: "
+                                    "No space left on device"):
+    trainer.write_json(tmp_path / "config.json", {"a": 1})
+  assert not list(tmp_path.iterdir())
+
+
+def test_eval_in_a_read_only_workdir_keeps_its_results(
+    tmp_path, monkeypatch, caplog):
+  # Old code: the write's PermissionError threw the results away.
+  trainer.train(tiny_config(steps=2), tmp_path)
+
+  def read_only(path, obj):
+    del obj
+    raise OSError(errno.EROFS, f"cannot write {path}: Read-only file system")
+
+  monkeypatch.setattr(trainer, "write_json", read_only)
+  result = trainer.evaluate_checkpoint(tiny_config(steps=2), tmp_path)
+  assert result["steps"] == 2 and "test/loss" in result
+  assert "eval_summary.json: Read-only file system; the results are only " \
+         "printed" in caplog.text
+
+
+def test_lock_naming_a_live_pid_does_not_say_it_exited(tmp_path, caplog):
+  # Old code: "left by pid 1 ..., which has exited".
+  path = tmp_path / workdir_lock.LOCK_NAME
+  path.write_text(json.dumps({"host": socket.gethostname(), "pid": 1}))
+  with workdir_lock.WorkdirLock(tmp_path):
+    pass
+  assert "which no longer holds it" in caplog.text
+  assert "has exited" not in caplog.text

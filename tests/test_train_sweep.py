@@ -119,3 +119,12 @@ def test_a_stopped_sweep_reports_points_finished_earlier_as_ok(tmp_path):
   assert results["first"]["status"] == "preempted"
   assert results["second"]["status"] == "ok"
   assert results["second"]["wall_time_s"] == finished["wall_time_s"]
+
+
+def test_start_report_lists_only_the_keys_a_point_changes():
+  # Old code: every key the sweep sets, changed or not.
+  config = str(ROOT / "configs" / "mqar.py") + ":tiny"
+  base = sweep.config_lib.load_config(config)
+  point = {"config": config, "model.d_model": base.model.d_model,
+           "train.lr": base.train.lr * 2}
+  assert sweep._changed_keys(point) == {"train.lr": base.train.lr * 2}

@@ -15,7 +15,7 @@ from sessa_jax.data import mqar
 from sessa_jax.data import symbol_soup
 from sessa_jax.data import text
 from sessa_jax.data.base import SPLITS, Task
-from sessa_jax.data.pipeline import make_iterator
+from sessa_jax.data.pipeline import check_split_size, make_iterator
 
 TASKS: Mapping[str, type[Task]] = {
     "diffuse_mqar": diffuse_mqar.DiffuseMQAR,
@@ -51,4 +51,5 @@ def get_task(data_cfg: Mapping[str, Any], *, workdir: str | None = None) -> Task
   return cls(cfg, workdir=workdir) if cls.uses_workdir else cls(cfg)
 
 
-__all__ = ["SPLITS", "TASKS", "Task", "base", "get_task", "make_iterator"]
+__all__ = ["SPLITS", "TASKS", "Task", "base", "check_split_size", "get_task",
+           "make_iterator"]

@@ -44,6 +44,18 @@ class _Examples:
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
+def check_split_size(task: base.Task, split: str, batch_size: int) -> int:
+  """Returns the number of examples of `split`; raises if under one batch."""
+  num = task.num_examples(split)
+  if num < batch_size:
+    source = task.source(split)
+    raise ValueError(
+        f"split {split!r} of task {task.name!r}"
+        f"{f' ({source})' if source else ''} has {num} examples, fewer than "
+        f"one batch of {batch_size} (train.batch_size)")
+  return num
+
+
 def make_iterator(
     task: base.Task,
     split: str,
@@ -94,13 +106,7 @@ def make_iterator(
         f"{process_count}")
   if num_workers < 0:
     raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
-  num = task.num_examples(split)
-  if num < batch_size:
-    source = task.source(split)
-    raise ValueError(
-        f"split {split!r} of task {task.name!r}"
-        f"{f' ({source})' if source else ''} has {num} examples, fewer than "
-        f"one batch of {batch_size}")
+  num = check_split_size(task, split, batch_size)
   local_batch_size = batch_size // process_count
 
   ds = grain.MapDataset.range(num)

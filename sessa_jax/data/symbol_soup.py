@@ -351,9 +351,30 @@ def read_tsv(path: str) -> tuple[list[np.ndarray], np.ndarray]:
     (token ids per example, (N,) int32 class labels).
 
   Raises:
-    ValueError: naming the file and line of a missing column, a wrong field
-      count, an unknown class name or text that does not tokenise.
+    ValueError: naming the file and line of bytes that are not UTF-8, a
+      missing column, a wrong field count, a field over the csv module's
+      limit, an unknown class name or an empty or untokenisable text.
   """
+  try:
+    return _read_tsv(path)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}, line {_undecodable_line(path)}: not UTF-8 "
+                     f"({e.reason})") from None
+
+
+def _undecodable_line(path: str) -> int:
+  """The 1-based number of the first line of `path` that is not UTF-8."""
+  with open(path, "rb") as f:
+    for number, line in enumerate(f, start=1):
+      try:
+        line.decode("utf-8")
+      except UnicodeDecodeError:
+        return number
+  return number
+
+
+def _read_tsv(path: str) -> tuple[list[np.ndarray], np.ndarray]:
+  """`read_tsv` but for undecodable bytes."""
   examples, labels = [], []
   with open(path, newline="", encoding="utf-8") as f:
     reader = csv.reader(f, delimiter="\t")
@@ -366,7 +387,7 @@ def read_tsv(path: str) -> tuple[list[np.ndarray], np.ndarray]:
             f"{path}, line 1: missing column {column!r}; header is {header}")
     text_col, answer_col = header.index("Text"), header.index("Answer")
     start = reader.line_num + 1
-    for row in reader:
+    for row in _rows(reader, path):
       where = f"{path}, line {start}"
       if len(row) != len(header):
         raise ValueError(
@@ -376,6 +397,8 @@ def read_tsv(path: str) -> tuple[list[np.ndarray], np.ndarray]:
         raise ValueError(
             f"{where}: unknown class {answer!r}; choices: CLASS_0 .. "
             f"CLASS_{NUM_CLASSES - 1}")
+      if not row[text_col]:
+        raise ValueError(f"{where}: empty Text field")
       try:
         examples.append(tokenize(row[text_col]))
       except TokenizeError as e:
@@ -384,6 +407,18 @@ def read_tsv(path: str) -> tuple[list[np.ndarray], np.ndarray]:
       labels.append(CLASS_NAMES.index(answer))
       start = reader.line_num + 1
   return examples, np.asarray(labels, np.int32)
+
+
+def _rows(reader, path: str):
+  """The rows of a csv reader; its errors (a field over the limit) name the
+  file and line."""
+  while True:
+    try:
+      yield next(reader)
+    except StopIteration:
+      return
+    except csv.Error as e:
+      raise ValueError(f"{path}, line {reader.line_num}: {e}") from None
 
 
 def write_tsv(path: str, rows: Sequence[tuple[str, str]]) -> None:

@@ -176,7 +176,14 @@ class Text(base.Task):
 
   def _read_tokens(self, files: list[str]) -> np.ndarray:
     parts = []
+    itemsize = np.dtype(self.cfg.format).itemsize
     for path in files:
+      size = os.path.getsize(path)
+      if size % itemsize:
+        raise ValueError(
+            f"{path}: {size} bytes is not a whole number of "
+            f"{self.cfg.format} tokens ({itemsize} bytes each); is "
+            "data.format right?")
       tokens = np.fromfile(path, np.dtype(self.cfg.format))
       if tokens.size and tokens.max() >= self.cfg.vocab_size:
         raise ValueError(

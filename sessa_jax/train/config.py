@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import math
 import pathlib
 import re
 from typing import Any, Mapping
@@ -107,6 +108,10 @@ class TrainConfig:
     if not 0.0 <= self.min_lr_ratio <= 1.0:
       raise ValueError(
           f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+    for key in ("b1", "b2"):
+      if not 0.0 <= getattr(self, key) < 1.0:
+        raise ValueError(
+            f"train.{key} must lie in [0, 1), got {getattr(self, key)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +207,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]
           f"unknown config section {name!r}; known sections: "
           f"{', '.join(SECTIONS)}")
   sections = {name: dict(raw.get(name) or {}) for name in SECTIONS}
+  _check_finite(sections)
   if "task" not in sections["data"]:
     raise ValueError("data.task is missing")
   model, train_dtype = sections["model"], sections["train"].get(
@@ -218,6 +224,14 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]
   return Experiment(model=ModelConfig(**model_values),
                     data=sections["data"], train=train,
                     mesh=MeshConfig(**full.mesh), raw=raw)
+
+
+def _check_finite(sections: Mapping[str, Mapping[str, Any]]) -> None:
+  """Refuses a NaN or infinite number anywhere in the config, naming its key."""
+  for name, section in sections.items():
+    for key, value in section.items():
+      if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name}.{key} must be a finite number, got {value}")
 
 
 def _field_reference(field: dataclasses.Field) -> Any:

@@ -42,5 +42,5 @@ class StepProfiler:
     if self._active:
       jax.profiler.stop_trace()
       self._active = False
-      logging.warning("profile of steps %d..%d written under %s",
-                      self._start + 1, self._stop, self._log_dir)
+      logging.info("profile of steps %d..%d written under %s",
+                   self._start + 1, self._stop, self._log_dir)

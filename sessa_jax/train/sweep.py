@@ -66,6 +66,21 @@ def _point_overrides(point: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in point.items() if k != "config"}
 
 
+def _changed_keys(point: Mapping[str, Any]) -> dict[str, Any]:
+  """The point's keys whose value differs from its config file's, for the
+  start-of-run report (a sweep sets keys shared by all its points too)."""
+  base = config_lib.load_config(point["config"])
+  return {key: value for key, value in _point_overrides(point).items()
+          if _lookup(base, key) != value}
+
+
+def _lookup(config, dotted: str) -> Any:
+  """The value of a dotted key ('train.lr') of a ConfigDict."""
+  for name in dotted.split("."):
+    config = config[name]
+  return config
+
+
 def _point_config(point: Mapping[str, Any]):
   return config_lib.apply_overrides(
       config_lib.load_config(point["config"]), _point_overrides(point))
@@ -157,8 +172,8 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
                           jax.process_index())
     processes = (RunProcesses.of(groups[0]) if groups  # A host left idle.
                  else RunProcesses.this_one())
-    logging.warning("packed sweep: process %d trains %d points at a time on "
-                    "devices %s", jax.process_index(), len(groups),
+    logging.info("packed sweep: process %d trains %d points at a time on "
+                 "devices %s", jax.process_index(), len(groups),
                     [[d.id for d in g] for g in groups])
   results = {name: _unstarted_row(point, workdir / name)
              for name, point in points.items()}
@@ -180,8 +195,7 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
 
     def worker(devices):
       while (name := next_point()) is not None:
-        logging.warning("sweep point %d/%d: %s", number[name], len(points),
-                        name)
+        logging.info("sweep point %d/%d: %s", number[name], len(points), name)
         row = _run_point(points[name], workdir / name, force, preemption,
                          devices)
         with lock:
@@ -248,7 +262,7 @@ def _run_point(point: Mapping[str, Any], workdir: pathlib.Path, force: bool,
   try:
     summary = trainer.train(_point_config(point), workdir, force=force,
                             preemption=preemption,
-                            overrides=_point_overrides(point), devices=devices)
+                            overrides=_changed_keys(point), devices=devices)
     row.update(summary, status="preempted" if summary.get("preempted")
                else "ok")
   except Exception as e:  # pylint: disable=broad-except

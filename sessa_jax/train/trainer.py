@@ -5,7 +5,8 @@ task, mesh, model and optimizer, resumes from the newest readable checkpoint
 in the workdir (only then writing `config.json`), then loops: next batch ->
 jitted step -> metrics -> periodic eval and checkpoint. It stops at
 `train.steps` (then evaluates on val and test and writes `summary.json`), on
-SIGTERM (after saving a checkpoint; the caller exits with `EXIT_PREEMPTED`),
+SIGTERM or Ctrl-C (after saving a checkpoint; the caller exits with
+`EXIT_PREEMPTED` or `EXIT_INTERRUPTED`),
 or on a non-finite loss, gradient norm or state (raising, with the last
 checkpoint left as it was: checkpoints are saved only from finite states).
 `evaluate_checkpoint` reads a finished or running workdir and writes only
@@ -20,6 +21,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import threading
 import time
@@ -59,6 +61,9 @@ RESUME_FREE = ("model.remat",)
 # Exit status of a run (or sweep) stopped by SIGTERM after saving a
 # checkpoint: sysexits' EX_TEMPFAIL, "try again later"; relaunch to resume.
 EXIT_PREEMPTED = 75
+# Exit status of a run (or sweep) stopped by Ctrl-C after saving: the shell's
+# 128 + SIGINT.
+EXIT_INTERRUPTED = 130
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,42 +213,56 @@ def make_train_step(state_spec: TrainStateSpec, tc: TrainConfig,
 
 
 class Preemption:
-  """Turns SIGTERM into a flag the loop polls.
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag the loop polls.
 
   A context manager. A run of all processes of a multi-process job leaves
   SIGTERM to `jax.distributed`'s preemption service, whose sync point makes
-  them all stop after the same step. Otherwise a handler is installed on
-  entry (the previous one is restored on exit): a run of one process polls
-  its flag; a run of some processes stops when any of them has it, agreed by
-  a reduction over them at every step. A sweep holds one across all its
-  points, so that SIGTERM between points also stops it.
+  them all stop after the same step (and Ctrl-C to Python). Otherwise
+  handlers are installed on entry (the previous ones are restored on exit):
+  a run of one process polls its flag; a run of some processes stops when any
+  of them has it, agreed by a reduction over them at every step. A sweep
+  holds one across all its points, so that a signal between points also
+  stops it. After the first Ctrl-C a second one kills the process at once,
+  without saving.
 
   Args:
     processes: the processes of the runs it stops (default: all).
+
+  Attributes:
+    requested: whether a signal asked to stop.
+    signal_name: the first such signal's name ("SIGTERM", "SIGINT"), or None.
   """
 
   def __init__(self, processes: RunProcesses | None = None):
     self.requested = False
+    self.signal_name = None
     self._processes = processes or RunProcesses.everyone()
     # A job's processes all together: jax.distributed's preemption service.
     self._service = (self._processes.count > 1
                      and self._processes.is_everyone)
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self) -> Preemption:
     if not self._service:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {signum: signal.signal(signum, self._handle)
+                        for signum in (signal.SIGTERM, signal.SIGINT)}
     return self
 
   def __exit__(self, *exc_info) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint after this step")
+    del frame
+    name = signal.Signals(signum).name
+    again = ""
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
+      again = " (Ctrl-C again to exit at once, without saving)"
+    logging.warning("%s: saving a checkpoint after this step%s", name, again)
     self.requested = True
+    self.signal_name = self.signal_name or name
 
   def reached(self, step: int) -> bool:
     if self._service:
@@ -272,17 +291,30 @@ def finished_summary(workdir: str | pathlib.Path, steps: int
   """The summary.json of a run that finished `steps` steps, else None."""
   path = pathlib.Path(workdir) / "summary.json"
   if path.exists():
-    summary = json.loads(path.read_text())
+    summary = read_json(path)
     if summary.get("steps") == steps:
       return summary
   return None
 
 
+def read_json(path: pathlib.Path) -> Any:
+  """Reads a JSON file; an unreadable one raises a ValueError naming it."""
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); "
+                     "move it away to write it again") from None
+
+
 def write_json(path: pathlib.Path, obj: Any) -> None:
   """Writes JSON atomically (a reader sees the old or the new file)."""
   tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+  except OSError as e:
+    tmp.unlink(missing_ok=True)
+    raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
 
 
 def _check_resume(workdir: pathlib.Path, raw: Mapping[str, Any], force: bool
@@ -295,7 +327,7 @@ def _check_resume(workdir: pathlib.Path, raw: Mapping[str, Any], force: bool
   path = workdir / "config.json"
   if not path.exists():
     return []
-  old = json.loads(path.read_text())
+  old = read_json(path)
   new = json.loads(json.dumps(raw))
   diffs = []
   for section in RESUME_KEYS:
@@ -346,13 +378,16 @@ def setup(config, workdir: str | pathlib.Path | None = None,
     The `Setup`.
 
   Raises:
-    ValueError: on a bad key or value, or a batch the mesh cannot split.
+    ValueError: on a bad key or value, a split smaller than one batch, or a
+      batch the mesh cannot split.
   """
   exp = (config if isinstance(config, config_lib.Experiment)
          else config_lib.validate(config))
   tc = exp.train
   task = data_lib.get_task(exp.data,
                            workdir=None if workdir is None else str(workdir))
+  for split in data_lib.SPLITS:  # Val and test are read only at the end.
+    data_lib.check_split_size(task, split, tc.batch_size)
   mesh = sharding_lib.make_mesh(exp.mesh, devices)
   processes = RunProcesses.of(mesh.devices.flat)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -441,7 +476,7 @@ class Run:
       else:
         advice = "move that directory away to start over"
       raise checkpoint_lib.CheckpointRestoreError(f"{e}; {advice}") from None
-    logging.warning("restored %s/%d", self.checkpointer.directory, step)
+    logging.info("restored %s/%d", self.checkpointer.directory, step)
     return step
 
   def start(self) -> None:
@@ -475,7 +510,11 @@ class Run:
 
   def summary(self, steps: int, wall_time_s: float, results: Mapping[str, Any],
               filename: str = "summary.json") -> dict[str, Any]:
-    """Writes `filename` in the workdir (the primary) and returns its contents."""
+    """Writes `filename` in the workdir (the primary) and returns its contents.
+
+    Only summary.json must be written: another file (an evaluation's) that
+    cannot be, in a read-only workdir, is left out with a warning.
+    """
     out = {
         **results,
         "params": int(sum(np.prod(x.shape) for x in
@@ -488,7 +527,12 @@ class Run:
         "task": self.task.name,
     }
     if self.processes.is_primary:
-      write_json(self.workdir / filename, out)
+      try:
+        write_json(self.workdir / filename, out)
+      except OSError as e:
+        if filename == "summary.json":
+          raise
+        logging.warning("%s; the results are only printed", e)
     return out
 
   def close(self):
@@ -497,6 +541,18 @@ class Run:
 
 def _scalars(results: Mapping[str, Any]) -> dict[str, float]:
   return {k: v for k, v in results.items() if isinstance(v, (int, float))}
+
+
+def _print_eval(run: Run, step: int, results: Mapping[str, Any],
+                progress) -> None:
+  """Shows an evaluation during training on the primary's console."""
+  if not run.processes.is_primary:
+    return
+  line = ", ".join(f"{k} {v:.4g}" for k, v in sorted(_scalars(results).items()))
+  if progress is not None:
+    progress.write(f"step {step}: {line}")
+  else:  # A packed sweep's point: name it.
+    logging.info("%s, step %d: %s", run.workdir.name, step, line)
 
 
 def introduce(resolved: Setup, state_spec: TrainStateSpec,
@@ -627,7 +683,8 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
 
   Returns:
     The summary (also in summary.json; a finished run returns it unchanged);
-    when stopped early, a dict with `preempted: True` and `step`.
+    when stopped early, a dict with `preempted: True` and `step` (and
+    `signal`, "SIGTERM" or "SIGINT", when a signal stopped it).
 
   Raises:
     FloatingPointError: on a non-finite loss, gradient norm or state (no
@@ -636,20 +693,43 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
     MetricWriteError: metrics could not be written (e.g. disk full).
   """
   start_time = time.time()
-  with contextlib.ExitStack() as stack:
-    processes = RunProcesses.of(devices or jax.devices())
+  processes = RunProcesses.of(devices or jax.devices())
+  with (_removed_unless_started(workdir, processes),
+        contextlib.ExitStack() as stack):
     stack.enter_context(workdir_lock.WorkdirLock(workdir, processes))
     if preemption is None:
       preemption = stack.enter_context(Preemption(processes))
     run = Run(config, workdir, force=force, devices=devices)
     stack.callback(run.close)
     done = finished_summary(run.workdir, run.tc.steps)
+    if run.config_changes:
+      logging.warning("--force: resuming %s with %s", run.workdir,
+                      "; ".join(run.config_changes))
     if done is not None and not run.config_changes:
-      logging.warning("%s already finished %d steps; nothing to do",
+      logging.info("%s already finished %d steps; nothing to do",
                       run.workdir, run.tc.steps)
       return done
     return _train_loop(run, start_time, stop_at, preemption, stack,
                        overrides)
+
+
+@contextlib.contextmanager
+def _removed_unless_started(workdir: str | pathlib.Path,
+                            processes: RunProcesses):
+  """Removes a workdir this run created if it fails before writing config.json.
+
+  A start refused by validation (a bad config value, a missing data file)
+  leaves nothing behind.
+  """
+  workdir = pathlib.Path(workdir)
+  created = not workdir.exists()
+  try:
+    yield
+  except BaseException:
+    if (created and processes.is_primary
+        and not (workdir / "config.json").exists()):
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
 
 
 def _train_loop(run: Run, start_time: float, stop_at: int | None,
@@ -659,6 +739,11 @@ def _train_loop(run: Run, start_time: float, stop_at: int | None,
   tc = run.tc
   train_iter = run.iterator("train", train=True)
   step = run.restore(train_iter)
+  if step > tc.steps:
+    raise ValueError(
+        f"train.steps={tc.steps} is below step {step}, restored from "
+        f"{run.checkpointer.directory}: raise train.steps to continue this "
+        "run, or use another --workdir")
   run.start()
   if run.processes.is_primary:
     write_json(run.workdir / run_info.FILENAME,
@@ -673,6 +758,8 @@ def _train_loop(run: Run, start_time: float, stop_at: int | None,
   train_flops = 3 * budget.flops_per_token(run.model_cfg, run.task.seq_len)
   peak = metrics_lib.peak_flops(dtype=tc.dtype) * run.mesh.devices.size
   progress = _progress_bar(step, tc.steps, run.processes)
+  if progress is not None:
+    stack.callback(progress.close)
   results: dict[str, Any] = {}
   window_start, window_steps = None, 0
   while step < tc.steps:
@@ -711,6 +798,7 @@ def _train_loop(run: Run, start_time: float, stop_at: int | None,
     if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
       results = run.evaluate_split("val", "eval", tc.eval_batches)
       writer.write(step, _scalars(results))
+      _print_eval(run, step, results, progress)
       window_start, window_steps = time.time(), 0
     stop = preemption.reached(step) or step == stop_at
     if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
@@ -723,7 +811,10 @@ def _train_loop(run: Run, start_time: float, stop_at: int | None,
       logging.warning("stopped at step %d; checkpoint saved in %s; relaunch "
                       "with the same --workdir to resume", step,
                       run.checkpointer.directory)
-      return {"preempted": True, "step": step}
+      stopped = {"preempted": True, "step": step}
+      if preemption.signal_name:
+        stopped["signal"] = preemption.signal_name
+      return stopped
   if progress is not None:
     progress.close()
   results = run.evaluate_split("val", "eval", tc.eval_batches)

@@ -47,6 +47,19 @@ def _describe(holder: dict) -> str:
   return f"pid {holder.get('pid')} on host {holder.get('host')}"
 
 
+def _fate(pid) -> str:
+  """What became of the process that left a lock file nobody holds."""
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return "has exited"
+  except PermissionError:  # Alive, another user's.
+    pass
+  except (TypeError, ValueError, OverflowError):
+    return "is unknown"
+  return "no longer holds it (that PID now names another process)"
+
+
 class WorkdirLock:
   """Holds `workdir/run.lock` from `acquire()` until `release()`.
 
@@ -109,8 +122,8 @@ class WorkdirLock:
             f"file {self.path}); if that process is gone, remove {self.path} "
             "and relaunch")
       if holder:
-        logging.warning("taking over %s, left by %s, which has exited",
-                        self.path, _describe(holder))
+        logging.warning("taking over %s, left by %s, which %s", self.path,
+                        _describe(holder), _fate(holder.get("pid")))
       os.ftruncate(fd, 0)
       os.lseek(fd, 0, os.SEEK_SET)
       os.write(fd, json.dumps({"host": host, "pid": os.getpid(),
