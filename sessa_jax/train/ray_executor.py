@@ -110,6 +110,16 @@ class _Coordinator:
     return self._stopping
 
 
+def _call(method, *args):
+  """An actor method's result, in a task.
+
+  It waits on a future, not in `ray.get`: a task blocked in `ray.get` or
+  `ray.wait` lends its CPUs back to the scheduler, which would start another
+  point on them.
+  """
+  return method.remote(*args).future().result()
+
+
 def _train_point(name: str, point: Mapping[str, Any], workdir: pathlib.Path,
                  cwd: str, force: bool, gpu_share: float | None,
                  coordinator) -> dict[str, Any]:
@@ -127,11 +137,10 @@ def _train_point(name: str, point: Mapping[str, Any], workdir: pathlib.Path,
   Returns:
     `sweep.run_point`'s row, or {"status": "pending"} when stopping.
   """
-  ray = _import_ray()
   os.chdir(cwd)
   if gpu_share is not None:  # Before JAX creates its backends.
     os.environ.update(sweep.shared_device_env(gpu_share, os.environ))
-  if not ray.get(coordinator.begin.remote(name)):
+  if not _call(coordinator.begin, name):
     return {"status": "pending"}
   (workdir / name).mkdir(parents=True, exist_ok=True)
   with open(workdir / f"{name}.log", "ab") as log:
@@ -142,7 +151,7 @@ def _train_point(name: str, point: Mapping[str, Any], workdir: pathlib.Path,
 
     def watch():
       while not done.wait(_POLL_S):
-        if ray.get(coordinator.stopping.remote()):
+        if _call(coordinator.stopping):
           preemption.requested = True
           return
 
@@ -249,8 +258,8 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *,
       for ref in ready:
         name = running.pop(ref)
         row, lost = _outcome(ray, ref)
-        if lost and began is not None:
-          row = {"status": "preempted"}
+        if lost and began is not None:  # Stopping: relaunch resumes it.
+          row = {"status": "preempted" if name in began else "pending"}
         elif ((lost or row["status"] == "preempted") and began is None
               and retries[name] < max_retries):
           retries[name] += 1
