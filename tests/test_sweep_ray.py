@@ -87,6 +87,14 @@ def test_points_run_as_tasks_and_a_failing_point_is_isolated(
   assert again["bad_heads"]["status"] == "failed"
 
 
+def test_resources_per_point_become_task_options():
+  assert ray_executor.parse_resources("cpu=2,GPU=0.25,tpu=4,big_mem=1") == {
+      "num_cpus": 2.0, "num_gpus": 0.25,
+      "resources": {"TPU": 4.0, "big_mem": 1.0}}
+  with pytest.raises(ValueError, match="'gpu' is not NAME=NUMBER"):
+    ray_executor.parse_resources("cpu=1,gpu")
+
+
 def test_executor_ray_without_ray_names_the_install_command(tmp_path):
   spec = _write_sweep(tmp_path, '{"ok": POINT}')
   hide_ray = ("import runpy, sys; sys.modules['ray'] = None; "

@@ -142,7 +142,6 @@ def _train_point(name: str, point: Mapping[str, Any], workdir: pathlib.Path,
     os.environ.update(sweep.shared_device_env(gpu_share, os.environ))
   if not _call(coordinator.begin, name):
     return {"status": "pending"}
-  (workdir / name).mkdir(parents=True, exist_ok=True)
   with open(workdir / f"{name}.log", "ab") as log:
     os.dup2(log.fileno(), 1)  # The worker exits after this task.
     os.dup2(log.fileno(), 2)
