@@ -11,6 +11,9 @@ r"""Train, evaluate, sample from or dry-run a config; or run a sweep.
       --workdir=workdirs/matched_budget_tiny
   python launch.py --sweep=experiments/matched_budget.py:tiny \
       --devices_per_point=1 --workdir=workdirs/matched_budget_tiny
+  python launch.py --sweep=experiments/matched_budget.py:tiny --executor=ray \
+      [--ray_address=auto] [--resources_per_point=cpu=1,gpu=0.25] \
+      --workdir=/shared/matched_budget_tiny
 
 --mode=eval and --mode=sample read the run's config from WORKDIR/config.json
 when --config is not given.
@@ -25,7 +28,9 @@ JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID), or --distributed
 where JAX detects the cluster itself (Cloud TPU, SLURM); run the same command
 on every host. With --sweep and --devices_per_point each host's process trains
 points on its own devices (or with its group of hosts, for points larger than
-a host), taking them from a queue shared by all hosts.
+a host), taking them from a queue shared by all hosts. With --executor=ray
+each point is a Ray task in a worker process of its own, on a Ray cluster
+(--ray_address) or a local instance (sessa_jax/train/ray_executor.py).
 """
 
 import json
@@ -40,6 +45,7 @@ from sessa_jax import loading
 from sessa_jax import sampling
 from sessa_jax import targets
 from sessa_jax.train import console
+from sessa_jax.train import ray_executor
 from sessa_jax.train import sharding
 from sessa_jax.train import sweep
 from sessa_jax.train import target_compile
@@ -85,6 +91,17 @@ _DEVICES_PER_POINT = flags.DEFINE_integer(
     "time, each on its own N devices (default: one point on all devices). In a "
     "multi-process run a point never spans hosts unless N exceeds a host; "
     "then N must be a whole number of hosts, whose processes train it.")
+_EXECUTOR = flags.DEFINE_enum(
+    "executor", "in_process", ["in_process", "ray"],
+    "With --sweep: in_process trains the points in this job; ray runs each "
+    "as a Ray task in a worker process of its own (needs the [ray] extra).")
+_RAY_ADDRESS = flags.DEFINE_string(
+    "ray_address", None, "With --executor=ray: the cluster to run on (auto, "
+    "HOST:PORT); default: start a local Ray instance on this machine.")
+_RESOURCES_PER_POINT = flags.DEFINE_string(
+    "resources_per_point", "cpu=1", "With --executor=ray: each point's "
+    "resources, e.g. cpu=1,gpu=0.25 (a quarter GPU and of its memory) or "
+    "cpu=8,tpu=4 (4 TPU chips of one host).")
 _FORCE = flags.DEFINE_bool(
     "force", False,
     "Resume even if WORKDIR/config.json differs in model or data.")
@@ -149,6 +166,14 @@ def _run(argv) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DEVICES_PER_POINT.value is not None and not _SWEEP.value:
     raise app.UsageError("--devices_per_point packs the points of a --sweep")
+  on_ray = _EXECUTOR.value == "ray"
+  if on_ray and (not _SWEEP.value or _DEVICES_PER_POINT.value is not None):
+    raise app.UsageError("--executor=ray runs the points of a --sweep, each "
+                         "on the resources of --resources_per_point")
+  if not on_ray and (_RAY_ADDRESS.value is not None
+                  or flags.FLAGS["resources_per_point"].present):
+    raise app.UsageError("--ray_address and --resources_per_point go with "
+                         "--executor=ray")
   if not flags.FLAGS["verbosity"].present:
     console.setup(verbose=_VERBOSE.value)
   target = None
@@ -159,9 +184,17 @@ def _run(argv) -> int:
     target_compile.prepare(target)
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, auto=_DISTRIBUTED.value)
-  if _SWEEP.value:
+  if on_ray:
+    try:
+      results = ray_executor.run_sweep(
+          _SWEEP.value, _WORKDIR.value, address=_RAY_ADDRESS.value,
+          resources=_RESOURCES_PER_POINT.value, force=_FORCE.value)
+    except ray_executor.RayNotInstalledError as e:
+      _error_exit(str(e))
+  elif _SWEEP.value:
     results = sweep.run_sweep(_SWEEP.value, _WORKDIR.value, force=_FORCE.value,
                               devices_per_point=_DEVICES_PER_POINT.value)
+  if _SWEEP.value:
     statuses = {r["status"] for r in results.values()}
     if statuses & {"preempted", "pending"}:
       return _stopped_status(results.values())

@@ -10,7 +10,7 @@ Small models leave most of a GPU idle, and one device cannot be cut into
 sub-meshes the way `launch.py --sweep --devices_per_point` cuts a host's
 devices. So each point trains in its own `launch.py` process, `--concurrent`
 of them at a time, each allowed `0.9 / concurrent` of the device's memory
-(`XLA_PYTHON_CLIENT_MEM_FRACTION`; `XLA_FLAGS` below), with its output in
+(`sweep.shared_device_env`), with its output in
 `DIR/<point>.log`.
 Each run is exactly the one the sweep would run (the point's config file
 and overrides), in `DIR/<point>`; a relaunch resumes unfinished points.
@@ -41,12 +41,6 @@ if str(ROOT) not in sys.path:  # Run as a script from a checkout.
 from sessa_jax.train import sweep as sweep_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_SWEEP = "experiments/matched_budget.py:device"
-# Memory left to the CUDA/XLA runtime outside the processes' shares.
-MEMORY_SHARE = 0.9
-# XLA:GPU's Triton GEMMs find no tiling for the matched attention model's
-# 144-wide matmuls (its H200 target compile fails: "Couldn't find output
-# tile sizes"); cuBLAS takes them. Ignored on CPU.
-XLA_FLAGS = "--xla_gpu_enable_triton_gemm=false"
 
 
 def point_command(name: str, point, workdir: pathlib.Path) -> list[str]:
@@ -61,9 +55,8 @@ def point_command(name: str, point, workdir: pathlib.Path) -> list[str]:
 def run_points(points, workdir: pathlib.Path, concurrent: int,
                env=None) -> dict[str, int]:
   """Trains `points` in `concurrent` processes at a time; name -> exit."""
-  env = dict(os.environ if env is None else env)
-  env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{MEMORY_SHARE / concurrent:.3f}"
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()
+  env = sweep_lib.shared_device_env(1 / concurrent,
+                                    os.environ if env is None else env)
   pending, running, codes = list(points.items()), {}, {}
   while pending or running:
     while pending and len(running) < concurrent:

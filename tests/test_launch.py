@@ -99,6 +99,10 @@ def test_sigterm_saves_a_checkpoint_that_training_resumes_from(tmp_path):
      "unknown data.task 'wiki'; choices:"),
     (["--config=configs/mqar.py", "--devices_per_point=2"],
      "--devices_per_point packs the points of a --sweep"),
+    (["--config=configs/mqar.py", "--executor=ray"],
+     "--executor=ray runs the points of a --sweep"),
+    (["--config=configs/mqar.py", "--resources_per_point=gpu=1"],
+     "--ray_address and --resources_per_point go with --executor=ray"),
 ])
 def test_bad_config_fails_at_start_naming_the_choices(tmp_path, args, message):
   proc = launch(*args, f"--workdir={tmp_path}")

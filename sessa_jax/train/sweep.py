@@ -39,7 +39,14 @@ from sessa_jax.train.processes import RunProcesses
 
 _NAME = re.compile(r"^[A-Za-z0-9_.,=+-]+$")
 _COLUMNS = ("model", "params", "steps", "eval/loss", "eval/accuracy",
-            "test/accuracy", "test/perplexity", "wall_time_s")
+            "test/accuracy", "test/perplexity", "wall_time_s", "retries")
+# Device memory left to the CUDA/XLA runtime outside the shares of the
+# points that share one accelerator, each in its own process.
+MEMORY_SHARE = 0.9
+# XLA:GPU's Triton GEMMs find no tiling for the matched attention model's
+# 144-wide matmuls (its H200 target compile fails: "Couldn't find output
+# tile sizes"); cuBLAS takes them. Ignored on CPU.
+SHARED_DEVICE_XLA_FLAGS = "--xla_gpu_enable_triton_gemm=false"
 
 
 def load_sweep(spec: str) -> dict[str, dict[str, Any]]:
@@ -175,7 +182,7 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
     logging.info("packed sweep: process %d trains %d points at a time on "
                  "devices %s", jax.process_index(), len(groups),
                     [[d.id for d in g] for g in groups])
-  results = {name: _unstarted_row(point, workdir / name)
+  results = {name: unstarted_row(point, workdir / name)
              for name, point in points.items()}
   queue = point_queue.PointQueue(list(points), group=processes,
                                  shared=not processes.is_everyone)
@@ -196,7 +203,7 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
     def worker(devices):
       while (name := next_point()) is not None:
         logging.info("sweep point %d/%d: %s", number[name], len(points), name)
-        row = _run_point(points[name], workdir / name, force, preemption,
+        row = run_point(points[name], workdir / name, force, preemption,
                          devices)
         with lock:
           ran[name] = row
@@ -214,9 +221,34 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
         t.join()
     results.update(queue.gather(ran))
     if jax.process_index() == 0:
-      trainer.write_json(workdir / "sweep_summary.json", results)
-      print(format_table(results))
+      write_summary(workdir, results)
   return results
+
+
+def write_summary(workdir: pathlib.Path,
+                  results: Mapping[str, Mapping[str, Any]]) -> None:
+  """Writes `workdir/sweep_summary.json` and prints the table."""
+  trainer.write_json(workdir / "sweep_summary.json", results)
+  print(format_table(results))
+
+
+def shared_device_env(share: float, environ: Mapping[str, str]
+                     ) -> dict[str, str]:
+  """`environ` for a point process given `share` of one accelerator.
+
+  Args:
+    share: the fraction of the device (e.g. 1/3 for three points on it).
+    environ: the environment to extend.
+
+  Returns:
+    A copy with `XLA_PYTHON_CLIENT_MEM_FRACTION` (that share of
+    `MEMORY_SHARE`) and `SHARED_DEVICE_XLA_FLAGS` appended to `XLA_FLAGS`.
+  """
+  env = dict(environ)
+  env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{MEMORY_SHARE * share:.3f}"
+  env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} "
+                      f"{SHARED_DEVICE_XLA_FLAGS}").strip()
+  return env
 
 
 def local_groups(devices: Sequence[Any], per_point: int, process: int
@@ -239,8 +271,8 @@ def local_groups(devices: Sequence[Any], per_point: int, process: int
           if process in {d.process_index for d in g}]
 
 
-def _unstarted_row(point: Mapping[str, Any], workdir: pathlib.Path
-                  ) -> dict[str, Any]:
+def unstarted_row(point: Mapping[str, Any], workdir: pathlib.Path
+                 ) -> dict[str, Any]:
   """The row of a point this launch has not run (yet): "ok" with its summary
   when an earlier launch finished it, else "pending"."""
   if (workdir / "summary.json").exists():
@@ -251,9 +283,9 @@ def _unstarted_row(point: Mapping[str, Any], workdir: pathlib.Path
   return {"status": "pending"}
 
 
-def _run_point(point: Mapping[str, Any], workdir: pathlib.Path, force: bool,
-               preemption: trainer.Preemption,
-               devices: Sequence[Any] | None) -> dict[str, Any]:
+def run_point(point: Mapping[str, Any], workdir: pathlib.Path, force: bool,
+              preemption: trainer.Preemption,
+              devices: Sequence[Any] | None) -> dict[str, Any]:
   """Trains one point; returns its result row (failures caught)."""
   used = devices if devices is not None else jax.devices()
   row: dict[str, Any] = {"devices": [d.id for d in used],
