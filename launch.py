@@ -17,8 +17,10 @@ r"""Train, evaluate, sample from or dry-run a config; or run a sweep.
 
 --mode=eval and --mode=sample read the run's config from WORKDIR/config.json
 when --config is not given.
-Relaunching with the same --workdir resumes from its newest checkpoint; one
-run at a time may use a workdir (WORKDIR/run.lock). Exit status: 0 done, 1
+Relaunching with the same --workdir resumes from its newest checkpoint
+(--restore_step=N: from step N, deleting the later checkpoints, e.g. to go
+back past a divergence); one run at a time may use a workdir
+(WORKDIR/run.lock). Exit status: 0 done, 1
 error (one line; --verbose for the traceback), 75 (trainer.EXIT_PREEMPTED)
 stopped by SIGTERM after saving a checkpoint: relaunch to resume; 130
 (trainer.EXIT_INTERRUPTED) the same after Ctrl-C (a second Ctrl-C exits at
@@ -71,6 +73,10 @@ _TARGET = flags.DEFINE_string(
     "target's compiler: `make dry-run TARGET=...` installs it.")
 _STEP = flags.DEFINE_integer(
     "step", None, "Checkpoint step for --mode=eval/sample (default: newest).")
+_RESTORE_STEP = flags.DEFINE_integer(
+    "restore_step", None, "--mode=train: resume from this checkpoint step "
+    "instead of the newest, deleting the later checkpoints (it names them "
+    "first); for one relaunch, e.g. back past a divergence.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (--mode=sample).")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", 200,
                                    "Tokens to generate (--mode=sample).",
@@ -174,6 +180,10 @@ def _run(argv) -> int:
                   or flags.FLAGS["resources_per_point"].present):
     raise app.UsageError("--ray_address and --resources_per_point go with "
                          "--executor=ray")
+  if _RESTORE_STEP.value is not None and (
+      _SWEEP.value or _DRY_RUN.value or _MODE.value != "train"):
+    raise app.UsageError("--restore_step resumes one run's training (use "
+                         "--step with --mode=eval or sample)")
   if not flags.FLAGS["verbosity"].present:
     console.setup(verbose=_VERBOSE.value)
   target = None
@@ -215,7 +225,8 @@ def _run(argv) -> int:
     return 0
   if _MODE.value == "train":
     summary = trainer.train(config, _WORKDIR.value, force=_FORCE.value,
-                            overrides=overrides)
+                            overrides=overrides,
+                            restore_step=_RESTORE_STEP.value)
   else:
     summary = trainer.evaluate_checkpoint(config, _WORKDIR.value,
                                           force=_FORCE.value, step=_STEP.value)

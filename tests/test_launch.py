@@ -90,6 +90,17 @@ def test_sigterm_saves_a_checkpoint_that_training_resumes_from(tmp_path):
   assert summary["steps"] == stopped_at + 2
 
 
+def test_restore_step_lists_the_saved_steps_or_goes_back_to_one(tmp_path):
+  args = [*TINY, "--config.train.steps=4", "--config.train.checkpoint_every=1",
+          "--config.train.keep_checkpoints=4", f"--workdir={tmp_path}"]
+  finish(launch(*args))
+  out = finish(launch(*args, "--restore_step=9"), returncode=1)
+  assert "no checkpoint of step 9" in out and "saved steps: 1, 2, 3, 4" in out
+  out = finish(launch(*args, "--config.train.steps=5", "--restore_step=2"))
+  assert "deleting the checkpoints of steps 3, 4" in out, out[-3000:]
+  assert [s for s, _ in train_losses(tmp_path)] == list(range(1, 6))
+
+
 @pytest.mark.parametrize("args,message", [
     (["--config=configs/mqar.py:rwkv"],
      "neither a mixer (sessa, attention, mamba2) nor a size"),

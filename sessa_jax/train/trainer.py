@@ -496,8 +496,7 @@ class Run:
       self.checkpointer.wait()
       raise FloatingPointError(
           f"non-finite parameters or optimizer state at step {step}; stopped "
-          f"without saving. {self.checkpointer.describe_latest()}; lower "
-          "train.lr or raise train.warmup_steps and relaunch")
+          f"without saving. {_divergence_advice(self.checkpointer)}")
     self.checkpointer.save(step, self.state, data_iter)
 
   def evaluate_split(self, split: str, prefix: str, max_batches: int
@@ -537,6 +536,17 @@ class Run:
 
   def close(self):
     self.checkpointer.close()
+
+
+def _divergence_advice(checkpointer: checkpoint_lib.Checkpointer) -> str:
+  """What to do after a non-finite step: the checkpoints to go back to."""
+  advice = (f"{checkpointer.describe_latest()}; lower train.lr or raise "
+            "train.warmup_steps and relaunch")
+  steps = checkpointer.all_steps()
+  if len(steps) > 1:
+    advice += (f", adding --restore_step={steps[0]} to resume from an earlier "
+               f"checkpoint (saved steps: {', '.join(map(str, steps))})")
+  return advice
 
 
 def _scalars(results: Mapping[str, Any]) -> dict[str, float]:
@@ -657,7 +667,8 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
           stop_at: int | None = None,
           preemption: Preemption | None = None,
           overrides: Mapping[str, Any] | None = None,
-          devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+          devices: Sequence[jax.Device] | None = None,
+          restore_step: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) the experiment in `workdir`.
 
   Before the first step the run describes itself (`run_info`) on stdout and
@@ -680,6 +691,9 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
     devices: the devices to train on (default: all), e.g. a packed sweep's
       sub-mesh. Every process owning one of them calls `train`, and no
       other process takes part (`RunProcesses`).
+    restore_step: resume from this checkpoint instead of the newest (no
+      fallback), deleting the later ones once it is restored (a logged
+      warning names them); a finished run trains again from there.
 
   Returns:
     The summary (also in summary.json; a finished run returns it unchanged);
@@ -690,6 +704,8 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
     FloatingPointError: on a non-finite loss, gradient norm or state (no
       checkpoint is written for it).
     WorkdirLockedError: another process is running in `workdir`.
+    FileNotFoundError: `restore_step` is not a saved step (the message lists
+      them).
     MetricWriteError: metrics could not be written (e.g. disk full).
   """
   start_time = time.time()
@@ -705,12 +721,12 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
     if run.config_changes:
       logging.warning("--force: resuming %s with %s", run.workdir,
                       "; ".join(run.config_changes))
-    if done is not None and not run.config_changes:
+    if done is not None and not run.config_changes and restore_step is None:
       logging.info("%s already finished %d steps; nothing to do",
                       run.workdir, run.tc.steps)
       return done
     return _train_loop(run, start_time, stop_at, preemption, stack,
-                       overrides)
+                       overrides, restore_step)
 
 
 @contextlib.contextmanager
@@ -734,16 +750,19 @@ def _removed_unless_started(workdir: str | pathlib.Path,
 
 def _train_loop(run: Run, start_time: float, stop_at: int | None,
                 preemption: Preemption, stack: contextlib.ExitStack,
-                overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+                overrides: Mapping[str, Any] | None,
+                restore_step: int | None) -> dict[str, Any]:
   """`train` from the restore on."""
   tc = run.tc
   train_iter = run.iterator("train", train=True)
-  step = run.restore(train_iter)
+  step = run.restore(train_iter, step=restore_step)
   if step > tc.steps:
     raise ValueError(
         f"train.steps={tc.steps} is below step {step}, restored from "
         f"{run.checkpointer.directory}: raise train.steps to continue this "
         "run, or use another --workdir")
+  if restore_step is not None:
+    run.checkpointer.discard_after(step)
   run.start()
   if run.processes.is_primary:
     write_json(run.workdir / run_info.FILENAME,
@@ -774,8 +793,7 @@ def _train_loop(run: Run, start_time: float, stop_at: int | None,
         run.checkpointer.wait()
         raise FloatingPointError(
             f"non-finite training {name} ({metrics[name]}) at step {step}; "
-            f"stopped without saving. {run.checkpointer.describe_latest()}; "
-            "lower train.lr or raise train.warmup_steps and relaunch")
+            f"stopped without saving. {_divergence_advice(run.checkpointer)}")
     writer.check()
     if window_start is None:  # The first step compiles; time from here.
       window_start = time.time()
