@@ -22,7 +22,8 @@ import ml_collections
 
 from sessa_jax import checks
 from sessa_jax import data as data_lib
-from sessa_jax.models.config import MIXERS, ModelConfig
+from sessa_jax.models import mixers
+from sessa_jax.models.config import ModelConfig
 
 SECTIONS = ("model", "data", "train", "mesh")
 # Model sizes shared by the configs: width, depth, heads, Mamba-2 head/state.
@@ -299,13 +300,13 @@ def parse_arg(arg: str | None, sizes: Mapping[str, Mapping[str, Any]],
   """
   mixer, size = "sessa", default_size
   for word in filter(None, (arg or "").split(",")):
-    if word in MIXERS:
+    if word in mixers.names():
       mixer = word
     elif word in sizes:
       size = word
     else:
       raise ValueError(
-          f"config argument {word!r} is neither a mixer ({', '.join(MIXERS)}) "
+          f"config argument {word!r} is neither a mixer ({', '.join(mixers.names())}) "
           f"nor a size ({', '.join(sizes)})")
   return mixer, size
 
