@@ -22,7 +22,7 @@ NAME = "causal_conv"
 
 
 class CausalConvMixer(nnx.Module):
-  """y_t = W (sum_i taps_i * x_{t-K+1+i}) + b; the cache is the last K-1 inputs."""
+  """y_t = W (sum_i taps_i * x_{t-K+1+i}) + b; caches the last K-1 inputs."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.width = cfg.ssm_conv

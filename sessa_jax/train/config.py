@@ -299,15 +299,16 @@ def parse_arg(arg: str | None, sizes: Mapping[str, Mapping[str, Any]],
     ValueError: on a word that is neither a mixer nor a size, listing both.
   """
   mixer, size = "sessa", default_size
+  registered = mixers.names()
   for word in filter(None, (arg or "").split(",")):
-    if word in mixers.names():
+    if word in registered:
       mixer = word
     elif word in sizes:
       size = word
     else:
       raise ValueError(
-          f"config argument {word!r} is neither a mixer ({', '.join(mixers.names())}) "
-          f"nor a size ({', '.join(sizes)})")
+          f"config argument {word!r} is neither a mixer "
+          f"({', '.join(registered)}) nor a size ({', '.join(sizes)})")
   return mixer, size
 
 
