@@ -6,7 +6,7 @@ One run measures, each case in its own process so peak memory is its own:
 * `chunked` vs `dense` feedback solve, forward and forward+backward, for
   T = 512 ... 16384 (B = 2, K = D = 256): median wall time, peak resident
   memory above the process's baseline, achieved GFLOP/s;
-* one MixerBlock (sessa, attention, mamba2; D = 256, 4 heads) forward+backward
+* one MixerBlock per registered mixer (D = 256, 4 heads) forward+backward
   tokens/s and GFLOP/s against the matmul rate;
 * decoding (`decode`): a 2-layer LanguageModel per mixer (D = 256, 4 heads),
   ms per generated token (one jitted `decode_step`, cache donated) with the
@@ -46,7 +46,6 @@ PARTS = ("solve", "layer", "decode")
 B, D, HEADS = 2, 256, 4
 SOLVE_T = (512, 1024, 2048, 4096, 8192, 16384)
 LAYER_T = (2048, 4096)
-MIXERS = ("sessa", "attention", "mamba2")
 # The official PyTorch Sessa layer on this machine (stated by the project's
 # issue 3, not re-measured here): forward+backward tokens/s, B = 2, D = 256.
 TORCH_REFERENCE_TOK_S = {2048: 3300.0, 4096: 1600.0}
@@ -327,6 +326,12 @@ def _solve_flops(t):
   return 2 * (2.0 * B * t * t / 2 * D)
 
 
+def _mixers() -> tuple[str, ...]:
+  """The registered mixers (imported only when a part runs them)."""
+  from sessa_jax.models import mixers  # pylint: disable=g-import-not-at-top
+  return mixers.names()
+
+
 def _fmt(x, spec="{:.3f}"):
   return "-" if x is None else spec.format(x)
 
@@ -335,7 +340,7 @@ def run_decode(quick: bool) -> dict:
   """Decode cases (each in its own process), printed as they finish."""
   contexts = [c for c in DECODE_CONTEXTS if not quick or c <= 1024]
   rows = []
-  for mixer in MIXERS:
+  for mixer in _mixers():
     for context in contexts:
       for batch in DECODE_BATCHES:
         row = {"mixer": mixer, "context": context, "batch": batch}
@@ -347,7 +352,7 @@ def run_decode(quick: bool) -> dict:
               f"{_fmt(row.get('ms_per_token'), '{:.2f}')} ms/token "
               f"{row.get('error', '')}", flush=True)
   capacity = []
-  for mixer in MIXERS:
+  for mixer in _mixers():
     row = {"mixer": mixer, "position": CAPACITY_CHECK["position"]}
     for max_len in CAPACITY_CHECK["max_lens"]:
       result = _run_child({"kind": "decode", "mixer": mixer, "batch": 1,
@@ -361,7 +366,7 @@ def run_decode(quick: bool) -> dict:
   bytes_per_token = {}
   import jax  # pylint: disable=g-import-not-at-top
   with jax.default_device(jax.devices("cpu")[0]):
-    for mixer in MIXERS:
+    for mixer in _mixers():
       model = _decode_model(mixer)
       small, large = cache_bytes(model, 1024), cache_bytes(model, 2048)
       bytes_per_token[mixer] = {"per_token": (large - small) / 1024,
@@ -377,7 +382,7 @@ def run_decode(quick: bool) -> dict:
                     for b in DECODE_BATCHES)
   print(f"{'mixer':>9} {header} | {'fwd tok/s ' + str(contexts[-1] // 1024) + 'k':>12} "
         f"{'cache B/tok':>11}")
-  for mixer in MIXERS:
+  for mixer in _mixers():
     cells = " ".join(f"{_fmt(by[(mixer, c, b)].get('ms_per_token'), '{:.2f}'):>10}"
                      for c in contexts for b in DECODE_BATCHES)
     fwd = by[(mixer, contexts[-1], 1)].get("forward_tokens_per_s")
@@ -478,7 +483,7 @@ def run_solve_and_layer(quick: bool, do_solve: bool, do_layer: bool) -> dict:
   layers = []
   before = rate
   for t in layer_ts:
-    for mixer in MIXERS:
+    for mixer in _mixers():
       row = {"t": t, "mixer": mixer}
       row.update(_run_child({"kind": "layer", "t": t, "mixer": mixer,
                              "chunk": LAYER_FEEDBACK_CHUNK}, 900))

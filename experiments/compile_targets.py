@@ -191,7 +191,8 @@ def run_target(name):
         cases[f"solve {dtype} T=1024 K=D={width}"] = (
             lambda w=width, dtype=dtype: solve_step(1024, w, dtype, device),
             probe)
-  for mixer in ("sessa", "attention", "mamba2", "sessa,attention"):
+  from sessa_jax.models import mixers  # pylint: disable=g-import-not-at-top
+  for mixer in (*mixers.names(), "sessa,attention"):
     cases[f"block {mixer} bf16 T={LAYER_T}"] = (
         lambda mixer=mixer: block_step(mixer, device), None)
   results = {}

@@ -63,7 +63,7 @@ from sessa_jax.kernels import blocks  # pylint: disable=g-import-not-at-top,wron
 from sessa_jax.kernels import feedback_chunked  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sessa_jax.kernels import feedback_pallas  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sessa_jax.kernels import feedback_ref  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.models import ModelConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sessa_jax.models import ModelConfig, mixers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_OUT_DIR = ROOT / "workdirs" / "gpu_check"
 # Relative max error allowed against the dense float32 oracle, by input
@@ -471,8 +471,9 @@ def main(argv=None):
                                            jnp.bfloat16, "cudnn"))
       record("timings", row)
 
+  # Sessa with both feedback solves; every other registered mixer once.
   layer_cases = [("sessa", "pallas"), ("sessa", "chunked"),
-                 ("attention", "auto"), ("mamba2", "auto")]
+                 *((m, "auto") for m in mixers.names() if m != "sessa")]
   for t in layer_lengths:
     for mixer, feedback_impl in layer_cases:
       row = {"t": t, "mixer": mixer}

@@ -28,7 +28,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from sessa_jax.models.config import MIXERS, ModelConfig  # pylint: disable=g-import-not-at-top
+from sessa_jax.models import mixers  # pylint: disable=g-import-not-at-top
+from sessa_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
 from sessa_jax.train import compiled  # pylint: disable=g-import-not-at-top
 from sessa_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 from sessa_jax.train import trainer  # pylint: disable=g-import-not-at-top
@@ -45,7 +46,7 @@ def measure(mixer: str, mesh_shape: tuple[int, int, int], *,
   """Compiles one train step and returns its memory per device in bytes.
 
   Args:
-    mixer: one of `MIXERS`.
+    mixer: a registered mixer (`mixers.names()`).
     mesh_shape: (data, fsdp, tensor); uses the first prod(shape) devices.
     d_model: model width (8 heads; Mamba-2 heads of 64).
     n_layers: depth.
@@ -79,7 +80,7 @@ def measure(mixer: str, mesh_shape: tuple[int, int, int], *,
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--mixers", default=",".join(MIXERS))
+  parser.add_argument("--mixers", default=",".join(mixers.names()))
   parser.add_argument("--seq_len", type=int, default=256)
   parser.add_argument("--batch_size", type=int, default=8)
   args = parser.parse_args(argv)

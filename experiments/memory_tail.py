@@ -40,7 +40,6 @@ from sessa_jax.analysis import plot_style
 from sessa_jax.analysis import plots
 from sessa_jax.models.config import ModelConfig
 
-MIXERS = ("sessa", "attention", "mamba2")
 plt = plots.pyplot()
 
 
@@ -221,9 +220,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                      prefix=args.out, batch_size=args.batch_size,
                      title="memory tail of trained models")
   else:
-    measure_fresh(MIXERS, seq_len=args.seq_len, d_model=args.d_model,
-                  n_layers=args.n_layers, vocab_size=args.vocab_size,
-                  batch_size=args.batch_size, seed=args.seed, prefix=args.out)
+    measure_fresh(models.mixers.names(), seq_len=args.seq_len,
+                  d_model=args.d_model, n_layers=args.n_layers,
+                  vocab_size=args.vocab_size, batch_size=args.batch_size,
+                  seed=args.seed, prefix=args.out)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from scipy import stats
 
 from sessa_jax.analysis import plot_style
 from sessa_jax.analysis import plots
+from sessa_jax.models import mixers
 from sessa_jax.train import metrics as metrics_lib
 
 plt = plots.pyplot()
@@ -73,7 +74,6 @@ EVAL_KEY = {"text": "eval/perplexity"}
 # The test metric the pairwise comparison uses, per task.
 METRIC = {"symbol_soup": "test/accuracy", "diffuse_mqar": "test/accuracy",
           "mqar": "test/accuracy", "text": "test/perplexity"}
-MIXER_ORDER = ("sessa", "attention", "mamba2")
 LONG_CONTEXT_ORDER = ("diffuse_mqar", "symbol_soup", "mqar", "text")
 
 
@@ -151,7 +151,8 @@ def load_runs(root: pathlib.Path) -> list[Run]:
 
 def _label_key(label: str) -> tuple[int, str]:
   base = label.split(" ")[0]
-  rank = MIXER_ORDER.index(base) if base in MIXER_ORDER else len(MIXER_ORDER)
+  order = mixers.names()
+  rank = order.index(base) if base in order else len(order)
   return rank, label
 
 

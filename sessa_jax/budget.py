@@ -8,16 +8,9 @@ the depthwise conv included); a causal product over T positions costs about
 T*W/2 multiply-adds per token for width W; the head costs D*V multiply-adds
 per token and the embedding lookup nothing.
 
-Per-token causal terms of each mixer (multiply-adds, T = seq_len):
-  attention: QK^T and AV:                             2 * T*D/2
-  sessa:     QK^T, AV, feedback logits (width F) and
-             the feedback solve (sum_j A_tj s_j):     (3*D + F) * T/2
-             (without the feedback branch, as attention)
-  mamba2:    chunked SSD with chunk L = min(ssm_chunk, T), inner width E,
-             state N: intra-chunk C B^T and (C B^T * decay) x, causal within
-             the chunk: (N + E) * L/2; each token's write into its chunk's
-             state and its read of the state entering it: 2 * E*N; passing
-             the (E x N) state across chunks: E*N / L.
+Each mixer declares its own causal term and width step
+(`sessa_jax.models.mixers.MixerSpec`: `causal_macs`, `width_step`,
+`fine_knob`); this module only adds them up over the blocks.
 """
 
 from __future__ import annotations
@@ -29,6 +22,7 @@ import jax
 from flax import nnx
 
 from sessa_jax.models import build_model
+from sessa_jax.models import mixers
 from sessa_jax.models.block import MixerBlock
 from sessa_jax.models.config import ModelConfig
 
@@ -59,19 +53,6 @@ def block_params(cfg: ModelConfig) -> int:
   return sum(math.prod(s) for s in _block_shapes(cfg))
 
 
-def _mixer_causal_macs(cfg: ModelConfig, seq_len: int) -> float:
-  """Multiply-adds per token of a mixer's sequence products (module doc)."""
-  d, t = cfg.d_model, seq_len
-  if cfg.mixer == "attention" or (cfg.mixer == "sessa" and not cfg.feedback):
-    return 2 * t * d / 2
-  if cfg.mixer == "sessa":
-    return (3 * d + cfg.fb_dim) * t / 2
-  if cfg.mixer == "mamba2":
-    e, n, ell = cfg.ssm_inner, cfg.ssm_state, min(cfg.ssm_chunk, t)
-    return (n + e) * ell / 2 + 2 * e * n + e * n / ell
-  raise ValueError(f"model.mixer={cfg.mixer!r} has no FLOP count")
-
-
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Forward FLOPs per token at sequence length `seq_len` (module doc).
 
@@ -89,28 +70,18 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   for i in range(cfg.n_layers):
     layer = cfg.layer(i)
     dense = sum(math.prod(s) for s in _block_shapes(layer) if len(s) >= 2)
-    blocks += dense + _mixer_causal_macs(layer, seq_len)
+    blocks += dense + mixers.get(layer.mixer).causal_macs(layer, seq_len)
   return 2.0 * (blocks + cfg.d_model * cfg.vocab_size)
 
 
 def width_step(cfg: ModelConfig) -> int:
   """The multiple d_model must be of for every mixer of `cfg` to be valid.
 
-  Attention and Sessa need D divisible by n_heads with an even head size
-  (RoPE): multiples of 2 * n_heads. Mamba-2 needs ssm_expand * D divisible by
-  ssm_head_dim. A hybrid stack needs the least common multiple.
+  Each mixer states its own step (`MixerSpec.width_step`, e.g. 2 * n_heads
+  for attention); a hybrid stack needs the least common multiple.
   """
-  steps = {cfg.ssm_head_dim // math.gcd(cfg.ssm_head_dim, cfg.ssm_expand)
-           if mixer == "mamba2" else 2 * cfg.n_heads
-           for mixer in cfg.layer_mixers}
-  return math.lcm(*steps)
-
-
-# A second, finer knob per mixer for when no width alone lands within tol: the
-# parameter count is affine in each of these (proj_fb is D x 2K; B and C are
-# D x N each), so one more exact count solves for it. A hybrid stack uses the
-# knob of the first of its mixers that has one.
-FINE_KNOBS = {"sessa": "feedback_dim", "mamba2": "ssm_state"}
+  return math.lcm(*{mixers.get(mixer).width_step(cfg)
+                    for mixer in cfg.layer_mixers})
 
 
 def match(cfg: ModelConfig, target_params: int, tol: float = 0.02
@@ -120,8 +91,9 @@ def match(cfg: ModelConfig, target_params: int, tol: float = 0.02
   d_model stays a multiple of `width_step(cfg)`. The count is a quadratic in
   d_model, so three exact counts locate the solution and the nearest valid
   widths are then counted exactly. Small models step by more than `tol` from
-  one width to the next; there the mixer's fine knob (`FINE_KNOBS`: Sessa's
-  feedback width, Mamba-2's state size) is solved for at the nearest widths.
+  one width to the next; there the mixer's fine knob (`MixerSpec.fine_knob`:
+  Sessa's feedback width, Mamba-2's state size), in which the count is
+  affine, is solved for at the nearest widths with one more exact count.
 
   Args:
     cfg: the model to resize.
@@ -170,16 +142,17 @@ def match(cfg: ModelConfig, target_params: int, tol: float = 0.02
 
 def _solve_fine_knob(cfg: ModelConfig, target_params: int
                      ) -> ModelConfig | None:
-  """Sets the fine knob (`FINE_KNOBS`) so the count is nearest the target.
+  """Sets a fine knob so the count is nearest the target.
 
+  A hybrid stack uses the knob of the first of its mixers that has one.
   Returns None when no mixer of `cfg` has a fine knob or no valid value fits.
   """
-  knob = next((FINE_KNOBS[m] for m in cfg.layer_mixers if m in FINE_KNOBS),
-              None)
+  knob = next((mixers.get(m).fine_knob for m in cfg.layer_mixers
+               if mixers.get(m).fine_knob is not None), None)
   if knob is None:
     return None
-  start = cfg.fb_dim if knob == "feedback_dim" else getattr(cfg, knob)
-  c0 = count_params(cfg.replace(**{knob: start}))
-  slope = count_params(cfg.replace(**{knob: start + 1})) - c0
+  start = knob.value(cfg)
+  c0 = count_params(cfg.replace(**{knob.field: start}))
+  slope = count_params(cfg.replace(**{knob.field: start + 1})) - c0
   value = start + round((target_params - c0) / slope)
-  return cfg.replace(**{knob: value}) if value >= 1 else None
+  return cfg.replace(**{knob.field: value}) if value >= 1 else None

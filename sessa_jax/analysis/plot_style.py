@@ -12,8 +12,11 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-MIXER_COLORS = {"sessa": "tab:blue", "attention": "tab:orange",
-                "mamba2": "tab:green"}
+from sessa_jax.models import mixers
+
+# Colours of the registered mixers, in registration order (sessa blue,
+# attention orange, mamba2 green); a mixer past these takes a spare colour.
+MIXER_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 # Colours no mixer above uses, for hybrids and other labels.
 SPARE_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive",
                 "tab:cyan", "tab:gray")
@@ -27,8 +30,9 @@ LAYER_MARKERS = ("v", "^", "s", "D")
 def color(label: str) -> str:
   """The colour of a row label such as 'sessa', 'sessa (no feedback)'."""
   base = label.split(" ")[0]
-  if base in MIXER_COLORS:
-    return MIXER_COLORS[base]
+  order = mixers.names()
+  if base in order and order.index(base) < len(MIXER_COLORS):
+    return MIXER_COLORS[order.index(base)]
   return SPARE_COLORS[zlib.crc32(base.encode()) % len(SPARE_COLORS)]
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 from sessa_jax import targets
 from sessa_jax.kernels import attention_chunked
 from sessa_jax.models import cached_attention
+from sessa_jax.models import mixers
 from sessa_jax.models import rope
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layers import Linear
@@ -203,3 +204,38 @@ class AttentionMixer(nnx.Module):
                                 scale=cfg.head_dim ** -0.5)
     y = self._output(o.reshape(q.shape).astype(q.dtype))[:, 0]
     return y, {"k": k_cache, "v": v_cache, "pos": pos + 1}
+
+
+def validate_heads(cfg: ModelConfig) -> None:
+  """Checks the head layout attention needs (Sessa's forward branch too).
+
+  Raises:
+    ValueError: D is not divisible by n_heads, the head size is odd (RoPE
+      rotates pairs) or n_heads is not divisible by n_kv_heads.
+  """
+  if cfg.d_model % cfg.n_heads:
+    raise ValueError(
+        f"model.d_model={cfg.d_model} is not divisible by "
+        f"model.n_heads={cfg.n_heads}")
+  if cfg.head_dim % 2:
+    raise ValueError(
+        f"model.n_heads={cfg.n_heads} gives an odd head dimension "
+        f"{cfg.head_dim} (d_model={cfg.d_model}); RoPE needs it even")
+  if cfg.kv_heads < 1 or cfg.n_heads % cfg.kv_heads:
+    raise ValueError(
+        f"model.n_heads={cfg.n_heads} is not divisible by "
+        f"model.n_kv_heads={cfg.kv_heads}")
+
+
+def heads_width_step(cfg: ModelConfig) -> int:
+  """D divisible by n_heads with an even head size: multiples of 2 * n_heads."""
+  return 2 * cfg.n_heads
+
+
+def causal_macs(cfg: ModelConfig, seq_len: int) -> float:
+  """Multiply-adds per token of QK^T and AV: 2 * T*D/2."""
+  return 2 * seq_len * cfg.d_model / 2
+
+
+SPEC = mixers.MixerSpec(build=AttentionMixer, causal_macs=causal_macs,
+                        width_step=heads_width_step, validate=validate_heads)

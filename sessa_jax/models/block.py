@@ -13,25 +13,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sessa_jax.models.attention import AttentionMixer
+from sessa_jax.models import mixers
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layers import MLP, Linear
 from sessa_jax.models.norms import LayerNorm
 from sessa_jax.models.partitioning import constrain
-from sessa_jax.models.sessa import SessaMixer
 
 
-def make_mixer(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
-  """Builds the mixer named by `cfg.mixer` for a block of kind `cfg.block`."""
-  if cfg.mixer == "sessa":
-    return SessaMixer(cfg, rngs=rngs)
-  if cfg.mixer == "attention":
-    return AttentionMixer(cfg, rngs=rngs)
-  if cfg.mixer == "mamba2":
-    from sessa_jax.models import mamba2  # pylint: disable=g-import-not-at-top
-    return mamba2.Mamba2Mixer(cfg, rngs=rngs,
-                              use_gate=cfg.block == "prenorm_mlp")
-  raise ValueError(f"model.mixer={cfg.mixer!r} has no mixer class")
+def make_mixer(cfg: ModelConfig, *, rngs: nnx.Rngs) -> mixers.Mixer:
+  """Builds the registered mixer `cfg.mixer` for a block of kind `cfg.block`.
+
+  Raises:
+    TypeError: the built module lacks a method of the `mixers.Mixer` protocol.
+  """
+  mixer = mixers.get(cfg.mixer).build(cfg, rngs=rngs)
+  if not isinstance(mixer, mixers.Mixer):
+    raise TypeError(f"mixer {cfg.mixer!r} built a {type(mixer).__name__}, "
+                    f"which lacks a method of the mixers.Mixer protocol")
+  return mixer
 
 
 class MixerBlock(nnx.Module):

@@ -7,8 +7,8 @@ from typing import Any
 
 from sessa_jax import checks
 from sessa_jax.kernels.feedback import IMPLS as FEEDBACK_IMPLS
+from sessa_jax.models import mixers
 
-MIXERS = ("sessa", "attention", "mamba2")
 BLOCKS = ("gated", "prenorm_mlp")
 GAMMA_FORMS = ("tanh_bias", "tanh")
 DTYPES = ("float32", "bfloat16", "float64")
@@ -21,9 +21,10 @@ class ModelConfig:
   """Hyperparameters of a language model and of each of its blocks.
 
   Attributes:
-    mixer: sequence mixer of the blocks: one of `MIXERS`, or a hybrid stack
-      written as a comma-separated pattern of them (e.g. `sessa,attention`)
-      that is cycled over the depth: block i runs `layer_mixers[i]`.
+    mixer: sequence mixer of the blocks: a registered one
+      (`sessa_jax.models.mixers.names()`), or a hybrid stack written as a
+      comma-separated pattern of them (e.g. `sessa,attention`) that is
+      cycled over the depth: block i runs `layer_mixers[i]`.
     block: `gated` (the Sessa paper's macro-block,
       docs/design.md#the-gated-block) or `prenorm_mlp` (pre-norm mixer
       sublayer followed by a pre-norm MLP sublayer).
@@ -122,13 +123,18 @@ class ModelConfig:
     return self.ssm_expand * self.d_model
 
   def __post_init__(self):
-    """Validates every field; raises ValueError naming `model.<key>`."""
+    """Validates every field; raises ValueError naming `model.<key>`.
+
+    Each mixer of the pattern checks the fields it reads (`MixerSpec.validate`),
+    in registration order.
+    """
     pattern = self.mixer.split(",")
+    registered = mixers.names()
     for mixer in pattern:
-      if mixer not in MIXERS:
+      if mixer not in registered:
         where = "" if len(pattern) == 1 else f" (in pattern {self.mixer!r})"
         raise ValueError(f"model.mixer={mixer!r}{where} is not one of: "
-                         f"{', '.join(MIXERS)}")
+                         f"{', '.join(registered)}")
     for key, choices in (("block", BLOCKS), ("gamma_form", GAMMA_FORMS),
                          ("dtype", DTYPES), ("param_dtype", DTYPES),
                          ("attention_impl", ATTENTION_IMPLS),
@@ -142,28 +148,9 @@ class ModelConfig:
       raise ValueError(
           f"model.mixer={self.mixer!r} names {len(pattern)} layers but "
           f"model.n_layers={self.n_layers}")
-    if {"sessa", "attention"} & set(pattern):
-      if self.d_model % self.n_heads:
-        raise ValueError(
-            f"model.d_model={self.d_model} is not divisible by "
-            f"model.n_heads={self.n_heads}")
-      if self.head_dim % 2:
-        raise ValueError(
-            f"model.n_heads={self.n_heads} gives an odd head dimension "
-            f"{self.head_dim} (d_model={self.d_model}); RoPE needs it even")
-      if self.kv_heads < 1 or self.n_heads % self.kv_heads:
-        raise ValueError(
-            f"model.n_heads={self.n_heads} is not divisible by "
-            f"model.n_kv_heads={self.kv_heads}")
-    if "sessa" in pattern:
-      if not 0.0 < self.gamma_max < 1.0:
-        raise ValueError(
-            f"model.gamma_max must lie in (0, 1), got {self.gamma_max}")
-      checks.at_least("model", self, ("feedback_dim",))
-    if "mamba2" in pattern and self.ssm_inner % self.ssm_head_dim:
-      raise ValueError(
-          f"model.ssm_head_dim={self.ssm_head_dim} does not divide the inner "
-          f"width ssm_expand*d_model={self.ssm_inner}")
+    for mixer in registered:
+      if mixer in pattern:
+        mixers.get(mixer).validate(self)
 
   def replace(self, **changes: Any) -> "ModelConfig":
     """A copy with `changes` applied, validated like any new config."""

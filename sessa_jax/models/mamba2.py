@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sessa_jax.kernels import ssd
+from sessa_jax.models import mixers
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layers import Linear, constant, param, torch_uniform
 from sessa_jax.models.partitioning import constrain
@@ -79,7 +80,7 @@ def _last_inputs(history_bkc: jax.Array, u_btc: jax.Array) -> jax.Array:
 
 
 class Mamba2Mixer(nnx.Module):
-  """Mamba-2 (SSD) mixer following the mixer protocol.
+  """Mamba-2 (SSD) mixer (a `mixers.Mixer`).
 
   Cache (a dict of arrays): 'conv_x' (B, K-1, E) and 'conv_bc' (B, K-1, 2N),
   the last K-1 pre-convolution inputs; 'ssm' (B, H, P, N) the state in
@@ -235,3 +236,40 @@ class Mamba2Mixer(nnx.Module):
     return y_bd, {"conv_x": _last_inputs(cache["conv_x"], xr_be[:, None]),
                   "conv_bc": _last_inputs(cache["conv_bc"], bcr_bc[:, None]),
                   "ssm": s_bhpn, "pos": cache["pos"] + 1}
+
+
+def build(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Mamba2Mixer:
+  """The mixer of a block: with its own gate only in `prenorm_mlp` blocks."""
+  return Mamba2Mixer(cfg, rngs=rngs, use_gate=cfg.block == "prenorm_mlp")
+
+
+def validate(cfg: ModelConfig) -> None:
+  """Checks that the head size P divides the inner width E."""
+  if cfg.ssm_inner % cfg.ssm_head_dim:
+    raise ValueError(
+        f"model.ssm_head_dim={cfg.ssm_head_dim} does not divide the inner "
+        f"width ssm_expand*d_model={cfg.ssm_inner}")
+
+
+def width_step(cfg: ModelConfig) -> int:
+  """The least D with ssm_expand * D divisible by ssm_head_dim."""
+  return cfg.ssm_head_dim // math.gcd(cfg.ssm_head_dim, cfg.ssm_expand)
+
+
+def causal_macs(cfg: ModelConfig, seq_len: int) -> float:
+  """Multiply-adds per token of the chunked SSD scan.
+
+  With chunk L = min(ssm_chunk, T), inner width E and state N: intra-chunk
+  C B^T and (C B^T * decay) x, causal within the chunk: (N + E) * L/2; each
+  token's write into its chunk's state and its read of the state entering
+  it: 2 * E*N; passing the (E x N) state across chunks: E*N / L.
+  """
+  e, n, ell = cfg.ssm_inner, cfg.ssm_state, min(cfg.ssm_chunk, seq_len)
+  return (n + e) * ell / 2 + 2 * e * n + e * n / ell
+
+
+# B and C are projected by D x N weights each, so the count is affine in N.
+SPEC = mixers.MixerSpec(
+    build=build, causal_macs=causal_macs, width_step=width_step,
+    validate=validate,
+    fine_knob=mixers.FineKnob("ssm_state", lambda cfg: cfg.ssm_state))

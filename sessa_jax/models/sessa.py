@@ -19,8 +19,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sessa_jax import checks
 from sessa_jax import kernels
+from sessa_jax.models import attention
 from sessa_jax.models import cached_attention
+from sessa_jax.models import mixers
 from sessa_jax.models.attention import AttentionMixer
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layers import Linear, constant, param, torch_uniform
@@ -149,3 +152,31 @@ class SessaMixer(nnx.Module):
         cache["s"], s_bd[:, None].astype(cache["s"].dtype), pos, axis=1)
     cache = dict(attn_cache, k_fb=keys_fb, s=s_cache)
     return s_bd.astype(a_bd.dtype), cache
+
+
+def validate(cfg: ModelConfig) -> None:
+  """Checks the attention head layout, gamma_max and the feedback width."""
+  attention.validate_heads(cfg)
+  if not 0.0 < cfg.gamma_max < 1.0:
+    raise ValueError(
+        f"model.gamma_max must lie in (0, 1), got {cfg.gamma_max}")
+  checks.at_least("model", cfg, ("feedback_dim",))
+
+
+def causal_macs(cfg: ModelConfig, seq_len: int) -> float:
+  """Multiply-adds per token of the products along the sequence.
+
+  QK^T, AV, the feedback logits (width F) and the feedback solve
+  (sum_j A_tj s_j): (3*D + F) * T/2; without the feedback branch, as
+  attention.
+  """
+  if not cfg.feedback:
+    return attention.causal_macs(cfg, seq_len)
+  return (3 * cfg.d_model + cfg.fb_dim) * seq_len / 2
+
+
+# The feedback projection is D x 2K, so the count is affine in K.
+SPEC = mixers.MixerSpec(
+    build=SessaMixer, causal_macs=causal_macs,
+    width_step=attention.heads_width_step, validate=validate,
+    fine_knob=mixers.FineKnob("feedback_dim", lambda cfg: cfg.fb_dim))

@@ -22,7 +22,8 @@ import ml_collections
 
 from sessa_jax import checks
 from sessa_jax import data as data_lib
-from sessa_jax.models.config import MIXERS, ModelConfig
+from sessa_jax.models import mixers
+from sessa_jax.models.config import ModelConfig
 
 SECTIONS = ("model", "data", "train", "mesh")
 # Model sizes shared by the configs: width, depth, heads, Mamba-2 head/state.
@@ -298,15 +299,16 @@ def parse_arg(arg: str | None, sizes: Mapping[str, Mapping[str, Any]],
     ValueError: on a word that is neither a mixer nor a size, listing both.
   """
   mixer, size = "sessa", default_size
+  registered = mixers.names()
   for word in filter(None, (arg or "").split(",")):
-    if word in MIXERS:
+    if word in registered:
       mixer = word
     elif word in sizes:
       size = word
     else:
       raise ValueError(
-          f"config argument {word!r} is neither a mixer ({', '.join(MIXERS)}) "
-          f"nor a size ({', '.join(sizes)})")
+          f"config argument {word!r} is neither a mixer "
+          f"({', '.join(registered)}) nor a size ({', '.join(sizes)})")
   return mixer, size
 
 
