@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sessa_jax import kernels
-from sessa_jax.models import cached_attention
+from sessa_jax.kernels import cached_attention
 from sessa_jax.models.attention import AttentionMixer
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layers import Linear, constant, param, torch_uniform
