@@ -63,7 +63,7 @@ from sessa_jax.kernels.feedback import blocked
 from sessa_jax.kernels.feedback import defaults
 from sessa_jax.kernels.feedback import pallas_gpu
 from sessa_jax.kernels.feedback import pallas_tpu
-from sessa_jax.kernels.feedback.backend import Backend, Kernels, Plan, Tiling
+from sessa_jax.kernels.feedback.backend import Backend, Plan, Tiling
 from sessa_jax.kernels.feedback.triangular import strict_lower
 from sessa_jax.kernels.feedback.triangular import unit_lower_inverse
 
