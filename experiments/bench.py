@@ -403,7 +403,7 @@ def run_decode(quick: bool) -> dict:
 
 
 def _decode_block() -> int:
-  from sessa_jax.models import cached_attention  # pylint: disable=g-import-not-at-top
+  from sessa_jax.kernels import cached_attention  # pylint: disable=g-import-not-at-top
   return cached_attention.DECODE_BLOCK
 
 

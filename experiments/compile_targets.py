@@ -74,10 +74,10 @@ def solve_step(t, width, dtype, device, **kwargs):
   """The Pallas feedback solve's forward+backward, abstract inputs."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sessa_jax.kernels import feedback_pallas  # pylint: disable=g-import-not-at-top
+  from sessa_jax.kernels.feedback import pallas  # pylint: disable=g-import-not-at-top
 
   def loss(q, k, gamma, f):
-    s = feedback_pallas.feedback_solve_pallas(q, k, gamma, f, **kwargs)
+    s = pallas.feedback_solve_pallas(q, k, gamma, f, **kwargs)
     return jnp.sum(s.astype(jnp.float32))
   shapes = [(B, t, width), (B, t, width), (B, t), (B, t, width)]
   args = [jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for s in shapes]

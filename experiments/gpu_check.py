@@ -30,7 +30,7 @@ H100/H200:
 
 Before any of that it compiles the Pallas solve (forward+backward, float32
 and bfloat16) and the Sessa MixerBlock for the GPU it runs on, with the
-kernel tiles chosen for that GPU (`feedback_pallas.kernel_tilings`), and
+kernel tiles chosen for that GPU (`pallas.kernel_tilings`), and
 stops at once if one fails, so a lent GPU is not spent finding that out.
 `--target=h200` runs only that step, as a deviceless compile on a CPU with
 the CUDA compiler installed (`.venv-cuda`, made by `make dry-run`): run it
@@ -59,10 +59,10 @@ if str(ROOT) not in sys.path:  # Run as a script from a checkout.
 
 from experiments import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sessa_jax import targets  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.kernels import blocks  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.kernels import feedback_chunked  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.kernels import feedback_pallas  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.kernels import feedback_ref  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sessa_jax.kernels.feedback import chunked as feedback_chunked  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sessa_jax.kernels.feedback import defaults  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sessa_jax.kernels.feedback import pallas  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sessa_jax.kernels.feedback import reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sessa_jax.models import ModelConfig, mixers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_OUT_DIR = ROOT / "workdirs" / "gpu_check"
@@ -125,11 +125,11 @@ def _time_into(row, build):
 
 def _solvers(chunk, interpret):
   return {
-      "pallas": lambda *a: feedback_pallas.feedback_solve_pallas(
+      "pallas": lambda *a: pallas.feedback_solve_pallas(
           *a, chunk=chunk, backend="gpu", interpret=interpret),
       "chunked": lambda *a: feedback_chunked.feedback_solve_chunked(
           *a, chunk=chunk),
-      "dense": feedback_ref.feedback_solve_dense,
+      "dense": reference.feedback_solve_dense,
   }
 
 
@@ -151,7 +151,7 @@ def check_correctness(b, t, width, chunk, interpret, dtype, impl="pallas"):
   """Relative max errors of `impl` vs dense, values and the four gradients."""
   args = _inputs(b, t, width, dtype, seed=t)
   got = _value_and_grads(_solvers(chunk, interpret)[impl])(*args)
-  want = _value_and_grads(feedback_ref.feedback_solve_dense)(
+  want = _value_and_grads(reference.feedback_solve_dense)(
       *[x.astype(jnp.float32) for x in args])
   errors = {}
   for name, x, y in zip(NAMES, got, want):
@@ -378,8 +378,8 @@ def main(argv=None):
   if args.layer_lengths is not None:
     layer_lengths = [int(x) for x in args.layer_lengths.split(",") if x]
   interpret = not on_gpu
-  pallas_chunk = blocks.DEFAULT_CHUNK if chunk is None else chunk
-  tiles = {dtype: feedback_pallas.kernel_tilings(
+  pallas_chunk = defaults.DEFAULT_CHUNK if chunk is None else chunk
+  tiles = {dtype: pallas.kernel_tilings(
       "gpu", pallas_chunk, width, jnp.dtype(dtype), jnp.float32)
            for dtype in TOLERANCE}
   started = time.time()

@@ -2,7 +2,7 @@
 
 The trainer's mesh (`train/sharding.py`) has axes `MESH_AXES`; a batch is
 split over `BATCH_AXES`, which is also where the feedback solve runs per
-shard (`kernels/feedback.py`).
+shard (`kernels/feedback/op.py`).
 """
 
 MESH_AXES = ("data", "fsdp", "tensor")

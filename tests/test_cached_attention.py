@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sessa_jax.models import LanguageModel, MixerBlock, ModelConfig
-from sessa_jax.models import cached_attention
+from sessa_jax.kernels import cached_attention
 from test_block_lm import _prefill_then_decode
 
 

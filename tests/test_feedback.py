@@ -9,7 +9,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from float64_reference import assert_matches_float64
 from jaxpr_sizes import array_sizes
 from sessa_jax import kernels
-from sessa_jax.kernels import feedback, feedback_chunked, feedback_ref
+from sessa_jax.kernels.feedback import chunked as feedback_chunked
+from sessa_jax.kernels.feedback import op as feedback
+from sessa_jax.kernels.feedback import reference as feedback_ref
 
 
 def _inputs(seed, b, t, k, d, dtype):

@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 
 from sessa_jax.kernels import blocks
-from sessa_jax.kernels import feedback_pallas
-from sessa_jax.kernels import feedback_pallas_gpu
-from sessa_jax.kernels import feedback_pallas_tpu
+from sessa_jax.kernels.feedback import pallas as feedback_pallas
+from sessa_jax.kernels.feedback import pallas_gpu as feedback_pallas_gpu
+from sessa_jax.kernels.feedback import pallas_tpu as feedback_pallas_tpu
 
 
 def _counting_tile_dot(total):

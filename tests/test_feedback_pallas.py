@@ -13,8 +13,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxpr_sizes import equations
 from sessa_jax import targets
-from sessa_jax.kernels import feedback, feedback_pallas, feedback_pallas_gpu
-from sessa_jax.kernels import feedback_ref
+from sessa_jax.kernels import feedback
+from sessa_jax.kernels.feedback import pallas as feedback_pallas
+from sessa_jax.kernels.feedback import pallas_gpu as feedback_pallas_gpu
+from sessa_jax.kernels.feedback import reference as feedback_ref
 
 
 def _inputs(seed, b, t, k, d, dtype):

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from sessa_jax import data as data_lib
-from sessa_jax.kernels import feedback_pallas
+from sessa_jax.kernels.feedback import pallas as feedback_pallas
 from sessa_jax.models import LanguageModel, ModelConfig
 from sessa_jax.models.config import REMATS
 from sessa_jax.train import config as config_lib

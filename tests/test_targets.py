@@ -14,7 +14,7 @@ import pytest
 
 from sessa_jax import targets
 from sessa_jax.kernels import feedback
-from sessa_jax.kernels import feedback_pallas
+from sessa_jax.kernels.feedback import pallas as feedback_pallas
 from sessa_jax.models import attention
 from sessa_jax.train import compiled as compiled_lib
 from sessa_jax.train import target_compile

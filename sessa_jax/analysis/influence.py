@@ -29,8 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sessa_jax.kernels import feedback_ref
 from sessa_jax.kernels import feedback_solve
+from sessa_jax.kernels.feedback import defaults
+from sessa_jax.kernels.feedback import reference
+from sessa_jax.kernels.feedback.triangular import strict_lower
 
 MODES = ("auto", "forward", "reverse")
 
@@ -231,14 +233,12 @@ def routing_floor(q_btk: jax.Array, k_btk: jax.Array, rows: Sequence[int], *,
   Returns:
     c2, the minimum over the batch and rows.
   """
-  if scale is None:
-    scale = q_btk.shape[-1] ** -0.5
-  t = q_btk.shape[1]
+  scale = defaults.resolve_scale(scale, q_btk)
   rows = jnp.asarray(rows)
-  earlier = jnp.tril(jnp.ones((t, t), bool), k=-1)[rows]
+  earlier = strict_lower(q_btk.shape[1])[rows]
 
   def one(qk):
-    a_tt = feedback_ref.feedback_matrix(qk[0][None], qk[1][None], scale)[0]
+    a_tt = reference.feedback_matrix(qk[0][None], qk[1][None], scale)[0]
     scaled = a_tt[rows] * rows[:, None].astype(a_tt.dtype)
     return jnp.min(jnp.where(earlier, scaled, jnp.inf))
 

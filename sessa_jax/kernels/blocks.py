@@ -1,22 +1,14 @@
 """Helpers shared by the blocked kernels.
 
-Time-chunk slicing, the online-softmax update, masked softmax, the inverse
-of a unit lower-triangular block, Pallas tile products, and the entry that
-the blocked feedback solves (`feedback_chunked`, `feedback_pallas`) share:
-argument defaults, compute dtype, time padding and the custom VJP.
+Time-chunk slicing, the online-softmax update, masked softmax and Pallas
+tile products. What only the feedback solves share lives in
+`kernels/feedback/` (`defaults`, `triangular`, `blocked`).
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
-
 import jax
 import jax.numpy as jnp
-
-# Rows per chunk of the blocked feedback solves (diagonal blocks solved
-# directly; the chunked solve's step, the Pallas solve's loop leaves).
-DEFAULT_CHUNK = 256
 
 
 def get_block(x: jax.Array, i: jax.Array | int, size: int,
@@ -96,110 +88,3 @@ def masked_softmax(logits: jax.Array, allowed: jax.Array) -> jax.Array:
   weights = jnp.where(allowed, jnp.exp(logits - row_max), 0.0)
   denom = jnp.sum(weights, axis=-1, keepdims=True)
   return weights / jnp.where(denom > 0, denom, 1.0)
-
-
-_LEAF = 16  # Blocks this small are inverted by repeated squaring.
-
-
-def unit_lower_inverse(n_bcc: jax.Array) -> jax.Array:
-  """(I - N)^{-1} for strictly lower-triangular N, batched, all matmuls.
-
-  Blocks of up to `_LEAF` rows use (I - N)^{-1} = (I + N)(I + N^2)(I + N^4)...
-  Larger ones are padded to a power of two and split in halves, whose
-  inverses are found together in one batched recursive call:
-  [[X11, 0], [X22 N21 X11, X22]].
-
-  Args:
-    n_bcc: strictly lower-triangular matrices (..., C, C).
-
-  Returns:
-    The inverses (..., C, C).
-  """
-  c = n_bcc.shape[-1]
-  if c <= _LEAF:
-    x = jnp.eye(c, dtype=n_bcc.dtype) + n_bcc
-    power, reach = n_bcc, 2
-    while reach < c:
-      power = power @ power
-      x = x + x @ power
-      reach *= 2
-    return x
-  padded = 1 << (c - 1).bit_length()
-  if padded != c:
-    pad = [(0, 0)] * (n_bcc.ndim - 2) + [(0, padded - c)] * 2
-    return unit_lower_inverse(jnp.pad(n_bcc, pad))[..., :c, :c]
-  h = c // 2
-  x_both = unit_lower_inverse(
-      jnp.stack([n_bcc[..., :h, :h], n_bcc[..., h:, h:]]))
-  x11, x22 = x_both[0], x_both[1]
-  x21 = x22 @ n_bcc[..., h:, :h] @ x11
-  top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
-  return jnp.concatenate([top, jnp.concatenate([x21, x22], axis=-1)], axis=-2)
-
-
-def resolve_chunk(chunk: int | None) -> int:
-  """`chunk`, or `DEFAULT_CHUNK` for None; raises if it is below 1."""
-  chunk = DEFAULT_CHUNK if chunk is None else int(chunk)
-  if chunk < 1:
-    raise ValueError(f"feedback_solve chunk must be >= 1, got {chunk}")
-  return chunk
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 6))
-def _solve(forward, backward, q_btk, k_btk, gamma_bt, f_btd, settings):
-  return forward(q_btk, k_btk, gamma_bt, f_btd, settings)[0]
-
-
-def _solve_fwd(forward, backward, q_btk, k_btk, gamma_bt, f_btd, settings):
-  del backward
-  s, ctx, lse = forward(q_btk, k_btk, gamma_bt, f_btd, settings)
-  return s, (q_btk, k_btk, gamma_bt, s, ctx, lse)
-
-
-def _solve_bwd(forward, backward, settings, res, g_btd):
-  del forward
-  return backward(settings, res, g_btd)
-
-
-_solve.defvjp(_solve_fwd, _solve_bwd)
-
-
-def blocked_feedback_solve(forward: Callable, backward: Callable,
-                           q_btk: jax.Array, k_btk: jax.Array,
-                           gamma_bt: jax.Array, f_btd: jax.Array, *,
-                           multiple: int, settings: Callable[..., Any],
-                           scale: float | None) -> jax.Array:
-  """The entry of a blocked feedback solve with an O(T·D)-memory VJP.
-
-  Casts the inputs to the compute dtype (float32, float64 when any input is
-  float64), pads time up to a multiple of `multiple` (padding goes after the
-  last row; causality keeps it out of the real rows), and solves with a
-  custom VJP whose residuals are q, k, gamma, s, ctx = A s and the row
-  log-sum-exp.
-
-  Args:
-    forward: (q, k, gamma, f, settings) -> (s, ctx, lse) on padded inputs.
-    backward: (settings, residuals, ds) -> (dq, dk, dgamma, df).
-    q_btk: feedback queries (B, T, K).
-    k_btk: feedback keys (B, T, K).
-    gamma_bt: per-token gains (B, T).
-    f_btd: right-hand side (B, T, D).
-    multiple: T is padded up to a multiple of this.
-    settings: (scale, compute dtype) -> the hashable static settings passed
-      to `forward` and `backward`.
-    scale: logit scale; defaults to K ** -0.5.
-
-  Returns:
-    s (B, T, D) in the dtype of `f_btd`.
-  """
-  if scale is None:
-    scale = q_btk.shape[-1] ** -0.5
-  compute = jnp.result_type(q_btk, k_btk, gamma_bt, f_btd, jnp.float32)
-  t = q_btk.shape[1]
-  pad = -t % multiple
-  time_pad = lambda x: jnp.pad(
-      x.astype(compute), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  s = _solve(forward, backward, time_pad(q_btk), time_pad(k_btk),
-             time_pad(gamma_bt), time_pad(f_btd),
-             settings(float(scale), jnp.dtype(compute)))
-  return s[:, :t].astype(f_btd.dtype)

@@ -12,7 +12,7 @@ from flax import nnx
 
 from sessa_jax import targets
 from sessa_jax.kernels import attention_chunked
-from sessa_jax.models import cached_attention
+from sessa_jax.kernels import cached_attention
 from sessa_jax.models import mixers
 from sessa_jax.models import rope
 from sessa_jax.models.config import ModelConfig

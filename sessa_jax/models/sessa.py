@@ -21,8 +21,8 @@ from flax import nnx
 
 from sessa_jax import checks
 from sessa_jax import kernels
+from sessa_jax.kernels import cached_attention
 from sessa_jax.models import attention
-from sessa_jax.models import cached_attention
 from sessa_jax.models import mixers
 from sessa_jax.models.attention import AttentionMixer
 from sessa_jax.models.config import ModelConfig

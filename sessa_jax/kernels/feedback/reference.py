@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from sessa_jax.kernels.blocks import masked_softmax
+from sessa_jax.kernels.feedback import defaults
+from sessa_jax.kernels.feedback.triangular import strict_lower
 
 
 def feedback_matrix(q_btk: jax.Array, k_btk: jax.Array,
@@ -24,9 +26,8 @@ def feedback_matrix(q_btk: jax.Array, k_btk: jax.Array,
   Returns:
     A with A[b, t, j] = softmax_{j < t}(scale * q_t . k_j), zero for j >= t.
   """
-  t = q_btk.shape[1]
   logits = jnp.einsum("btk,bsk->bts", q_btk, k_btk) * scale
-  return masked_softmax(logits, jnp.tril(jnp.ones((t, t), dtype=bool), k=-1))
+  return masked_softmax(logits, strict_lower(q_btk.shape[1]))
 
 
 def feedback_solve_dense(q_btk: jax.Array, k_btk: jax.Array, gamma_bt: jax.Array,
@@ -47,8 +48,7 @@ def feedback_solve_dense(q_btk: jax.Array, k_btk: jax.Array, gamma_bt: jax.Array
   Returns:
     s (B, T, D) with s_t = f_t + gamma_t * sum_{j<t} A_tj s_j.
   """
-  if scale is None:
-    scale = q_btk.shape[-1] ** -0.5
+  scale = defaults.resolve_scale(scale, q_btk)
   compute = jnp.promote_types(f_btd.dtype, jnp.float32)
   a_btt = feedback_matrix(q_btk.astype(compute), k_btk.astype(compute), scale)
   t = a_btt.shape[-1]

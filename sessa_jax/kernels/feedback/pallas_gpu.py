@@ -38,7 +38,6 @@ on an H200 (232,448 bytes) can fail to compile on an A100 (166,912).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -49,6 +48,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from sessa_jax import targets
 from sessa_jax.kernels.blocks import acc_dtype, tile_dot
+from sessa_jax.kernels.feedback import backend
+from sessa_jax.kernels.feedback.backend import Tiling
 
 # Least programs per batch row of a rectangle launch: with B = 2, about two
 # per streaming multiprocessor of an H100/H200 (132 SMs). Interpret mode runs
@@ -56,7 +57,6 @@ from sessa_jax.kernels.blocks import acc_dtype, tile_dot
 # still split).
 MIN_PROGRAMS = 128
 MIN_PROGRAMS_INTERPRET = 4
-DQ_IN_COLUMN_PASS = True
 KERNELS = ("row_stats", "rect_apply", "rect_col", "leaf_solve",
            "leaf_adjoint")
 # Largest tile height tried: 64-row bfloat16 tiles were the fastest setting
@@ -105,13 +105,6 @@ def arch(compute_capability: tuple[int, int] | None) -> str:
   if compute_capability is None or compute_capability[0] >= 9:
     return "sm_90"
   return "sm_80"
-
-
-@dataclasses.dataclass(frozen=True)
-class Tiling:
-  """One kernel's tile height and Triton pipeline stages."""
-  tile: int
-  stages: int
 
 
 def feature_width(width: int) -> int:
@@ -303,6 +296,9 @@ def _rect_apply_kernel(sched_ref, q_ref, k_ref, s_ref, lse_ref, _, ctx_ref,
     _atomic_add_rows(ctx_ref, rows, acc)
 
 
+_RECT_APPLY_ALIASES = backend.aliases(backend.RECT_APPLY, ("ctx",))
+
+
 def rect_apply(sched, q_btk, k_btk, s_btd, lse_bt, ctx_btd, *, block,
                side_max, scale, interpret, stages=1):
   """ctx_t += sum_j exp(q_t.k_j * scale - lse_t) s_j over one rectangle.
@@ -330,7 +326,7 @@ def rect_apply(sched, q_btk, k_btk, s_btd, lse_bt, ctx_btd, *, block,
                         scale=scale),
       (q_btk.shape[0], programs), [_SCHEDULE] + [_whole(x) for x in operands[1:]],
       _whole(ctx_btd), jax.ShapeDtypeStruct(ctx_btd.shape, ctx_btd.dtype),
-      interpret, stages, aliases={5: 0})(*operands)
+      interpret, stages, aliases=_RECT_APPLY_ALIASES)(*operands)
 
 
 def _rect_col_kernel(sched_ref, q_ref, k_ref, w_ref, s_ref, delta_ref,
@@ -363,6 +359,10 @@ def _rect_col_kernel(sched_ref, q_ref, k_ref, w_ref, s_ref, delta_ref,
     _atomic_add_rows(dk_ref, keys, dk)
 
 
+_RECT_COL_ALIASES = backend.aliases(backend.RECT_COL + ("dq",),
+                                   ("dv", "dk", "dq"))
+
+
 def rect_col(sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
              dk_btk, dq_btk, *, block, side_max, scale, interpret,
              stages=1):
@@ -387,7 +387,7 @@ def rect_col(sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
       [_SCHEDULE] + [_whole(x) for x in operands[1:]],
       [_whole(x) for x in outs],
       [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
-      interpret, stages, aliases={7: 0, 8: 1, 9: 2})(*operands)
+      interpret, stages, aliases=_RECT_COL_ALIASES)(*operands)
 
 
 _INDEX = pl.BlockSpec((1,), lambda b, r: (0,))
@@ -429,6 +429,8 @@ def _leaf_kernel(index_ref, inv_ref, rhs_ref, gamma_ref, ctx_ref, *refs,
 def _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, block,
           transpose, interpret, stages):
   b, n, c = inv_bncc.shape[:3]
+  names = (backend.LEAF_ADJOINT_OUTS if transpose
+           else backend.LEAF_SOLVE_OUTS)[:len(outs)]
   operands = (index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, *outs)
   return list(_call(
       functools.partial(_leaf_kernel, block=block, group=c // block,
@@ -436,12 +438,12 @@ def _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, block,
       (b, c // block), [_INDEX] + [_whole(x) for x in operands[1:]],
       [_whole(x) for x in outs],
       [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
-      interpret, stages, aliases={5 + k: k for k in range(len(outs))},
+      interpret, stages, aliases=backend.aliases(backend.LEAF + names, names),
       name="leaf_adjoint" if transpose else "leaf_solve")(*operands))
 
 
 def leaf_solve(index, inv_bncc, f_btd, gamma_bt, ctx_btd, s_outs, *, block,
-               scale, interpret, stages=1):
+               interpret, stages=1):
   """Solves chunk `index`: s_i = inv_i (f_i + gamma_i ctx_i), in place.
 
   Args:
@@ -453,27 +455,25 @@ def leaf_solve(index, inv_bncc, f_btd, gamma_bt, ctx_btd, s_outs, *, block,
     s_outs: the solution (B, T, D), and optionally its copy in the kernels'
       matmul dtype; both updated in place.
     block: tile height (dividing C).
-    scale: unused (the kernels' common signature).
     interpret: run in interpret mode.
     stages: Triton pipeline stages.
 
   Returns:
     The updated `s_outs`.
   """
-  del scale
   return _leaf(index, inv_bncc, f_btd, gamma_bt, ctx_btd, s_outs,
                block=block, transpose=False, interpret=interpret,
                stages=stages)
 
 
 def leaf_adjoint(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, block,
-                 scale, interpret, stages=1):
+                 interpret, stages=1):
   """Solves chunk `index` of the adjoint: u_i = inv_i^T rhs_i, in place.
 
   Also writes delta_i = gamma_i (u_i . ctx_i) and w_i = gamma_i u_i.
 
   Args:
-    index, inv_bncc, gamma_bt, ctx_btd, block, scale, interpret, stages: as
+    index, inv_bncc, gamma_bt, ctx_btd, block, interpret, stages: as
       for `leaf_solve`.
     rhs_btd: the adjoint right-hand side (B, T, D).
     outs: (u (B, T, D), delta (B, T), w (B, T, D)[, w in the matmul dtype]),
@@ -482,7 +482,31 @@ def leaf_adjoint(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, block,
   Returns:
     The updated `outs`.
   """
-  del scale
   return _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs,
                block=block, transpose=True, interpret=interpret,
                stages=stages)
+
+
+def bind(plan: backend.Plan) -> backend.Kernels:
+  """These kernels bound to one solve: tiles, stages, programs and scale.
+
+  dq is accumulated by `rect_col` (atomic adds), so there is no `row_grad`.
+  """
+  def tiled(kernel, **static):
+    tiling = plan.tilings[kernel.__name__]
+    return functools.partial(kernel, block=tiling.tile, stages=tiling.stages,
+                             interpret=plan.interpret, **static)
+
+  return backend.Kernels(
+      row_stats=tiled(row_stats, group=plan.group("row_stats"),
+                      scale=plan.scale),
+      rect_apply=tiled(rect_apply, side_max=plan.side_max("rect_apply"),
+                       scale=plan.scale),
+      rect_col=tiled(rect_col, side_max=plan.side_max("rect_col"),
+                     scale=plan.scale),
+      leaf_solve=tiled(leaf_solve), leaf_adjoint=tiled(leaf_adjoint),
+      row_grad=None)
+
+
+BACKEND = backend.Backend(kernels=KERNELS, feature_width=feature_width,
+                          bind=bind)

@@ -29,16 +29,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sessa_jax.kernels import blocks
 from sessa_jax.kernels.blocks import get_block, online_softmax_step, put_block
-
-def _strict_lower(n: int) -> jax.Array:
-  return jnp.tril(jnp.ones((n, n), dtype=bool), k=-1)
+from sessa_jax.kernels.feedback import blocked
+from sessa_jax.kernels.feedback import defaults
+from sessa_jax.kernels.feedback.triangular import strict_lower
+from sessa_jax.kernels.feedback.triangular import unit_lower_inverse
 
 
 def _unit_lower_solve(a_bcc, gamma_bc, rhs_bcd, *, transpose: bool):
   """Solves (I - diag(gamma) A) x = rhs, or its transpose, per batch row."""
-  inv = blocks.unit_lower_inverse(gamma_bc[..., None] * a_bcc)
+  inv = unit_lower_inverse(gamma_bc[..., None] * a_bcc)
   return jnp.einsum("bsc,bsd->bcd" if transpose else "bcs,bsd->bcd",
                     inv, rhs_bcd)
 
@@ -52,7 +52,7 @@ def _forward(q_btk, k_btk, gamma_bt, f_btd, settings):
   b, t, _ = q_btk.shape
   c, d = chunk, f_btd.shape[-1]
   dtype = f_btd.dtype
-  mask = _strict_lower(c)
+  mask = strict_lower(c)
 
   def chunk_step(i, carry):
     s_all, ctx_all, lse_all = carry
@@ -100,7 +100,7 @@ def _backward(settings, res, g_btd):
   b, t, _ = q_btk.shape
   c = chunk
   n = t // c
-  mask = _strict_lower(c)
+  mask = strict_lower(c)
 
   def chunk_step(step, carry):
     u_all, w_all, delta_all, dq_all, dk_all = carry
@@ -159,14 +159,15 @@ def feedback_solve_chunked(q_btk: jax.Array, k_btk: jax.Array,
     k_btk: feedback keys (B, T, K).
     gamma_bt: per-token gains (B, T).
     f_btd: right-hand side (B, T, D).
-    chunk: rows solved per block; defaults to `blocks.DEFAULT_CHUNK`. T
+    chunk: rows solved per block; defaults to `defaults.DEFAULT_CHUNK`. T
       need not be a multiple of it.
     scale: logit scale; defaults to K ** -0.5.
 
   Returns:
     s (B, T, D) with s_t = f_t + gamma_t * sum_{j<t} A_tj s_j.
   """
-  chunk = min(blocks.resolve_chunk(chunk), q_btk.shape[1])
-  return blocks.blocked_feedback_solve(
+  chunk = min(defaults.resolve_chunk(chunk), q_btk.shape[1])
+  return blocked.blocked_feedback_solve(
       _forward, _backward, q_btk, k_btk, gamma_bt, f_btd, multiple=chunk,
-      settings=lambda scale, compute: (chunk, scale), scale=scale)
+      settings=lambda scale, compute: (chunk, scale),
+      scale=defaults.resolve_scale(scale, q_btk))

@@ -1,6 +1,6 @@
 """Feedback solve with its O(T²) passes as Pallas kernels (TPU and GPU).
 
-The algorithm of `feedback_chunked` (docs/design.md#feedback-solve),
+The algorithm of `chunked` (docs/design.md#feedback-solve),
 arranged for accelerators as one compiled loop over chunks per direction:
 
 1. `row_stats`: every row's log-sum-exp over the key chunks before its own
@@ -40,18 +40,17 @@ GPU (rectangles: logits, A^T w, w s^T, dk, dq) and 7P on TPU (rectangles 4,
 `row_grad` 3); `tests/test_feedback_flops.py` audits it.
 
 Two sizes: the chunk C (rows of each diagonal block and loop leaf, default
-`blocks.DEFAULT_CHUNK`) and the kernels' tile height, which divides C and
-is what fits the hardware (`default_tile`). Kernels come from
-`feedback_pallas_tpu` (Mosaic: scalar-prefetched schedule, grids sized at
-run time, sequential reduction axis with VMEM scratch) or
-`feedback_pallas_gpu` (Triton: fixed grids, in-kernel loops, split
-reductions with atomic adds). On CPU they run in interpret mode, which is
-how the tests check them.
+`defaults.DEFAULT_CHUNK`) and the kernels' tile height, which divides C and
+is what fits the hardware (`kernel_tilings`). Kernels come from a backend
+(`backend.Backend`, bound to each solve's `backend.Plan`): `pallas_tpu`
+(Mosaic: scalar-prefetched schedule, grids sized at run time, sequential
+reduction axis with VMEM scratch) or `pallas_gpu` (Triton: fixed grids,
+in-kernel loops, split reductions with atomic adds). On CPU they run in
+interpret mode, which is how the tests check them.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -60,11 +59,16 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from sessa_jax import targets
-from sessa_jax.kernels import blocks
-from sessa_jax.kernels import feedback_pallas_gpu
-from sessa_jax.kernels import feedback_pallas_tpu
+from sessa_jax.kernels.feedback import blocked
+from sessa_jax.kernels.feedback import defaults
+from sessa_jax.kernels.feedback import pallas_gpu
+from sessa_jax.kernels.feedback import pallas_tpu
+from sessa_jax.kernels.feedback.backend import Backend, Plan, Tiling
+from sessa_jax.kernels.feedback.triangular import strict_lower
+from sessa_jax.kernels.feedback.triangular import unit_lower_inverse
 
-BACKENDS = {"tpu": feedback_pallas_tpu, "gpu": feedback_pallas_gpu}
+BACKENDS: dict[str, Backend] = {"tpu": pallas_tpu.BACKEND,
+                                "gpu": pallas_gpu.BACKEND}
 # TPU tile height: blocks of hundreds of rows keep the MXU busy per grid
 # step; (256, K) and (256, D) tiles of float32 fit VMEM with room to spare.
 TPU_TILE = 256
@@ -75,36 +79,18 @@ DEFAULT_GPU_SMEM = targets.GPUS["h200"].smem_per_block_optin
 
 class _Setup(NamedTuple):
   """Static (hashable) settings of one solve."""
-  backend: str
+  backend: Backend
   interpret: bool | pltpu.InterpretParams
   chunk: int
   tilings: tuple[tuple[str, int, int], ...]  # (kernel, tile, stages)
   scale: float
   mm_dtype: jnp.dtype
 
-  def tiling(self, name) -> tuple[int, int]:
-    """(tile, stages) of kernel `name`."""
-    for kernel, tile, stages in self.tilings:
-      if kernel == name:
-        return tile, stages
-    raise KeyError(name)
-
-  def group(self, name) -> int:
-    """Tiles of kernel `name` per chunk."""
-    return self.chunk // self.tiling(name)[0]
-
-  @property
-  def kernels(self):
-    return BACKENDS[self.backend]
-
-  def op(self, name, **static):
-    """Kernel `name` of this backend, with its tile (and GPU stages)."""
-    tile, stages = self.tiling(name)
-    if self.backend == "gpu":
-      static["stages"] = stages
-    return functools.partial(getattr(self.kernels, name), block=tile,
-                             scale=self.scale, interpret=self.interpret,
-                             **static)
+  def plan(self, chunks: int) -> Plan:
+    """The `Plan` of this solve over `chunks` chunks (padded)."""
+    tilings = {kernel: Tiling(tile, stages)
+               for kernel, tile, stages in self.tilings}
+    return Plan(self.chunk, chunks, tilings, self.scale, self.interpret)
 
 
 def _default_backend() -> str:
@@ -119,7 +105,7 @@ def kernel_tilings(backend: str, chunk: int, width: int, mm_dtype,
   TPU: `TPU_TILE` rows (or the largest divisor of `chunk` below it that
   gcd gives), one "stage" (Mosaic pipelines by itself). GPU: per kernel,
   the largest tile and most stages whose shared memory fits `smem_bytes`
-  (`feedback_pallas_gpu.tiling`); the leaf kernels' operands are in the
+  (`pallas_gpu.tiling`); the leaf kernels' operands are in the
   compute dtype, the others' in the matmul dtype.
 
   Args:
@@ -134,12 +120,11 @@ def kernel_tilings(backend: str, chunk: int, width: int, mm_dtype,
   """
   if backend == "tpu":
     tile = math.gcd(chunk, TPU_TILE)
-    names = feedback_pallas_tpu.KERNELS
-    return {name: (tile, 1) for name in names}
+    return {name: (tile, 1) for name in BACKENDS["tpu"].kernels}
   chip = targets.active()
   if smem_bytes is None:
     smem_bytes = chip.smem_bytes or DEFAULT_GPU_SMEM
-  gpu = feedback_pallas_gpu
+  gpu = pallas_gpu
   gpu_arch = gpu.arch(chip.compute_capability)
   padded = gpu.feature_width(width)
   out = {}
@@ -167,34 +152,25 @@ def _diagonal_logits(q_btk, k_btk, setup, dtype):
                     preferred_element_type=dtype) * setup.scale
 
 
-def _strict_lower(chunk):
-  return jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)
-
-
 def _diagonal(q_btk, k_btk, lse_bt, setup):
   """A_ii of every chunk, (B, N, C, C), from the full-row log-sum-exp."""
   logits = _diagonal_logits(q_btk, k_btk, setup, lse_bt.dtype)
   lse = _chunked(lse_bt, setup.chunk)[..., None]
-  return jnp.where(_strict_lower(setup.chunk), jnp.exp(logits - lse), 0.0)
+  return jnp.where(strict_lower(setup.chunk), jnp.exp(logits - lse), 0.0)
 
 
-def _row_lse(q_btk, k_btk, setup):
+def _row_lse(q_btk, k_btk, setup, kernels):
   """Log-sum-exp over all earlier keys per row (0 for row 0), float32+."""
-  lse_off = setup.op("row_stats", group=setup.group("row_stats"))(q_btk, k_btk)
+  lse_off = kernels.row_stats(q_btk, k_btk)
   logits = _diagonal_logits(q_btk, k_btk, setup, lse_off.dtype)
   lse_diag = jax.nn.logsumexp(
-      jnp.where(_strict_lower(setup.chunk), logits, -jnp.inf), axis=-1)
+      jnp.where(strict_lower(setup.chunk), logits, -jnp.inf), axis=-1)
   lse = jnp.logaddexp(lse_off, _unchunked(lse_diag))
   return jnp.where(jnp.isfinite(lse), lse, 0.0)
 
 
 def _lowest_bit(x):
   return x & -x
-
-
-def _largest_side(n: int, group: int) -> int:
-  """Tiles on a side of the largest rectangle of an n-chunk solve."""
-  return (1 << max(n - 1, 1).bit_length() - 1) * group
 
 
 def _schedule(row0, n_rows, key0, side, group):
@@ -215,14 +191,14 @@ def _with_copy(x, mm_dtype):
 def _forward(q_btk, k_btk, gamma_bt, f_btd, setup):
   chunk, mm_dtype = setup.chunk, setup.mm_dtype
   n = q_btk.shape[1] // chunk
+  plan = setup.plan(n)
+  kernels = setup.backend.bind(plan)
   q_mm, k_mm = q_btk.astype(mm_dtype), k_btk.astype(mm_dtype)
-  lse = _row_lse(q_mm, k_mm, setup)
+  lse = _row_lse(q_mm, k_mm, setup, kernels)
   a_diag = _diagonal(q_btk, k_btk, lse, setup)
-  inv = blocks.unit_lower_inverse(_chunked(gamma_bt, chunk)[..., None]
-                                  * a_diag)
-  group = setup.group("rect_apply")
-  rect = setup.op("rect_apply", side_max=_largest_side(n, group))
-  leaf = setup.op("leaf_solve")
+  inv = unit_lower_inverse(_chunked(gamma_bt, chunk)[..., None] * a_diag)
+  group = plan.group("rect_apply")
+  rect, leaf = kernels.rect_apply, kernels.leaf_solve
 
   def step(i, carry):
     s, ctx_off = carry
@@ -244,14 +220,14 @@ def _backward(setup, res, g_btd):
   chunk, scale, mm_dtype = setup.chunk, setup.scale, setup.mm_dtype
   q_btk, k_btk, gamma_bt, s_btd, ctx_btd, lse = res
   n = q_btk.shape[1] // chunk
+  plan = setup.plan(n)
+  kernels = setup.backend.bind(plan)
   q_mm, k_mm, s_mm = (x.astype(mm_dtype) for x in (q_btk, k_btk, s_btd))
   a_diag = _diagonal(q_btk, k_btk, lse, setup)
-  inv = blocks.unit_lower_inverse(_chunked(gamma_bt, chunk)[..., None]
-                                  * a_diag)
-  dq_in_loop = setup.kernels.DQ_IN_COLUMN_PASS
-  group = setup.group("rect_col")
-  col = setup.op("rect_col", side_max=_largest_side(n, group))
-  leaf = setup.op("leaf_adjoint")
+  inv = unit_lower_inverse(_chunked(gamma_bt, chunk)[..., None] * a_diag)
+  dq_in_loop = kernels.row_grad is None
+  group = plan.group("rect_col")
+  col, leaf = kernels.rect_col, kernels.leaf_adjoint
 
   def step(i, carry):
     j = n - 1 - i
@@ -273,8 +249,7 @@ def _backward(setup, res, g_btd):
   if dq_in_loop:
     dq = dq[0]
   else:
-    dq = setup.op("row_grad", group=setup.group("row_grad"))(
-        q_mm, k_mm, s_mm, w[-1], delta, lse)
+    dq = kernels.row_grad(q_mm, k_mm, s_mm, w[-1], delta, lse)
   w = w[0]
   # The diagonal blocks' share of the logit gradient.
   ds = a_diag * (jnp.einsum("bncd,bnsd->bncs", _chunked(w, chunk),
@@ -323,7 +298,7 @@ def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
     gamma_bt: per-token gains (B, T).
     f_btd: right-hand side (B, T, D).
     chunk: rows per chunk: the diagonal blocks solved in plain JAX and the
-      leaves of the loop (`blocks.DEFAULT_CHUNK`). T is padded up to a
+      leaves of the loop (`defaults.DEFAULT_CHUNK`). T is padded up to a
       multiple of it.
     tile: every kernel's tile height, dividing `chunk`: a multiple of 8 on
       TPU, a power of two on GPU (at least 16 when compiled; one pipeline
@@ -351,24 +326,23 @@ def feedback_solve_pallas(q_btk: jax.Array, k_btk: jax.Array,
   compute = jnp.result_type(q_btk, k_btk, gamma_bt, f_btd, jnp.float32)
   mm_dtype = jnp.dtype(
       jnp.bfloat16 if q_btk.dtype == jnp.bfloat16 else compute)
-  chunk = blocks.resolve_chunk(chunk)
+  chunk = defaults.resolve_chunk(chunk)
   width = max(q_btk.shape[-1], f_btd.shape[-1])
   if tile is None:
     tilings = kernel_tilings(backend, chunk, width, mm_dtype, compute)
   else:
-    tilings = {name: (int(tile), 1) for name in BACKENDS[backend].KERNELS}
+    tilings = {name: (int(tile), 1) for name in BACKENDS[backend].kernels}
   for kernel_tile, _ in tilings.values():
     _check_tiles(backend, chunk, kernel_tile, interpret)
-  if scale is None:  # Before padding K.
-    scale = q_btk.shape[-1] ** -0.5
+  scale = defaults.resolve_scale(scale, q_btk)  # Before padding K.
   # Zero feature padding is exact: it adds nothing to any dot product.
   padded = BACKENDS[backend].feature_width
   kd, d = padded(q_btk.shape[-1]), padded(f_btd.shape[-1])
-  s = blocks.blocked_feedback_solve(
+  s = blocked.blocked_feedback_solve(
       _forward, _backward, _pad_features(q_btk, kd), _pad_features(k_btk, kd),
       gamma_bt, _pad_features(f_btd, d), multiple=chunk,
       settings=lambda scale, compute: _Setup(
-          backend, interpret, chunk,
+          BACKENDS[backend], interpret, chunk,
           tuple((k, *v) for k, v in sorted(tilings.items())), scale,
           mm_dtype),
       scale=scale)

@@ -40,8 +40,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from sessa_jax import targets
 from sessa_jax.kernels.blocks import acc_dtype, tile_dot
+from sessa_jax.kernels.feedback import backend
 
-DQ_IN_COLUMN_PASS = False
 KERNELS = ("row_stats", "rect_apply", "rect_col", "row_grad", "leaf_solve",
            "leaf_adjoint")
 
@@ -226,15 +226,16 @@ def _rect_apply_kernel(sched_ref, q_ref, k_ref, s_ref, lse_ref, ctx_in_ref,
     ctx_ref[...] = ctx_in_ref[...] + acc_sc[...]
 
 
-def rect_apply(sched, q_btk, k_btk, s_btd, lse_bt, ctx_btd, *, block,
-               side_max, scale, interpret):
+_RECT_APPLY_ALIASES = backend.aliases(backend.RECT_APPLY, ("ctx",))
+
+
+def rect_apply(sched, q_btk, k_btk, s_btd, lse_bt, ctx_btd, *, block, scale,
+               interpret):
   """ctx_t += sum_j exp(q_t.k_j * scale - lse_t) s_j over one rectangle.
 
   The grid (B, row tiles, key tiles) takes its extents from `sched` at run
-  time (see `feedback_pallas_gpu.rect_apply` for the arguments), so no step
-  is idle; `side_max` is unused.
+  time (see `pallas_gpu.rect_apply` for the arguments), so no step is idle.
   """
-  del side_max
   acc = ctx_btd.dtype
   b, _, kd = q_btk.shape
   d = s_btd.shape[-1]
@@ -243,7 +244,8 @@ def rect_apply(sched, q_btk, k_btk, s_btd, lse_bt, ctx_btd, *, block,
   (ctx,) = _rect_call(
       functools.partial(_rect_apply_kernel, scale=scale), sched,
       (b, sched[1], sched[3]), [row(kd), key(kd), key(d), row(1), row(d)],
-      [row(d)], [ctx_btd], [pltpu.VMEM((block, d), acc)], {5: 0}, interpret,
+      [row(d)], [ctx_btd], [pltpu.VMEM((block, d), acc)], _RECT_APPLY_ALIASES,
+      interpret,
       (q_btk, k_btk, s_btd, lse_bt[..., None], ctx_btd))
   return ctx
 
@@ -271,8 +273,11 @@ def _rect_col_kernel(sched_ref, q_ref, k_ref, w_ref, s_ref, delta_ref,
     dk_ref[...] = dk_in_ref[...] + dk_sc[...]
 
 
+_RECT_COL_ALIASES = backend.aliases(backend.RECT_COL, ("dv", "dk"))
+
+
 def rect_col(sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
-             dk_btk, *, block, side_max, scale, interpret):
+             dk_btk, *, block, scale, interpret):
   """One backward rectangle's key side: dv_j += sum_t A_tj w_t and dk_j +=
   sum_t dlogit_tj q_t (unscaled), in place; grid (B, key tiles, row tiles)
   sized from `sched` at run time. dq is `row_grad`'s (no atomics on TPU).
@@ -280,7 +285,6 @@ def rect_col(sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
   Returns:
     The updated (dv, dk).
   """
-  del side_max
   acc = dv_btd.dtype
   b, _, kd = q_btk.shape
   d = w_btd.shape[-1]
@@ -292,7 +296,7 @@ def rect_col(sched, q_btk, k_btk, w_btd, s_btd, delta_bt, lse_bt, dv_btd,
       [row(kd), key(kd), row(d), key(d), row(1), row(1), key(d), key(kd)],
       [key(d), key(kd)], [dv_btd, dk_btk],
       [pltpu.VMEM((block, d), acc), pltpu.VMEM((block, kd), acc)],
-      {7: 0, 8: 1}, interpret,
+      _RECT_COL_ALIASES, interpret,
       (q_btk, k_btk, w_btd, s_btd, delta_bt[..., None], lse_bt[..., None],
        dv_btd, dk_btk)))
 
@@ -357,6 +361,8 @@ def _leaf_kernel(index_ref, inv_ref, rhs_ref, gamma_ref, ctx_ref, *refs,
 def _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, transpose,
           interpret):
   b, _, c, _ = inv_bncc.shape
+  names = (backend.LEAF_ADJOINT_OUTS if transpose
+           else backend.LEAF_SOLVE_OUTS)[:len(outs)]
   chunk = lambda x: pl.BlockSpec((None, c, x.shape[-1]),
                                  lambda b, i: (b, i[0], 0))
   flat, outs = outs, [x[..., None] if x.ndim == 2 else x for x in outs]
@@ -372,7 +378,7 @@ def _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, transpose,
           functools.partial(_leaf_kernel, transpose=transpose),
           grid_spec=grid_spec,
           out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
-          input_output_aliases={5 + k: k for k in range(len(outs))},
+          input_output_aliases=backend.aliases(backend.LEAF + names, names),
           compiler_params=pltpu.CompilerParams(
               dimension_semantics=("parallel",)),
           interpret=_interpret(interpret)))(
@@ -380,22 +386,43 @@ def _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, transpose,
   return [y[..., 0] if x.ndim == 2 else y for x, y in zip(flat, new)]
 
 
-def leaf_solve(index, inv_bncc, f_btd, gamma_bt, ctx_btd, s_outs, *, block,
-               scale, interpret):
-  """Solves chunk `index` in place (see `feedback_pallas_gpu.leaf_solve`).
+def leaf_solve(index, inv_bncc, f_btd, gamma_bt, ctx_btd, s_outs, *,
+               interpret):
+  """Solves chunk `index` in place (see `pallas_gpu.leaf_solve`).
 
   One grid step per batch row holds the whole chunk: the (C, C) inverse and
-  (C, D) tiles.
+  (C, D) tiles, so there is no tile height.
   """
-  del block, scale
   return _leaf(index, inv_bncc, f_btd, gamma_bt, ctx_btd, s_outs,
                transpose=False, interpret=interpret)
 
 
-def leaf_adjoint(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *, block,
-                 scale, interpret):
+def leaf_adjoint(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs, *,
+                 interpret):
   """Solves chunk `index` of the adjoint in place (see
-  `feedback_pallas_gpu.leaf_adjoint`)."""
-  del block, scale
+  `pallas_gpu.leaf_adjoint`)."""
   return _leaf(index, inv_bncc, rhs_btd, gamma_bt, ctx_btd, outs,
                transpose=True, interpret=interpret)
+
+
+def bind(plan: backend.Plan) -> backend.Kernels:
+  """These kernels bound to one solve: tiles, causal groups and scale.
+
+  The rectangles' grids are sized by their schedules at run time, and the
+  leaves hold whole chunks; dq is `row_grad`'s pass (no atomics on TPU).
+  """
+  def tiled(kernel, **static):
+    return functools.partial(kernel, block=plan.tilings[kernel.__name__].tile,
+                             scale=plan.scale, interpret=plan.interpret,
+                             **static)
+
+  causal = lambda kernel: tiled(kernel, group=plan.group(kernel.__name__))
+  return backend.Kernels(
+      row_stats=causal(row_stats), rect_apply=tiled(rect_apply),
+      rect_col=tiled(rect_col), row_grad=causal(row_grad),
+      leaf_solve=functools.partial(leaf_solve, interpret=plan.interpret),
+      leaf_adjoint=functools.partial(leaf_adjoint, interpret=plan.interpret))
+
+
+BACKEND = backend.Backend(kernels=KERNELS, feature_width=feature_width,
+                          bind=bind)

@@ -29,8 +29,8 @@ from jax.sharding import PartitionSpec as P
 
 from sessa_jax import mesh_axes
 from sessa_jax import targets
-from sessa_jax.kernels import feedback_chunked
-from sessa_jax.kernels import feedback_ref
+from sessa_jax.kernels.feedback import chunked
+from sessa_jax.kernels.feedback import reference
 
 # The implementation names; `ModelConfig.feedback_impl` takes one of these.
 IMPLS = ("auto", "dense", "chunked", "pallas")
@@ -48,13 +48,13 @@ def resolve_impl(impl: str) -> str:
 
 def _solve_local(q_fb, k_fb, gamma, f, *, impl, chunk, scale):
   if impl == "dense":
-    return feedback_ref.feedback_solve_dense(q_fb, k_fb, gamma, f, scale=scale)
+    return reference.feedback_solve_dense(q_fb, k_fb, gamma, f, scale=scale)
   if impl == "chunked":
-    return feedback_chunked.feedback_solve_chunked(
+    return chunked.feedback_solve_chunked(
         q_fb, k_fb, gamma, f, chunk=chunk, scale=scale)
   # Imported lazily: Pallas pulls in backend-specific lowering modules.
-  from sessa_jax.kernels import feedback_pallas  # pylint: disable=g-import-not-at-top
-  return feedback_pallas.feedback_solve_pallas(
+  from sessa_jax.kernels.feedback import pallas  # pylint: disable=g-import-not-at-top
+  return pallas.feedback_solve_pallas(
       q_fb, k_fb, gamma, f, chunk=chunk, scale=scale)
 
 
@@ -93,8 +93,9 @@ def feedback_solve(q_fb: jax.Array, k_fb: jax.Array, gamma: jax.Array,
     gamma: gains (B, T).
     f: right-hand side (B, T, D).
     impl: implementation name, one of `IMPLS`.
-    chunk: chunk size of the blocked implementations (None: their default).
-    scale: logit scale; defaults to K ** -0.5.
+    chunk: chunk size of the blocked implementations (None: their default,
+      `defaults.DEFAULT_CHUNK`).
+    scale: logit scale; defaults to K ** -0.5 (`defaults.resolve_scale`).
     mesh: mesh whose `batch_axes` shard the batch; defaults to the mesh set
       with `jax.set_mesh`, if any.
     batch_axes: the mesh axes the batch is split over (those present are
@@ -109,8 +110,6 @@ def feedback_solve(q_fb: jax.Array, k_fb: jax.Array, gamma: jax.Array,
     raise ValueError(
         "feedback_solve expects q_fb, k_fb (B, T, K), gamma (B, T), f (B, T, D);"
         f" got {q_fb.shape}, {k_fb.shape}, {gamma.shape}, {f.shape}")
-  if scale is None:
-    scale = q_fb.shape[-1] ** -0.5
 
   def local(q_fb, k_fb, gamma, f):
     return _solve_local(q_fb, k_fb, gamma, f, impl=impl, chunk=chunk,
