@@ -68,7 +68,6 @@ VARIANTS = ("batched", "processes", "single")
 # Distinct random batches per seed, cycled through by the timed steps.
 NUM_BATCHES = 4
 WARM_STEPS = 2
-BATCH_KEYS = ("inputs", "targets", "loss_mask")
 
 
 def point_spec(sweep: str, point: str, batch_size: int | None = None
