@@ -21,8 +21,10 @@ any point left unfinished, one at a time).
 Separate processes rather than seeds batched into one program: they reuse
 the trainer unchanged (checkpoints, resume, SIGTERM, NaN checks per run)
 and let points of different mixers and shapes share the device, which a
-vmapped program cannot. Exit status: that of the final sweep (0 when every
-point is ok).
+vmapped program cannot. How the two compare in speed on a CPU is measured
+by `experiments/seed_batching.py` (docs/accelerators.md, "Processes or seeds
+batched into one program"). Exit status: that of the final sweep (0 when
+every point is ok).
 """
 
 from __future__ import annotations
