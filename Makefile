@@ -10,7 +10,7 @@ PYTEST_WORKERS ?= 2
 
 ## On CPU, glibc returns an XLA step's large buffers to the system and maps them
 ## again on the next step; keeping them cut a small model's step time by about
-## 12% on a 2-core machine (README, "Run a config"). Override from the shell.
+## 12% on a 2-core machine (docs/training.md, "Run a config"). Override from the shell.
 export MALLOC_MMAP_THRESHOLD_ ?= 4000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 4000000000
 export MALLOC_TOP_PAD_ ?= 536870912

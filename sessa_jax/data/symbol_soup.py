@@ -3,8 +3,23 @@
 An example hides two stylized letter blocks (a "left" style and a "right"
 style, which together name one of 20 classes) among three uniform-noise
 blocks. This module generates examples with the published generator's
-distribution (see TASKS.md), reads that generator's TSV files, and writes
-files in the same layout:
+distribution, reads that generator's TSV files, and writes files in the same
+layout.
+
+The distribution: each class is a pair of styles (4 left styles, 5 right
+styles, each a shuffle of the 16 letters drawn from a fixed seed); a style
+weights its first 4 letters 3, the next 4 2 and the rest 1, boosts preferred
+letter pairs 4x, and inserts runs of 3-5 consecutive letters (motifs) with
+probability 0.3; then 3% of a stylized block's letters are replaced by another
+letter at random.
+The total letter count M, the two stylized blocks' lengths and the three noise
+blocks' lengths are drawn as `sample_lengths` says; which style comes first is
+a coin flip. The file layout: a TSV with header `Text<TAB>Answer`, one example
+per row, Text the five blocks as space-separated letters on their own lines
+between the markers `<bos>`, `<sep1>`, `<sep2>`, `<sep1>`, `<sep2>` and a
+closing line `<sep> <label>` (`blocks_to_text`), Answer a class name
+`CLASS_0..CLASS_19`. `tests/assets/symbol_soup_official_train40.tsv` holds 40
+examples of the published files; the tests read it. To write files:
 
   python -m sessa_jax.data.symbol_soup --output_dir /tmp/soup
 
