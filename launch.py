@@ -32,7 +32,7 @@ on every host. With --sweep and --devices_per_point each host's process trains
 points on its own devices (or with its group of hosts, for points larger than
 a host), taking them from a queue shared by all hosts. With --executor=ray
 each point is a Ray task in a worker process of its own, on a Ray cluster
-(--ray_address) or a local instance (sessa_jax/train/ray_executor.py).
+(--ray_address) or a local instance (sessa_jax/sweeps/ray_executor.py).
 """
 
 import json
@@ -46,10 +46,10 @@ from ml_collections import config_flags
 from sessa_jax import loading
 from sessa_jax import sampling
 from sessa_jax import targets
+from sessa_jax.sweeps import ray_executor
+from sessa_jax.sweeps import sweep
 from sessa_jax.train import console
-from sessa_jax.train import ray_executor
 from sessa_jax.train import sharding
-from sessa_jax.train import sweep
 from sessa_jax.train import target_compile
 from sessa_jax.train import trainer
 

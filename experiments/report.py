@@ -691,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   study = args.study or args.dir.name
   planned = ()
   if args.sweep:
-    from sessa_jax.train import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+    from sessa_jax.sweeps import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
     planned = tuple(sweep_lib.load_sweep(args.sweep))
   write_report(args.dir, args.out or pathlib.Path("workdirs/reports") / study,
                study, args.memory_tail_task, args.command, planned,

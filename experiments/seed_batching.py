@@ -5,7 +5,7 @@ r"""Seeds batched into one program, or a process each: train throughput on CPU.
 The device study (`experiments/device_study.py`) trains a study's small
 points at once on one accelerator, a `launch.py` process each. The other way
 is to train the seeds of one point together: one jitted program vmapping the
-project's own train step (`trainer.make_train_step`: loss, gradients, clip and
+project's own train step (`step_lib.make_train_step`: loss, gradients, clip and
 AdamW) over stacked parameters, optimizer states and batches. This script
 measures both on a plain CPU, for one point (default: the `cpu` preset's
 diffuse MQAR Sessa at batch 4, float32), with random token batches:
@@ -56,8 +56,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sessa_jax.sweeps import sweep as sweep_lib
 from sessa_jax.train import config as config_lib
-from sessa_jax.train import sweep as sweep_lib
+from sessa_jax.train import run as run_lib
+from sessa_jax.train import step as step_lib
 from sessa_jax.train import trainer
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -87,21 +89,21 @@ def point_config(spec: dict):
       {k: v for k, v in spec.items() if k != "config"})
 
 
-def one_device_setup(config) -> trainer.Setup:
-  """`trainer.setup` on the first local device alone."""
-  return trainer.setup(config, devices=jax.devices()[:1])
+def one_device_setup(config) -> run_lib.RunSpec:
+  """`run_lib.make_run_spec` on the first local device alone."""
+  return run_lib.make_run_spec(config, devices=jax.devices()[:1])
 
 
-def seed_states(resolved: trainer.Setup, seeds):
+def seed_states(resolved: run_lib.RunSpec, seeds):
   """The state spec of the first seed and a fresh train state per seed."""
   tc = resolved.exp.train
-  specs = [trainer.make_state_spec(
+  specs = [step_lib.make_state_spec(
       resolved.model_cfg, dataclasses.replace(tc, seed=seed), resolved.mesh)
            for seed in seeds]
   return specs[0], [spec.init() for spec in specs]
 
 
-def random_batches(resolved: trainer.Setup, seed: int, count: int
+def random_batches(resolved: run_lib.RunSpec, seed: int, count: int
                   ) -> list[dict[str, jax.Array]]:
   """`count` batches of uniform random tokens, every position in the loss."""
   shapes = trainer.abstract_batch(resolved.task, resolved.exp.train.batch_size)
@@ -122,14 +124,14 @@ def stacked(trees):
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
-def train_steps(resolved: trainer.Setup, spec: trainer.TrainStateSpec):
+def train_steps(resolved: run_lib.RunSpec, spec: step_lib.TrainStateSpec):
   """(single, batched): the trainer's jitted step, and it vmapped over a
   leading seed axis of state and batch (the state donated, as in training)."""
-  single = trainer.make_train_step(spec, resolved.exp.train, resolved.mesh)
+  single = step_lib.make_train_step(spec, resolved.exp.train, resolved.mesh)
   return single, jax.jit(jax.vmap(single), donate_argnums=0)
 
 
-def compiled_program(resolved: trainer.Setup, seeds, batched: bool):
+def compiled_program(resolved: run_lib.RunSpec, seeds, batched: bool):
   """The compiled step, its state and batches, and the compile seconds."""
   spec, states = seed_states(resolved, seeds)
   single, vmapped = train_steps(resolved, spec)

@@ -286,7 +286,7 @@ def test_welch_interval_matches_scipy():
 
 
 def test_tiny_sweep_and_report_end_to_end(tmp_path, monkeypatch):
-  from sessa_jax.train import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  from sessa_jax.sweeps import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(ROOT)
   results = sweep_lib.run_sweep("experiments/matched_budget.py:tiny",
                                 tmp_path / "tiny")

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import ray
 
-from sessa_jax.train import ray_executor
-from sessa_jax.train import sweep
+from sessa_jax.sweeps import ray_executor
+from sessa_jax.sweeps import sweep
 from test_train_loop import assert_trees_equal, saved_params, train_losses
 from test_train_sweep import ROOT, TINY
 

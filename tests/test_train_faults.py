@@ -22,6 +22,7 @@ from sessa_jax.train import config as config_lib
 from sessa_jax.train import evaluate as evaluate_lib
 from sessa_jax.train import metrics as metrics_lib
 from sessa_jax.train import trainer
+from sessa_jax.train import workdir_files
 from sessa_jax.train import workdir_lock
 from test_train_loop import saved_params, tiny_config, train_losses
 
@@ -278,7 +279,7 @@ def test_eval_in_a_read_only_workdir_keeps_its_results(
     del obj
     raise OSError(errno.EROFS, f"cannot write {path}: Read-only file system")
 
-  monkeypatch.setattr(trainer, "write_json", read_only)
+  monkeypatch.setattr(workdir_files, "write_json", read_only)
   result = trainer.evaluate_checkpoint(tiny_config(steps=2), tmp_path)
   assert result["steps"] == 2 and "test/loss" in result
   assert "eval_summary.json: Read-only file system; the results are only " \

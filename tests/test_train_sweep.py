@@ -11,7 +11,7 @@ import time
 
 import jax
 
-from sessa_jax.train import sweep
+from sessa_jax.sweeps import sweep
 
 jax.config.update("jax_compilation_cache_dir",
                   str(pathlib.Path(tempfile.gettempdir()) / "sessa_jax_test_xla"))

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from sessa_jax import loading
-from sessa_jax.train import point_queue
-from sessa_jax.train import sweep
+from sessa_jax.sweeps import point_queue
+from sessa_jax.sweeps import sweep
 from sessa_jax.train import trainer
 from test_launch import finish, free_port, launch
 from test_train_loop import train_losses

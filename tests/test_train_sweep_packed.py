@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from sessa_jax.train import sweep
+from sessa_jax.sweeps import sweep
 from sessa_jax.train import trainer
 from test_train_loop import train_losses
 from test_train_sweep import ROOT, TINY

@@ -31,9 +31,9 @@ from typing import Any, Mapping
 
 import jax
 
-from sessa_jax.train import sweep
-from sessa_jax.train import trainer
+from sessa_jax.sweeps import sweep
 from sessa_jax.train import workdir_lock
+from sessa_jax.train.preemption import Preemption
 from sessa_jax.train.processes import RunProcesses
 
 MAX_RETRIES = 3
@@ -146,7 +146,7 @@ def _train_point(name: str, point: Mapping[str, Any], workdir: pathlib.Path,
     os.dup2(log.fileno(), 1)  # The worker exits after this task.
     os.dup2(log.fileno(), 2)
   done = threading.Event()
-  with trainer.Preemption(RunProcesses.this_one()) as preemption:
+  with Preemption(RunProcesses.this_one()) as preemption:
 
     def watch():
       while not done.wait(_POLL_S):
@@ -234,7 +234,7 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *,
   todo = [name for name, row in results.items() if row["status"] != "ok"]
   retries = dict.fromkeys(todo, 0)
   with (_connected(ray, address), workdir_lock.WorkdirLock(workdir),
-        trainer.Preemption(RunProcesses.this_one()) as preemption):
+        Preemption(RunProcesses.this_one()) as preemption):
     coordinator = ray.remote(num_cpus=0)(_Coordinator).remote()
     task = ray.remote(max_calls=1, max_retries=0)(_train_point).options(
         **options)

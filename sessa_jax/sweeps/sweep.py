@@ -31,10 +31,12 @@ from typing import Any, Mapping, Sequence
 
 import jax
 
+from sessa_jax.sweeps import point_queue
 from sessa_jax.train import config as config_lib
-from sessa_jax.train import point_queue
 from sessa_jax.train import trainer
+from sessa_jax.train import workdir_files
 from sessa_jax.train import workdir_lock
+from sessa_jax.train.preemption import Preemption
 from sessa_jax.train.processes import RunProcesses
 
 _NAME = re.compile(r"^[A-Za-z0-9_.,=+-]+$")
@@ -190,7 +192,7 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
   ran: dict[str, dict[str, Any]] = {}
   lock = threading.Lock()
   with (workdir_lock.WorkdirLock(workdir),
-        trainer.Preemption(processes) as preemption):
+        Preemption(processes) as preemption):
 
     def next_point() -> str | None:
       with lock:
@@ -228,7 +230,7 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
 def write_summary(workdir: pathlib.Path,
                   results: Mapping[str, Mapping[str, Any]]) -> None:
   """Writes `workdir/sweep_summary.json` and prints the table."""
-  trainer.write_json(workdir / "sweep_summary.json", results)
+  workdir_files.write_json(workdir / "sweep_summary.json", results)
   print(format_table(results))
 
 
@@ -276,15 +278,15 @@ def unstarted_row(point: Mapping[str, Any], workdir: pathlib.Path
   """The row of a point this launch has not run (yet): "ok" with its summary
   when an earlier launch finished it, else "pending"."""
   if (workdir / "summary.json").exists():
-    done = trainer.finished_summary(workdir,
-                                    _point_config(point).train.steps)
+    done = workdir_files.finished_summary(
+        workdir, _point_config(point).train.steps)
     if done is not None:
       return {**done, "status": "ok"}
   return {"status": "pending"}
 
 
 def run_point(point: Mapping[str, Any], workdir: pathlib.Path, force: bool,
-              preemption: trainer.Preemption,
+              preemption: Preemption,
               devices: Sequence[Any] | None) -> dict[str, Any]:
   """Trains one point; returns its result row (failures caught)."""
   used = devices if devices is not None else jax.devices()
