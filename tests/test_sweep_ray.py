@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 
@@ -24,7 +23,8 @@ import ray
 from sessa_jax.sweeps import ray_executor
 from sessa_jax.sweeps import sweep
 from test_train_loop import assert_trees_equal, saved_params, train_losses
-from test_train_sweep import ROOT, TINY
+from test_train_sweep import ROOT
+from test_train_sweep_packed import _write_sweep
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +50,6 @@ def cluster():
         os.environ.pop(k)
       else:
         os.environ[k] = v
-
-
-def _write_sweep(tmp_path, points: str) -> str:
-  path = tmp_path / "ray_sweep.py"
-  path.write_text(textwrap.dedent(f"""
-      POINT = {{"config": {str(ROOT / "configs" / "mqar.py")!r}, **{TINY!r}}}
-
-      def sweep(preset):
-        return {points}
-      """))
-  return str(path)
 
 
 def test_points_run_as_tasks_and_a_failing_point_is_isolated(
