@@ -6,7 +6,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 
 from test_launch import ROOT, TINY, launch, launch_env, wait_for_lines
 
@@ -72,7 +71,11 @@ def test_ctrl_c_saves_and_exits_130_and_a_second_exits_at_once(tmp_path):
   proc = launch(*args, f"--workdir={tmp_path / 'twice'}")
   wait_for_lines(tmp_path / "twice" / "metrics.jsonl", 3, proc)
   proc.send_signal(signal.SIGINT)
-  time.sleep(1)
+  # The second Ctrl-C goes once the first is handled, while the run saves:
+  # a fixed wait could outlast the save of so small a model.
+  for line in proc.stdout:
+    if "SIGINT: saving" in line:
+      break
   proc.send_signal(signal.SIGINT)
   proc.communicate(timeout=30)
   assert proc.returncode == -signal.SIGINT
