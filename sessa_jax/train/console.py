@@ -4,7 +4,8 @@ A failed checkpoint save or restore reaches the run as one exception, which
 launch.py reports in one line. On the way orbax logs each failed background
 operation with its traceback, tensorstore's callbacks print an "Event loop
 is closed" traceback straight to `sys.stderr` for every read or write still
-in flight, and abandoned coroutines print "Exception ignored in" warnings:
+in flight, and abandoned coroutines print "Exception ignored in" and
+"coroutine ... was never awaited" warnings, some at interpreter exit:
 hundreds of lines around the one that matters. `setup` keeps them off
 stderr (unless launch.py's `--verbose`), along with the INFO logs of
 libraries (orbax, XLA) that would bury the progress bar, while this
@@ -20,6 +21,7 @@ import pathlib
 import sys
 import threading
 from typing import TextIO
+import warnings
 
 from absl import logging as absl_logging
 
@@ -107,8 +109,9 @@ def setup(verbose: bool) -> None:
 
   Args:
     verbose: keep the library noise; else `QUIET_LIBRARIES`' records,
-      `NOISE_ENDINGS` tracebacks and unraisable-exception warnings are kept
-      off stderr for the rest of the process.
+      `NOISE_ENDINGS` tracebacks, unraisable-exception warnings and
+      never-awaited-coroutine warnings are kept off stderr for the rest of
+      the process.
   """
   absl_logging.set_verbosity(absl_logging.INFO)
   handler = absl_logging.get_absl_handler().python_handler
@@ -117,3 +120,5 @@ def setup(verbose: bool) -> None:
     sys.stderr = StderrFilter(sys.stderr)
     handler.stream = sys.stderr
     sys.unraisablehook = _drop_unraisable
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
