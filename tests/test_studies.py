@@ -121,11 +121,11 @@ def test_device_study_runs_points_concurrently_on_one_cpu(device_tiny_sweep):
   assert "6 points, 2 at a time" in proc.stdout
 
 
-@pytest.mark.slow  # Intermittently hangs in influence_vs_lag (issue open).
 def test_report_and_memory_tail_finish_on_one_cpu(device_tiny_sweep,
                                                   tmp_path):
   """Both analysis scripts, Sessa runs included, on one plain CPU device;
-  a hang fails at the time limit instead of stalling the suite."""
+  a hang fails at the time limit instead of stalling the suite. (They once
+  hung there: two LAPACK solves in one program waited on each other.)"""
   workdir, _ = device_tiny_sweep
   _run_script(["experiments/report.py", str(workdir), "--study=dt",
                f"--out={tmp_path}", "--reference_examples=20"], timeout=300)

@@ -329,9 +329,8 @@ def _directions(n: int, b: int, d: int, probes: int | None, key):
 def _chunked(run, x_btd, index, dirs, chunk):
   """Applies jitted `run(x, index_chunk, dirs_chunk)` over equal-size chunks.
 
-  A Python loop over one compiled chunk rather than `lax.map`: XLA:CPU can
-  stall on a while loop around LAPACK calls (the dense triangular solve).
-  The last chunk is padded with zero directions, which contribute nothing.
+  Every chunk has the same shape, so `run` compiles once. The last chunk is
+  padded with zero directions, which contribute nothing.
   """
   n = dirs.shape[0]
   pad = -n % chunk

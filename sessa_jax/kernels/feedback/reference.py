@@ -2,6 +2,13 @@
 
 This is the oracle every faster implementation is tested against. It builds
 the full (T, T) routing matrix per sequence, so memory grows with T^2.
+
+The triangular system is solved with matmuls only, by row blocks, rather than
+by LAPACK's triangular solve: jaxlib's CPU solve splits a batch over XLA's
+intra-op thread pool and blocks a pool thread until the parts finish, so two
+independent solves in one program (a JVP's primal and tangent, two layers)
+can hold every thread of a small pool and wait forever; on a 2-core machine
+with one CPU device that stalled memory-tail measurements.
 """
 
 from __future__ import annotations
@@ -12,6 +19,9 @@ import jax.numpy as jnp
 from sessa_jax.kernels.blocks import masked_softmax
 from sessa_jax.kernels.feedback import defaults
 from sessa_jax.kernels.feedback.triangular import strict_lower
+from sessa_jax.kernels.feedback.triangular import unit_lower_inverse
+
+ROW_BLOCK = 64  # Rows of the dense solve handled by one small inverse.
 
 
 def feedback_matrix(q_btk: jax.Array, k_btk: jax.Array,
@@ -33,7 +43,7 @@ def feedback_matrix(q_btk: jax.Array, k_btk: jax.Array,
 def feedback_solve_dense(q_btk: jax.Array, k_btk: jax.Array, gamma_bt: jax.Array,
                          f_btd: jax.Array, *, scale: float | None = None
                          ) -> jax.Array:
-  """Solves (I - diag(gamma) A) s = f by dense forward substitution.
+  """Solves (I - diag(gamma) A) s = f with A materialised.
 
   Computation runs in float32 (float64 when the inputs are float64); the
   result has the dtype of `f_btd`.
@@ -51,8 +61,32 @@ def feedback_solve_dense(q_btk: jax.Array, k_btk: jax.Array, gamma_bt: jax.Array
   scale = defaults.resolve_scale(scale, q_btk)
   compute = jnp.promote_types(f_btd.dtype, jnp.float32)
   a_btt = feedback_matrix(q_btk.astype(compute), k_btk.astype(compute), scale)
-  t = a_btt.shape[-1]
-  system = jnp.eye(t, dtype=compute) - gamma_bt.astype(compute)[..., None] * a_btt
-  s = jax.scipy.linalg.solve_triangular(
-      system, f_btd.astype(compute), lower=True, unit_diagonal=True)
+  with jax.default_matmul_precision("highest"):
+    s = unit_lower_solve(gamma_bt.astype(compute)[..., None] * a_btt,
+                         f_btd.astype(compute))
   return s.astype(f_btd.dtype)
+
+
+def unit_lower_solve(n_btt: jax.Array, f_btd: jax.Array) -> jax.Array:
+  """Solves (I - N) s = f for strictly lower-triangular N, by row blocks.
+
+  Blocks of `ROW_BLOCK` rows in order: a block takes what the rows before it
+  contribute in one matmul, then multiplies by the inverse of its own
+  diagonal block (`unit_lower_inverse`). Matmuls only, so it differentiates
+  in forward and reverse mode and calls no LAPACK routine.
+
+  Args:
+    n_btt: strictly lower-triangular matrices (B, T, T).
+    f_btd: right-hand sides (B, T, D).
+
+  Returns:
+    s (B, T, D).
+  """
+  t = n_btt.shape[-1]
+  solved = f_btd[:, :0]
+  for start in range(0, t, ROW_BLOCK):
+    stop = min(start + ROW_BLOCK, t)
+    rhs = f_btd[:, start:stop] + n_btt[:, start:stop, :start] @ solved
+    block = unit_lower_inverse(n_btt[:, start:stop, start:stop]) @ rhs
+    solved = jnp.concatenate([solved, block], axis=1)
+  return solved
