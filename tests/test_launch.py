@@ -157,7 +157,7 @@ def test_sigterm_stops_a_sweep_which_resumes_on_relaunch(tmp_path):
   finish(proc, returncode=trainer.EXIT_PREEMPTED)
   results = json.loads((runs / "sweep_summary.json").read_text())
   assert results["first"]["status"] == "preempted"
-  assert results["second"] == {"status": "pending"}
+  assert results["second"] == {"status": "pending", "signal": "SIGTERM"}
   assert not (runs / "second").exists()
   stopped_at = results["first"]["step"]
   finish(launch(f"--sweep={spec}", f"--workdir={runs}",

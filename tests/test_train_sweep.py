@@ -93,10 +93,36 @@ def test_sigterm_saves_the_running_point_and_starts_no_other(tmp_path):
   sigterm_once_logged(metrics)
   results = sweep.run_sweep(str(spec), tmp_path / "runs")
   assert results["first"]["status"] == "preempted"
-  assert results["second"] == {"status": "pending"}
+  assert results["second"] == {"status": "pending", "signal": "SIGTERM"}
   assert not (tmp_path / "runs" / "second").exists()
   assert [int(p.name) for p in (tmp_path / "runs" / "first" / "checkpoints").iterdir()
          ] == [results["first"]["step"]]
+
+
+def test_ctrl_c_between_points_leaves_the_rest_pending_by_sigint(
+    tmp_path, monkeypatch):
+  # Old code: the pending rows did not say which signal stopped them, so
+  # launch.py exited 75 (preempted) instead of 130 (interrupted).
+  spec = tmp_path / "two_points.py"
+  spec.write_text(textwrap.dedent(f"""
+      POINT = {{"config": {str(ROOT / "configs" / "mqar.py")!r}, **{TINY!r}}}
+
+      def sweep(preset):
+        return {{"first": POINT, "second": {{**POINT, "train.lr": 0.003}}}}
+      """))
+  run_point = sweep.run_point
+
+  def then_ctrl_c(*args, **kwargs):
+    row = run_point(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGINT)
+    return row
+
+  monkeypatch.setattr(sweep, "run_point", then_ctrl_c)
+  results = sweep.run_sweep(str(spec), tmp_path / "runs")
+  assert results["first"]["status"] == "ok"
+  assert results["second"] == {"status": "pending", "signal": "SIGINT"}
+  on_disk = json.loads((tmp_path / "runs" / "sweep_summary.json").read_text())
+  assert on_disk["second"]["signal"] == "SIGINT"
 
 
 def test_a_stopped_sweep_reports_points_finished_earlier_as_ok(tmp_path):

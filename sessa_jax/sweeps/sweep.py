@@ -150,7 +150,8 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
   SIGTERM stops the sweep: every running point of the signalled process (or
   of its group of hosts) saves a checkpoint and is recorded as "preempted",
   no process starts another point (the others' running points finish), and
-  the points not started are "pending"; rerunning the sweep resumes there.
+  the points not started are "pending" (with the `signal` that stopped
+  them); rerunning the sweep resumes there. Ctrl-C (SIGINT) does the same.
 
   Every process must call this with the same arguments.
 
@@ -222,6 +223,10 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
       for t in threads:
         t.join()
     results.update(queue.gather(ran))
+    if preemption.signal_name:  # Also when it came between two points.
+      for row in results.values():
+        if row["status"] == "pending":
+          row["signal"] = preemption.signal_name
     if jax.process_index() == 0:
       write_summary(workdir, results)
   return results
