@@ -2,6 +2,7 @@
 library noise) for a full disk or a `--force` onto other shapes, Ctrl-C that
 saves, flags that cannot work, and where the results went."""
 
+import json
 import resource
 import signal
 import subprocess
@@ -85,6 +86,22 @@ def test_ctrl_c_saves_and_exits_130_and_a_second_exits_at_once(tmp_path):
   proc.send_signal(signal.SIGINT)
   proc.communicate(timeout=30)
   assert proc.returncode == -signal.SIGINT
+
+
+def test_eval_past_a_truncated_newest_checkpoint_is_a_few_lines(tmp_path):
+  # Old code: 2,684 lines of orbax tracebacks, although the fallback worked.
+  args = [*TINY, f"--workdir={tmp_path}", "--config.train.checkpoint_every=2"]
+  assert run_launch(*args, "--config.train.steps=4").returncode == 0
+  files = (tmp_path / "checkpoints" / "4" / "state").rglob("d/*")
+  damaged = max((p for p in files if p.is_file()),
+                key=lambda p: p.stat().st_size)
+  damaged.write_bytes(damaged.read_bytes()[:damaged.stat().st_size // 2])
+  result = run_launch(f"--workdir={tmp_path}", "--mode=eval")
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = error_lines(result.stderr)
+  assert len(lines) <= 5, result.stderr[-3000:]
+  assert "checkpoints/4 cannot be restored" in result.stderr
+  assert json.loads((tmp_path / "eval_summary.json").read_text())["steps"] == 2
 
 
 def test_finished_run_names_its_results(tmp_path):
