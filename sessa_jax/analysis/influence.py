@@ -341,14 +341,38 @@ def _chunked(run, x_btd, index, dirs, chunk):
   return jnp.concatenate(parts)[:n]
 
 
-def _forward_sq_norms(fn, x_btd, sources, chunk, probes, key):
-  """sum_{i,j} (d y_{b,t,i} / d x_{b,tau_s,j})^2 as (S, B, T), by JVPs."""
-  b, _, d_in = x_btd.shape
-  dirs, weight = _directions(len(sources), b, d_in, probes, key)
+def _over_directions(probe, x_btd, positions, d, chunk, probes, key):
+  """Sums `probe`'s squared norms over the directions at each position.
+
+  Args:
+    probe: x_btd -> (position, direction (B, d)) -> squared norms; called
+      once per chunk under jit, so what it derives from x (a linearization)
+      serves the whole chunk.
+    x_btd: the inputs the Jacobian is taken at.
+    positions: (P,) positions the directions are placed at.
+    d: width of a direction.
+    chunk, probes, key: as in `influence_vs_lag`.
+
+  Returns:
+    The weighted sum over directions, (P, ...).
+  """
+  b = x_btd.shape[0]
+  dirs, weight = _directions(len(positions), b, d, probes, key)
   m = dirs.shape[1]
 
   @jax.jit
-  def run(x_btd, src_c, dirs_cbd):
+  def run(x_btd, index_c, dirs_cbd):
+    return jax.vmap(probe(x_btd))(index_c, dirs_cbd)
+
+  sq = _chunked(run, x_btd, jnp.repeat(positions, m),
+                dirs.reshape(-1, b, d), chunk)
+  return weight * sq.reshape(len(positions), m, *sq.shape[1:]).sum(axis=1)
+
+
+def _forward_sq_norms(fn, x_btd, sources, chunk, probes, key):
+  """sum_{i,j} (d y_{b,t,i} / d x_{b,tau_s,j})^2 as (S, B, T), by JVPs."""
+
+  def probe(x_btd):
     _, push = jax.linearize(fn, x_btd)
 
     def per_tangent(src, direction_bd):
@@ -356,22 +380,16 @@ def _forward_sq_norms(fn, x_btd, sources, chunk, probes, key):
           direction_bd.astype(x_btd.dtype))
       return jnp.sum(jnp.square(push(tangent).astype(jnp.float32)), axis=-1)
 
-    return jax.vmap(per_tangent)(src_c, dirs_cbd)  # (C, B, T)
+    return per_tangent  # (B, T) per tangent.
 
-  sq = _chunked(run, x_btd, jnp.repeat(sources, m),
-                dirs.reshape(-1, b, d_in), chunk)
-  return weight * sq.reshape(len(sources), m, *sq.shape[1:]).sum(axis=1)
+  return _over_directions(probe, x_btd, sources, x_btd.shape[-1], chunk,
+                          probes, key)
 
 
 def _reverse_sq_norms(fn, x_btd, sources, outputs, chunk, probes, key):
   """sum_{i,j} (d y_{b,o,i} / d x_{b,tau_s,j})^2 as (S, B, O), by VJPs."""
-  b = x_btd.shape[0]
-  d_out = jax.eval_shape(fn, x_btd).shape[-1]
-  dirs, weight = _directions(len(outputs), b, d_out, probes, key)
-  m = dirs.shape[1]
 
-  @jax.jit
-  def run(x_btd, out_c, dirs_cbd):
+  def probe(x_btd):
     y_btd, pull = jax.vjp(fn, x_btd)
 
     def per_cotangent(out, direction_bd):
@@ -381,11 +399,10 @@ def _reverse_sq_norms(fn, x_btd, sources, outputs, chunk, probes, key):
       grad_bsd = grad_btd[:, sources].astype(jnp.float32)
       return jnp.sum(jnp.square(grad_bsd), axis=-1).T  # (S, B)
 
-    return jax.vmap(per_cotangent)(out_c, dirs_cbd)  # (C, S, B)
+    return per_cotangent
 
-  sq = _chunked(run, x_btd, jnp.repeat(outputs, m),
-                dirs.reshape(-1, b, d_out), chunk)
-  sq = weight * sq.reshape(len(outputs), m, *sq.shape[1:]).sum(axis=1)
+  d_out = jax.eval_shape(fn, x_btd).shape[-1]
+  sq = _over_directions(probe, x_btd, outputs, d_out, chunk, probes, key)
   return sq.transpose(1, 2, 0)
 
 
