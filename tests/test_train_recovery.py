@@ -29,7 +29,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   assert_trees_equal(saved_params(tmp_path, 4), good)
 
 
-def test_changed_model_or_data_refuses_to_resume_unless_forced(tmp_path):
+def test_changed_model_or_data_refuses_to_resume_unless_forced(tmp_path,
+                                                             caplog):
   trainer.train(tiny_config(steps=2), tmp_path)
   wider = tiny_config(steps=2)
   wider.model.d_model = 32
@@ -39,7 +40,10 @@ def test_changed_model_or_data_refuses_to_resume_unless_forced(tmp_path):
   reseeded.data.seed = 7
   with pytest.raises(ValueError, match=r"data.seed: 0 -> 7"):
     trainer.train(reseeded, tmp_path)
-  summary = trainer.train(reseeded, tmp_path, force=True)
+  with caplog.at_level(logging.WARNING):
+    summary = trainer.train(reseeded, tmp_path, force=True)
+  assert "--force: resuming" in caplog.text
+  assert "data.seed: 0 -> 7" in caplog.text  # Says what the force changed.
   assert summary["steps"] == 4
   assert json.loads((tmp_path / "config.json").read_text())["data"]["seed"] == 7
 
