@@ -7,7 +7,7 @@ r"""Compiles the accelerator paths for GPUs and TPU slices, on this CPU.
   .venv-tpu/bin/python experiments/compile_targets.py \
       --targets=v5e:2x2,v6e:2x2 --out=workdirs/targets/tpu.json
   python experiments/compile_targets.py --merge workdirs/targets/gpu.json \
-      workdirs/targets/tpu.json --out_dir experiments/results
+      workdirs/targets/tpu.json --out_dir results
 
 Per target, each a deviceless compile with the target's own compiler
 (`sessa_jax.train.target_compile`):

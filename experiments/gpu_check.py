@@ -4,7 +4,7 @@ The one prepared GPU script, meant to finish within 5 minutes on one
 H100/H200:
 
   python experiments/gpu_check.py                    # -> workdirs/gpu_check/
-  python experiments/gpu_check.py --out_dir experiments/results  # commit it
+  python experiments/gpu_check.py --out_dir results  # commit it
 
 1. Compiles the GPU (Triton) Pallas kernels for real and compares values and
    the gradients of all four inputs with the dense float32 oracle: float32
@@ -334,7 +334,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR),
                       help="where gpu_check.json and gpu_check.md go "
-                           "(experiments/results to update the committed "
+                           "(results to update the committed "
                            "ones)")
   parser.add_argument("--dry_run", action="store_true",
                       help="tiny shapes on CPU, kernels in interpret mode")

@@ -6,7 +6,7 @@ r"""Tables, statistics and plots for a study (a sweep's workdir).
 
 Reads every run directory under the sweep dir (`config.json`,
 `metrics.jsonl`, `summary.json`) and writes, under OUT (default
-`workdirs/reports/<study>`; the committed `experiments/results/` is written
+`workdirs/reports/<study>`; the committed `results/` is written
 only when named with --out):
 
   <study>.json  per task and mixer: parameters, FLOPs per token, seeds, the
@@ -670,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument(
       "--out", type=pathlib.Path,
       help="where the .json, .md and PNGs are written (default "
-      "workdirs/reports/<study>); name experiments/results to update the "
+      "workdirs/reports/<study>); name results to update the "
       "committed results")
   parser.add_argument(
       "--sweep", help="the sweep spec that made DIR (e.g. "

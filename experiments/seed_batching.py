@@ -1,6 +1,6 @@
 r"""Seeds batched into one program, or a process each: train throughput on CPU.
 
-  python experiments/seed_batching.py --out=experiments/results/seed_batching.json
+  python experiments/seed_batching.py --out=results/seed_batching.json
 
 The device study (`experiments/device_study.py`) trains a study's small
 points at once on one accelerator, a `launch.py` process each. The other way
