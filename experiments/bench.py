@@ -286,8 +286,7 @@ CHILDREN = {"matmul": _child_matmul, "solve": _child_solve,
 
 def _run_child(spec, timeout_s):
   """Runs one case in a fresh process; returns its result dict."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # One real CPU device.
   cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child",
          json.dumps(spec)]

@@ -36,12 +36,9 @@ import subprocess
 import sys
 import time
 
+from sessa_jax.sweeps import sweep as sweep_lib
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # Run as a script from a checkout.
-  sys.path.insert(0, str(ROOT))
-
-from sessa_jax.sweeps import sweep as sweep_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 DEFAULT_SWEEP = "experiments/matched_budget.py:device"
 
 

@@ -53,18 +53,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import bench
+from sessa_jax import targets
+from sessa_jax.kernels.feedback import chunked as feedback_chunked
+from sessa_jax.kernels.feedback import defaults
+from sessa_jax.kernels.feedback import pallas
+from sessa_jax.kernels.feedback import reference
+from sessa_jax.models import ModelConfig, mixers
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # Run as a script from a checkout.
-  sys.path.insert(0, str(ROOT))
-
-from experiments import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax import targets  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.kernels.feedback import chunked as feedback_chunked  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.kernels.feedback import defaults  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.kernels.feedback import pallas  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.kernels.feedback import reference  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.models import ModelConfig, mixers  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 DEFAULT_OUT_DIR = ROOT / "workdirs" / "gpu_check"
 # Relative max error allowed against the dense float32 oracle, by input
 # dtype (float32 dots may use TF32; bfloat16 keeps 8 bits of mantissa).

@@ -28,7 +28,6 @@ report is marked partial. The tables are also printed.
 
 import collections
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -482,15 +481,6 @@ def _train_max_lag(runs: Sequence[Run]) -> int | None:
   return None
 
 
-def _experiment(name: str):
-  """The module experiments/<name>.py, loaded beside this file."""
-  path = pathlib.Path(__file__).with_name(f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def symbol_soup_reference(entry: Mapping[str, Any], num_examples: int
                          ) -> dict[str, Any] | None:
   """The reference classifiers' accuracies at a SymbolSoup task's lengths.
@@ -512,8 +502,8 @@ def symbol_soup_reference(entry: Mapping[str, Any], num_examples: int
   lo, hi, path = lengths.pop()
   if path or lo is None or hi is None:
     return None
-  accuracy = _experiment("symbol_soup_ceiling").accuracies(lo, hi,
-                                                            num_examples)
+  from experiments import symbol_soup_ceiling  # pylint: disable=g-import-not-at-top
+  accuracy = symbol_soup_ceiling.accuracies(lo, hi, num_examples)
   return {"tokens": [lo, hi], "num_examples": num_examples,
           "accuracy": accuracy}
 
@@ -550,7 +540,7 @@ def memory_tail_section(runs: Sequence[Run], task_choice: str,
             and plot_style.ABLATION_SUFFIX not in run.label}
   if not chosen:
     return []
-  memory_tail = _experiment("memory_tail")
+  from experiments import memory_tail  # pylint: disable=g-import-not-at-top
   prefix = out_dir / f"{study}_memory_tail"
   results = memory_tail.measure_workdirs(
       {name: run.path for name, run in chosen.items()}, prefix=prefix,

@@ -47,11 +47,6 @@ import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # Run as a script from a checkout.
-  sys.path.insert(0, str(ROOT))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,8 +56,8 @@ from sessa_jax.train import config as config_lib
 from sessa_jax.train import run as run_lib
 from sessa_jax.train import step as step_lib
 from sessa_jax.train import trainer
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_SWEEP = "experiments/matched_budget.py:cpu"
 DEFAULT_POINT = "diffuse_mqar.sessa.s0"
 DEFAULT_OUT = ROOT / "workdirs" / "seed_batching" / "seed_batching.json"

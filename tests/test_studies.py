@@ -1,6 +1,5 @@
 """The matched-budget sweep definition, the report, and both end to end."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -11,23 +10,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from experiments import matched_budget
+from experiments import report
 from sessa_jax import budget
 from sessa_jax import data as data_lib
 from sessa_jax.models.config import ModelConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(
-      f"_test_{name}", ROOT / "experiments" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-matched_budget = _load("matched_budget")
-report = _load("report")
 
 
 def _model_cfg(point, vocab_size):
