@@ -44,8 +44,8 @@ DEFAULT_SWEEP = "experiments/matched_budget.py:device"
 
 def point_command(name: str, point, workdir: pathlib.Path) -> list[str]:
   """`launch.py` training one sweep point, as the sweep would."""
-  overrides = [f"--config.{key}={value}" for key, value in point.items()
-               if key != "config"]
+  overrides = [f"--config.{key}={value}"
+               for key, value in sweep_lib.point_overrides(point).items()]
   return [sys.executable, str(ROOT / "launch.py"),
           f"--config={point['config']}", f"--workdir={workdir / name}",
           *overrides]

@@ -78,13 +78,19 @@ LONG_CONTEXT_ORDER = ("diffuse_mqar", "symbol_soup", "mqar", "text")
 
 @dataclasses.dataclass
 class Run:
-  """One training run's files, read from its workdir."""
+  """One training run's files, read from its workdir.
+
+  `fields` are the point's own (task, variant, setting, seed) from its row in
+  the sweep's `sweep_summary.json`; None for a run without them (not trained
+  by a sweep, or by one that predates the fields).
+  """
 
   name: str
   path: pathlib.Path
   config: dict[str, Any]
   summary: dict[str, Any] | None
   metrics: list[dict[str, Any]]
+  fields: dict[str, Any] | None = None
 
   @property
   def task(self) -> str:
@@ -111,7 +117,10 @@ class Run:
 
   @property
   def setting(self) -> str | None:
-    """The grid setting of a point `<task>.<variant>.<setting>.s<seed>`."""
+    """The grid setting of the run's point: its field, or for a run without
+    fields the third part of a name `<task>.<variant>.<setting>.s<seed>`."""
+    if self.fields is not None:
+      return self.fields.get("setting")
     parts = pathlib.PurePath(self.name).name.split(".")
     if len(parts) == 4 and parts[3][:1] == "s" and parts[3][1:].isdigit():
       return parts[2]
@@ -131,6 +140,15 @@ class Run:
     return None
 
 
+def _point_fields(path: pathlib.Path) -> dict[str, Any] | None:
+  """The fields of the run in `path` from its sweep's row, if it has any."""
+  summary_path = path.parent / "sweep_summary.json"
+  if not summary_path.exists():
+    return None
+  row = json.loads(summary_path.read_text()).get(path.name, {})
+  return row.get("fields")
+
+
 def load_runs(root: pathlib.Path) -> list[Run]:
   """Every directory under root holding a config.json, sorted by name."""
   runs = []
@@ -144,7 +162,8 @@ def load_runs(root: pathlib.Path) -> list[Run]:
         summary=(json.loads(summary_path.read_text())
                  if summary_path.exists() else None),
         metrics=(metrics_lib.read_metrics(metrics_path)
-                 if metrics_path.exists() else [])))
+                 if metrics_path.exists() else []),
+        fields=_point_fields(path)))
   return runs
 
 

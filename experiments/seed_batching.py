@@ -81,7 +81,7 @@ def point_config(spec: dict):
   """The experiment config of a sweep point."""
   return config_lib.apply_overrides(
       config_lib.load_config(spec["config"]),
-      {k: v for k, v in spec.items() if k != "config"})
+      sweep_lib.point_overrides(spec))
 
 
 def one_device_setup(config) -> run_lib.RunSpec:
