@@ -51,7 +51,7 @@ run: install
 	$(PY) launch.py --config=configs/default.py --workdir=workdirs/default
 
 ## Benchmarks: prints tables and writes workdirs/bench/bench{,_decode}_cpu.json
-## (python experiments/bench.py --out_dir experiments/results updates the
+## (python experiments/bench.py --out_dir results updates the
 ## committed results).
 bench: install
 	$(PY) experiments/bench.py
@@ -84,7 +84,7 @@ dry-run:
 	    --workdir=workdirs/dry_run --dry_run --target='$(TARGET)' $(ARGS)
 
 ## Every accelerator path compiled for h200, a100, v5e:2x2 and v6e:2x2
-## (about 30 minutes on 2 cores); writes experiments/results/targets.{md,json}
+## (about 30 minutes on 2 cores); writes results/targets.{md,json}
 ## and fails if any case does.
 test-targets: install .venv-cuda/.install-stamp .venv-tpu/.install-stamp
 	mkdir -p workdirs/targets
@@ -93,7 +93,7 @@ test-targets: install .venv-cuda/.install-stamp .venv-tpu/.install-stamp
 	.venv-tpu/bin/python experiments/compile_targets.py \
 	    --targets=v5e:2x2,v6e:2x2 --out=workdirs/targets/tpu.json; \
 	$(PY) experiments/compile_targets.py --merge workdirs/targets/gpu.json \
-	    workdirs/targets/tpu.json --out_dir experiments/results
+	    workdirs/targets/tpu.json --out_dir results
 
 clean:
 	rm -rf $(VENV) .venv-cuda .venv-tpu .venv-lock build *.egg-info .pytest_cache

@@ -21,7 +21,7 @@ whose estimated memory does not fit are reported as skipped; a case that
 fails (a missing mixer, out of memory) is reported with its error. Prints
 tables and writes OUT_DIR/bench_cpu.json (solve, layer) and
 OUT_DIR/bench_decode_cpu.json (decode); OUT_DIR defaults to workdirs/bench,
-so only an explicit `--out_dir experiments/results` updates the committed
+so only an explicit `--out_dir results` updates the committed
 results.
 
 Usage: python experiments/bench.py [--quick] [--parts solve,layer,decode]
@@ -286,8 +286,7 @@ CHILDREN = {"matmul": _child_matmul, "solve": _child_solve,
 
 def _run_child(spec, timeout_s):
   """Runs one case in a fresh process; returns its result dict."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # One real CPU device.
   cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child",
          json.dumps(spec)]
@@ -424,7 +423,7 @@ def main(argv=None):
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--out_dir", type=pathlib.Path, default=DEFAULT_OUT_DIR,
                       help="where the JSON files go (default workdirs/bench; "
-                      "experiments/results updates the committed ones)")
+                      "results updates the committed ones)")
   parser.add_argument("--parts", default=",".join(PARTS),
                       help=f"comma-separated subset of {', '.join(PARTS)}")
   parser.add_argument("--quick", action="store_true",

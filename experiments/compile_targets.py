@@ -7,7 +7,7 @@ r"""Compiles the accelerator paths for GPUs and TPU slices, on this CPU.
   .venv-tpu/bin/python experiments/compile_targets.py \
       --targets=v5e:2x2,v6e:2x2 --out=workdirs/targets/tpu.json
   python experiments/compile_targets.py --merge workdirs/targets/gpu.json \
-      workdirs/targets/tpu.json --out_dir experiments/results
+      workdirs/targets/tpu.json --out_dir results
 
 Per target, each a deviceless compile with the target's own compiler
 (`sessa_jax.train.target_compile`):
@@ -40,12 +40,9 @@ import sys
 import time
 import traceback
 
+from sessa_jax import targets
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # Run as a script from a checkout.
-  sys.path.insert(0, str(ROOT))
-
-from sessa_jax import targets  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 B, WIDTH, HEADS = 2, 256, 4
 SOLVE_LENGTHS = (1024, 1500, 4096, 32768)
 GPU_WIDTHS = (128, 384, 512)

@@ -36,19 +36,16 @@ import subprocess
 import sys
 import time
 
+from sessa_jax.sweeps import sweep as sweep_lib
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # Run as a script from a checkout.
-  sys.path.insert(0, str(ROOT))
-
-from sessa_jax.sweeps import sweep as sweep_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 DEFAULT_SWEEP = "experiments/matched_budget.py:device"
 
 
 def point_command(name: str, point, workdir: pathlib.Path) -> list[str]:
   """`launch.py` training one sweep point, as the sweep would."""
-  overrides = [f"--config.{key}={value}" for key, value in point.items()
-               if key != "config"]
+  overrides = [f"--config.{key}={value}"
+               for key, value in sweep_lib.point_overrides(point).items()]
   return [sys.executable, str(ROOT / "launch.py"),
           f"--config={point['config']}", f"--workdir={workdir / name}",
           *overrides]

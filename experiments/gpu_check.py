@@ -4,7 +4,7 @@ The one prepared GPU script, meant to finish within 5 minutes on one
 H100/H200:
 
   python experiments/gpu_check.py                    # -> workdirs/gpu_check/
-  python experiments/gpu_check.py --out_dir experiments/results  # commit it
+  python experiments/gpu_check.py --out_dir results  # commit it
 
 1. Compiles the GPU (Triton) Pallas kernels for real and compares values and
    the gradients of all four inputs with the dense float32 oracle: float32
@@ -53,18 +53,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import bench
+from sessa_jax import targets
+from sessa_jax.kernels.feedback import chunked as feedback_chunked
+from sessa_jax.kernels.feedback import defaults
+from sessa_jax.kernels.feedback import pallas
+from sessa_jax.kernels.feedback import reference
+from sessa_jax.models import ModelConfig, mixers
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # Run as a script from a checkout.
-  sys.path.insert(0, str(ROOT))
-
-from experiments import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax import targets  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.kernels.feedback import chunked as feedback_chunked  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.kernels.feedback import defaults  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.kernels.feedback import pallas  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.kernels.feedback import reference  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sessa_jax.models import ModelConfig, mixers  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 DEFAULT_OUT_DIR = ROOT / "workdirs" / "gpu_check"
 # Relative max error allowed against the dense float32 oracle, by input
 # dtype (float32 dots may use TF32; bfloat16 keeps 8 bits of mantissa).
@@ -334,7 +331,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR),
                       help="where gpu_check.json and gpu_check.md go "
-                           "(experiments/results to update the committed "
+                           "(results to update the committed "
                            "ones)")
   parser.add_argument("--dry_run", action="store_true",
                       help="tiny shapes on CPU, kernels in interpret mode")

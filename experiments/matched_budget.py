@@ -262,6 +262,9 @@ def model_overrides(cfg: ModelConfig) -> dict[str, Any]:
 def sweep(preset: str | None = None) -> dict[str, dict[str, Any]]:
   """Points `<task>.<variant>[.<setting>].s<seed>` (see module docstring).
 
+  Each point's "fields" name its task, variant, grid setting (None without a
+  grid) and seed; the sweep's rows repeat them for the report.
+
   Points are ordered seed by seed (then grid setting, task, variant), so a
   study stopped part-way has every variant of every task at its first seeds.
   """
@@ -283,6 +286,8 @@ def sweep(preset: str | None = None) -> dict[str, dict[str, Any]]:
           name = ".".join(p for p in (task, variant, setting) if p)
           points[f"{name}.s{seed}"] = {
               "config": CONFIG_FILES[task],
+              "fields": {"task": task, "variant": variant,
+                         "setting": setting or None, "seed": seed},
               **model_overrides(cfg),
               **{f"data.{k}": v for k, v in data.items() if k != "task"},
               **{f"train.{k}": v for k, v in preset.train.items()},

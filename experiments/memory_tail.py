@@ -8,7 +8,7 @@ Trained runs (a workdir each, e.g. from the matched-budget sweep):
 
 Fresh initialisation (same width for every mixer, random tokens):
 
-  python experiments/memory_tail.py --out=experiments/results/memory_tail_init --seq_len=1024
+  python experiments/memory_tail.py --out=results/memory_tail_init --seq_len=1024
 
 For each model the influence ||d h_{tau+l} / d x_tau||_F of the embedding at
 an early source tau on the final hidden state at tau + l is averaged over
@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--out", type=pathlib.Path,
                       default="workdirs/memory_tail/memory_tail",
                       help="output prefix (.png, .json); the committed "
-                      "experiments/results/ is written only when named here")
+                      "results/ is written only when named here")
   parser.add_argument("--seq_len", type=int, default=1024)
   parser.add_argument("--d_model", type=int, default=64)
   parser.add_argument("--n_layers", type=int, default=2)

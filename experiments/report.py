@@ -6,7 +6,7 @@ r"""Tables, statistics and plots for a study (a sweep's workdir).
 
 Reads every run directory under the sweep dir (`config.json`,
 `metrics.jsonl`, `summary.json`) and writes, under OUT (default
-`workdirs/reports/<study>`; the committed `experiments/results/` is written
+`workdirs/reports/<study>`; the committed `results/` is written
 only when named with --out):
 
   <study>.json  per task and mixer: parameters, FLOPs per token, seeds, the
@@ -28,7 +28,6 @@ report is marked partial. The tables are also printed.
 
 import collections
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -79,13 +78,19 @@ LONG_CONTEXT_ORDER = ("diffuse_mqar", "symbol_soup", "mqar", "text")
 
 @dataclasses.dataclass
 class Run:
-  """One training run's files, read from its workdir."""
+  """One training run's files, read from its workdir.
+
+  `fields` are the point's own (task, variant, setting, seed) from its row in
+  the sweep's `sweep_summary.json`; None for a run without them (not trained
+  by a sweep, or by one that predates the fields).
+  """
 
   name: str
   path: pathlib.Path
   config: dict[str, Any]
   summary: dict[str, Any] | None
   metrics: list[dict[str, Any]]
+  fields: dict[str, Any] | None = None
 
   @property
   def task(self) -> str:
@@ -112,7 +117,10 @@ class Run:
 
   @property
   def setting(self) -> str | None:
-    """The grid setting of a point `<task>.<variant>.<setting>.s<seed>`."""
+    """The grid setting of the run's point: its field, or for a run without
+    fields the third part of a name `<task>.<variant>.<setting>.s<seed>`."""
+    if self.fields is not None:
+      return self.fields.get("setting")
     parts = pathlib.PurePath(self.name).name.split(".")
     if len(parts) == 4 and parts[3][:1] == "s" and parts[3][1:].isdigit():
       return parts[2]
@@ -132,6 +140,15 @@ class Run:
     return None
 
 
+def _point_fields(path: pathlib.Path) -> dict[str, Any] | None:
+  """The fields of the run in `path` from its sweep's row, if it has any."""
+  summary_path = path.parent / "sweep_summary.json"
+  if not summary_path.exists():
+    return None
+  row = json.loads(summary_path.read_text()).get(path.name, {})
+  return row.get("fields")
+
+
 def load_runs(root: pathlib.Path) -> list[Run]:
   """Every directory under root holding a config.json, sorted by name."""
   runs = []
@@ -145,7 +162,8 @@ def load_runs(root: pathlib.Path) -> list[Run]:
         summary=(json.loads(summary_path.read_text())
                  if summary_path.exists() else None),
         metrics=(metrics_lib.read_metrics(metrics_path)
-                 if metrics_path.exists() else [])))
+                 if metrics_path.exists() else []),
+        fields=_point_fields(path)))
   return runs
 
 
@@ -482,15 +500,6 @@ def _train_max_lag(runs: Sequence[Run]) -> int | None:
   return None
 
 
-def _experiment(name: str):
-  """The module experiments/<name>.py, loaded beside this file."""
-  path = pathlib.Path(__file__).with_name(f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def symbol_soup_reference(entry: Mapping[str, Any], num_examples: int
                          ) -> dict[str, Any] | None:
   """The reference classifiers' accuracies at a SymbolSoup task's lengths.
@@ -512,8 +521,8 @@ def symbol_soup_reference(entry: Mapping[str, Any], num_examples: int
   lo, hi, path = lengths.pop()
   if path or lo is None or hi is None:
     return None
-  accuracy = _experiment("symbol_soup_ceiling").accuracies(lo, hi,
-                                                            num_examples)
+  from experiments import symbol_soup_ceiling  # pylint: disable=g-import-not-at-top
+  accuracy = symbol_soup_ceiling.accuracies(lo, hi, num_examples)
   return {"tokens": [lo, hi], "num_examples": num_examples,
           "accuracy": accuracy}
 
@@ -550,7 +559,7 @@ def memory_tail_section(runs: Sequence[Run], task_choice: str,
             and plot_style.ABLATION_SUFFIX not in run.label}
   if not chosen:
     return []
-  memory_tail = _experiment("memory_tail")
+  from experiments import memory_tail  # pylint: disable=g-import-not-at-top
   prefix = out_dir / f"{study}_memory_tail"
   results = memory_tail.measure_workdirs(
       {name: run.path for name, run in chosen.items()}, prefix=prefix,
@@ -670,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument(
       "--out", type=pathlib.Path,
       help="where the .json, .md and PNGs are written (default "
-      "workdirs/reports/<study>); name experiments/results to update the "
+      "workdirs/reports/<study>); name results to update the "
       "committed results")
   parser.add_argument(
       "--sweep", help="the sweep spec that made DIR (e.g. "

@@ -1,6 +1,6 @@
 r"""Seeds batched into one program, or a process each: train throughput on CPU.
 
-  python experiments/seed_batching.py --out=experiments/results/seed_batching.json
+  python experiments/seed_batching.py --out=results/seed_batching.json
 
 The device study (`experiments/device_study.py`) trains a study's small
 points at once on one accelerator, a `launch.py` process each. The other way
@@ -47,11 +47,6 @@ import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # Run as a script from a checkout.
-  sys.path.insert(0, str(ROOT))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,8 +56,8 @@ from sessa_jax.train import config as config_lib
 from sessa_jax.train import run as run_lib
 from sessa_jax.train import step as step_lib
 from sessa_jax.train import trainer
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_SWEEP = "experiments/matched_budget.py:cpu"
 DEFAULT_POINT = "diffuse_mqar.sessa.s0"
 DEFAULT_OUT = ROOT / "workdirs" / "seed_batching" / "seed_batching.json"
@@ -86,7 +81,7 @@ def point_config(spec: dict):
   """The experiment config of a sweep point."""
   return config_lib.apply_overrides(
       config_lib.load_config(spec["config"]),
-      {k: v for k, v in spec.items() if k != "config"})
+      sweep_lib.point_overrides(spec))
 
 
 def one_device_setup(config) -> run_lib.RunSpec:

@@ -1,16 +1,9 @@
 """experiments/seed_batching.py: the vmapped N-seed step is N single steps."""
 
-import importlib.util
-import pathlib
-
 import jax
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_SPEC = importlib.util.spec_from_file_location(
-    "_test_seed_batching", ROOT / "experiments" / "seed_batching.py")
-seed_batching = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(seed_batching)
+from experiments import seed_batching
 
 SEEDS = (0, 1)
 STEPS = 2

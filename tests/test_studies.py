@@ -1,6 +1,5 @@
 """The matched-budget sweep definition, the report, and both end to end."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -11,23 +10,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from experiments import matched_budget
+from experiments import report
+from experiments import symbol_soup_ceiling
 from sessa_jax import budget
 from sessa_jax import data as data_lib
 from sessa_jax.models.config import ModelConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(
-      f"_test_{name}", ROOT / "experiments" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-matched_budget = _load("matched_budget")
-report = _load("report")
 
 
 def _model_cfg(point, vocab_size):
@@ -292,6 +282,8 @@ def test_tiny_sweep_and_report_end_to_end(tmp_path, monkeypatch):
   results = sweep_lib.run_sweep("experiments/matched_budget.py:tiny",
                                 tmp_path / "tiny")
   assert {r["status"] for r in results.values()} == {"ok"}, results
+  assert results["diffuse_mqar.sessa.s0"]["fields"] == {
+      "task": "diffuse_mqar", "variant": "sessa", "setting": None, "seed": 0}
   out = tmp_path / "results"
   md = report.write_report(tmp_path / "tiny", out, "tiny")
   tiny = json.loads((out / "tiny.json").read_text())["tasks"]["diffuse_mqar"]
@@ -316,7 +308,7 @@ def test_tiny_sweep_and_report_end_to_end(tmp_path, monkeypatch):
 def test_symbol_soup_reference_ladder():
   """Each rung of the reference classifiers reads more structure and scores
   higher, and every rung rises with the example length."""
-  accuracies = _load("symbol_soup_ceiling").accuracies
+  accuracies = symbol_soup_ceiling.accuracies
   short, long = accuracies(110, 160, 200), accuracies(400, 600, 200)
   for acc in (short, long):
     rungs = list(acc.values())
@@ -338,3 +330,15 @@ def test_seed_band_uses_steps_every_seed_logged():
   np.testing.assert_allclose(low, [1.0, 1.0])
   np.testing.assert_allclose(high, [3.0, 3.0])
   assert seeds == 2 and report._seed_band(runs, "absent") is None  # pylint: disable=protected-access
+
+
+def test_setting_is_the_rows_field_else_the_names(tmp_path):
+  """A run's grid setting is its point's field in the sweep's row; a row
+  written before rows held fields leaves it to the point's name."""
+  for name in ("t.sessa.lr1.s0", "u.sessa.lr2.s0"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text("{}")
+  (tmp_path / "sweep_summary.json").write_text(json.dumps({
+      "t.sessa.lr1.s0": {"status": "ok", "fields": {"setting": "wide"}},
+      "u.sessa.lr2.s0": {"status": "ok"}}))
+  assert [r.setting for r in report.load_runs(tmp_path)] == ["wide", "lr2"]

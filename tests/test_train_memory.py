@@ -1,20 +1,9 @@
 """Memory per device follows the mesh (XLA's compiled memory analysis)."""
 
-import importlib.util
-import pathlib
-
 import jax
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _memory_script():
-  spec = importlib.util.spec_from_file_location(
-      "memory_per_device", ROOT / "experiments" / "memory_per_device.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from experiments import memory_per_device
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
@@ -24,7 +13,7 @@ def _memory_script():
     pytest.param("mamba2", marks=pytest.mark.slow),
 ])
 def test_state_splits_over_fsdp_and_activations_over_tensor(mixer):
-  measure = _memory_script().measure
+  measure = memory_per_device.measure
   one = measure(mixer, (1, 1, 1))
   fsdp = measure(mixer, (1, 8, 1))
   tensor = measure(mixer, (1, 1, 2))

@@ -264,6 +264,7 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *,
           retries[name] += 1
           submit(name)
           continue
-        results[name] = {**row, "retries": retries[name]}
+        results[name] = {**sweep.point_fields(points[name]), **row,
+                         "retries": retries[name]}
     sweep.write_summary(workdir, results)
   return results

@@ -7,6 +7,11 @@ A sweep file (`experiments/<name>.py`) defines
                              "train.lr": 1e-3},
             ...}
 
+A point may also hold "fields": a JSON-able mapping naming what the sweep
+file built it from (task, variant, seed, grid setting); it is no config key,
+and every row of the point in `sweep_summary.json` repeats it, so readers
+need not parse point names.
+
 Each point trains in `DIR/<point name>` (resuming whatever is there; a point
 whose summary.json is complete is not rerun). A point that fails is reported
 and the others still run; SIGTERM saves the running points and starts no
@@ -70,16 +75,21 @@ def load_sweep(spec: str) -> dict[str, dict[str, Any]]:
   return points
 
 
-def _point_overrides(point: Mapping[str, Any]) -> dict[str, Any]:
+def point_overrides(point: Mapping[str, Any]) -> dict[str, Any]:
   """The dotted keys a point sets over its config file."""
-  return {k: v for k, v in point.items() if k != "config"}
+  return {k: v for k, v in point.items() if k not in ("config", "fields")}
+
+
+def point_fields(point: Mapping[str, Any]) -> dict[str, Any]:
+  """The part of a point's row naming its fields: {"fields": ...} or {}."""
+  return {"fields": point["fields"]} if "fields" in point else {}
 
 
 def _changed_keys(point: Mapping[str, Any]) -> dict[str, Any]:
   """The point's keys whose value differs from its config file's, for the
   start-of-run report (a sweep sets keys shared by all its points too)."""
   base = config_lib.load_config(point["config"])
-  return {key: value for key, value in _point_overrides(point).items()
+  return {key: value for key, value in point_overrides(point).items()
           if _lookup(base, key) != value}
 
 
@@ -92,7 +102,7 @@ def _lookup(config, dotted: str) -> Any:
 
 def _point_config(point: Mapping[str, Any]):
   return config_lib.apply_overrides(
-      config_lib.load_config(point["config"]), _point_overrides(point))
+      config_lib.load_config(point["config"]), point_overrides(point))
 
 
 def device_groups(devices: Sequence[Any], per_point: int) -> list[list[Any]]:
@@ -167,7 +177,8 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
     point name -> {"status": "ok" | "failed" | "preempted" | "pending", and
     the summary, the "error" or the step reached; with the ids of the
     `devices` it ran on, the `processes` owning them, and its `start_time`
-    and `end_time` (Unix seconds)}. Every process returns all points' rows.
+    and `end_time` (Unix seconds), and the point's "fields" if it has
+    any}. Every process returns all points' rows.
 
   Raises:
     WorkdirLockedError: another sweep is running in `workdir`.
@@ -286,8 +297,8 @@ def unstarted_row(point: Mapping[str, Any], workdir: pathlib.Path
     done = workdir_files.finished_summary(
         workdir, _point_config(point).train.steps)
     if done is not None:
-      return {**done, "status": "ok"}
-  return {"status": "pending"}
+      return {**point_fields(point), **done, "status": "ok"}
+  return {**point_fields(point), "status": "pending"}
 
 
 def run_point(point: Mapping[str, Any], workdir: pathlib.Path, force: bool,
@@ -295,7 +306,8 @@ def run_point(point: Mapping[str, Any], workdir: pathlib.Path, force: bool,
               devices: Sequence[Any] | None) -> dict[str, Any]:
   """Trains one point; returns its result row (failures caught)."""
   used = devices if devices is not None else jax.devices()
-  row: dict[str, Any] = {"devices": [d.id for d in used],
+  row: dict[str, Any] = {**point_fields(point),
+                         "devices": [d.id for d in used],
                          "processes": list(RunProcesses.of(used).indices),
                          "start_time": time.time()}
   try:
