@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from helpers import forward, rel
 from sessa_jax.models import interop
 
 
@@ -27,16 +28,6 @@ def _golden_cases(assets_dir):
     d, heads, kv_heads, t, b = (int(v) for v in data[prefix + "config"])
     yield case, state, heads, kv_heads, {
         name: data[prefix + name] for name in ("x", "y", "y_decode")}
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-@nnx.jit
-def _forward(block, x_btd):
-  return block(x_btd)
 
 
 @nnx.jit
@@ -58,9 +49,9 @@ def test_golden_official_layer(assets_dir):
                                            n_kv_heads=kv_heads)
     assert all(isinstance(v, jax.Array)
                for v in jax.tree.leaves(nnx.state(block, nnx.Param)))
-    y = _forward(block, jnp.asarray(arrays["x"]))
-    assert _rel(y, arrays["y"]) < 1e-5, case
-    assert _rel(_decode_all(block, jnp.asarray(arrays["x"])), arrays["y_decode"]) < 1e-5, case
+    y = forward(block, jnp.asarray(arrays["x"]))
+    assert rel(y, arrays["y"]) < 1e-5, case
+    assert rel(_decode_all(block, jnp.asarray(arrays["x"])), arrays["y_decode"]) < 1e-5, case
 
 
 # --- independent float64 reference -------------------------------------------
@@ -150,8 +141,8 @@ def test_matches_independent_numpy_reference(d, heads, kv_heads, t):
   want = _reference_layer(state, x, heads, kv_heads)
   block = interop.sessa_block_from_torch(state, n_heads=heads,
                                          n_kv_heads=kv_heads)
-  assert _rel(_forward(block, jnp.asarray(x)), want) < 1e-5
-  assert _rel(_decode_all(block, jnp.asarray(x)), want) < 1e-5
+  assert rel(forward(block, jnp.asarray(x)), want) < 1e-5
+  assert rel(_decode_all(block, jnp.asarray(x)), want) < 1e-5
 
 
 def test_reference_comparison_detects_layout_errors():
@@ -163,7 +154,7 @@ def test_reference_comparison_detects_layout_errors():
   for name in ("W_in.weight", "W_in.bias"):
     state[name] = np.concatenate([state[name][16:], state[name][:16]])
   block = interop.sessa_block_from_torch(state, n_heads=2)
-  assert _rel(_forward(block, jnp.asarray(x)), want) > 1e-2
+  assert rel(forward(block, jnp.asarray(x)), want) > 1e-2
 
 
 def test_gamma_max_is_used():
@@ -172,47 +163,49 @@ def test_gamma_max_is_used():
   x = rng.standard_normal((1, 6, 16)).astype(np.float32)
   want = _reference_layer(state, x, 2, 2, gamma_max=0.5)
   block = interop.sessa_block_from_torch(state, n_heads=2, gamma_max=0.5)
-  assert _rel(_forward(block, jnp.asarray(x)), want) < 1e-5
+  assert rel(forward(block, jnp.asarray(x)), want) < 1e-5
 
 
 # --- errors --------------------------------------------------------------------
 
 
-def test_missing_key_is_named():
-  state = _random_state(np.random.default_rng(0), 16, 2, 2)
+@pytest.fixture
+def state():
+  """A random two-head state dict of width 16 with two KV heads."""
+  return _random_state(np.random.default_rng(0), 16, 2, 2)
+
+
+def _assert_load_names(state, error, match, **kwargs):
+  """Loading `state` with `kwargs` raises `error` whose message has `match`."""
+  with pytest.raises(error, match=match):
+    interop.sessa_block_from_torch(state, **kwargs)
+
+
+def test_missing_key_is_named(state):
   del state["mixer.proj_fb.bias"]
-  with pytest.raises(KeyError, match="mixer.proj_fb.bias"):
-    interop.sessa_block_from_torch(state, n_heads=2)
+  _assert_load_names(state, KeyError, "mixer.proj_fb.bias", n_heads=2)
 
 
-def test_shape_mismatch_is_named():
-  state = _random_state(np.random.default_rng(0), 16, 2, 2)
+def test_shape_mismatch_is_named(state):
   # Built for two KV heads but loaded as one: k_proj has the wrong width.
-  with pytest.raises(ValueError, match="mixer.k_proj.weight"):
-    interop.sessa_block_from_torch(state, n_heads=2, n_kv_heads=1)
+  _assert_load_names(state, ValueError, "mixer.k_proj.weight", n_heads=2,
+                     n_kv_heads=1)
   state["W_in.weight"] = state["W_in.weight"].T
-  with pytest.raises(ValueError, match="W_in.weight"):
-    interop.sessa_block_from_torch(state, n_heads=2)
+  _assert_load_names(state, ValueError, "W_in.weight", n_heads=2)
 
 
-def test_unexpected_key_is_named():
+def test_unexpected_key_is_named(state):
   # A multi-head state dict (it has out_proj) loaded as single-head.
-  state = _random_state(np.random.default_rng(0), 16, 2, 2)
-  with pytest.raises(ValueError, match="mixer.out_proj.weight"):
-    interop.sessa_block_from_torch(state, n_heads=1)
+  _assert_load_names(state, ValueError, "mixer.out_proj.weight", n_heads=1)
 
 
-def test_buffers_are_ignored_but_rope_frequencies_checked():
-  state = _random_state(np.random.default_rng(0), 16, 2, 2)
+def test_buffers_are_ignored_but_rope_frequencies_checked(state):
   state["mixer.causal_mask_f_full"] = np.triu(np.ones((4, 4), bool), 1)
   state["mixer.rope_inv_freq"] = 10000.0 ** (-2 * np.arange(4) / 8.0)
   interop.sessa_block_from_torch(state, n_heads=2)
   state["mixer.rope_inv_freq"] = 500.0 ** (-2 * np.arange(4) / 8.0)
-  with pytest.raises(ValueError, match="rope_inv_freq"):
-    interop.sessa_block_from_torch(state, n_heads=2)
+  _assert_load_names(state, ValueError, "rope_inv_freq", n_heads=2)
 
 
-def test_bad_heads_named():
-  state = _random_state(np.random.default_rng(0), 16, 2, 2)
-  with pytest.raises(ValueError, match="model.n_heads"):
-    interop.sessa_block_from_torch(state, n_heads=3)
+def test_bad_heads_named(state):
+  _assert_load_names(state, ValueError, "model.n_heads", n_heads=3)
