@@ -18,7 +18,7 @@ from sessa_jax.data import base
 
 
 @dataclasses.dataclass(frozen=True)
-class MQARConfig(base.TaskConfig):
+class MQARConfig(base.GeneratedTaskConfig):
   """Knobs of MQAR (defaults: a small task that trains in minutes on CPU).
 
   Attributes:
@@ -26,9 +26,6 @@ class MQARConfig(base.TaskConfig):
     num_kv_pairs: P pairs per example, each queried once.
     power_a: exponent a of the power law p(gap) ~ gap^(a-1) of query gaps.
     random_non_queries: fill non-query positions with random tokens, else 0.
-    num_train: examples in the train split.
-    num_val: examples in the val split.
-    num_test: examples in the test split.
   """
 
   seq_len: int = 128
@@ -36,9 +33,6 @@ class MQARConfig(base.TaskConfig):
   num_kv_pairs: int = 8
   power_a: float = 0.01
   random_non_queries: bool = True
-  num_train: int = 100_000
-  num_val: int = 1_000
-  num_test: int = 1_000
 
 
 class MQAR(base.Task):
