@@ -266,7 +266,7 @@ def test_full_disk_writing_config_json_names_it_and_leaves_no_temp_file(
   monkeypatch.setattr(pathlib.Path, "write_text", write_half)
   with pytest.raises(OSError, match=f"cannot write {tmp_path}/config.json: "
                                     "No space left on device"):
-    trainer.write_json(tmp_path / "config.json", {"a": 1})
+    workdir_files.write_json(tmp_path / "config.json", {"a": 1})
   assert not list(tmp_path.iterdir())
 
 
