@@ -1,7 +1,9 @@
 """Diffuse MQAR: associative recall past distractor keys that share a prefix.
 
-  python launch.py --config=configs/diffuse_mqar.py:sessa --workdir=workdirs/dm_sessa
-  python launch.py --config=configs/diffuse_mqar.py:attention,tiny --workdir=workdirs/dm_attn
+  python launch.py --config=configs/diffuse_mqar.py:sessa \
+      --workdir=workdirs/dm_sessa
+  python launch.py --config=configs/diffuse_mqar.py:attention,tiny \
+      --workdir=workdirs/dm_attn
 
 The test split uses lags up to `data.test_lag_multiplier` times the longest
 training lag; summary.json reports `test/accuracy_by_lag`.

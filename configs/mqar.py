@@ -1,6 +1,7 @@
 """Zoology's multi-query associative recall (MQAR).
 
-  python launch.py --config=configs/mqar.py:attention,small --workdir=workdirs/mqar
+  python launch.py --config=configs/mqar.py:attention,small \
+      --workdir=workdirs/mqar
 """
 
 from sessa_jax.train.config import sized_config

@@ -1,7 +1,9 @@
 """SymbolSoup: the Sessa paper's long-range 20-class style classification.
 
-  python launch.py --config=configs/symbol_soup.py:sessa --workdir=workdirs/ss_sessa
-  python launch.py --config=configs/symbol_soup.py:mamba2,tiny --workdir=workdirs/ss_m2
+  python launch.py --config=configs/symbol_soup.py:sessa \
+      --workdir=workdirs/ss_sessa
+  python launch.py --config=configs/symbol_soup.py:mamba2,tiny \
+      --workdir=workdirs/ss_m2
 
 Examples are 401..599 tokens; the class is predicted at the final <label>
 token (chance 1/20). `data.path` may name a directory of the published

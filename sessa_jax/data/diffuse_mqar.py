@@ -1,8 +1,8 @@
-"""Diffuse MQAR: associative recall across a long block of near-miss distractors.
+"""Diffuse MQAR: associative recall across a long block of near-miss keys.
 
 Token layout of one example (w = key_len + 1 tokens per pair):
 
-  <bos> | P real pairs k_1..k_L v | <sep> | noise of n tokens | <sep> | Q queries
+  <bos> | P pairs k_1..k_L v | <sep> | noise of n tokens | <sep> | Q queries
 
 The memory holds P pairs with distinct multi-token keys. The noise mixes
 filler tokens with distractor pairs whose key repeats the first L-1 tokens of a

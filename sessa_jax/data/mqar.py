@@ -49,8 +49,8 @@ class MQAR(base.Task):
     half = cfg.vocab_size // 2
     if half - 1 < cfg.num_kv_pairs:
       raise ValueError(
-          f"data.vocab_size={cfg.vocab_size} gives {half - 1} key tokens, fewer "
-          f"than data.num_kv_pairs={cfg.num_kv_pairs}")
+          f"data.vocab_size={cfg.vocab_size} gives {half - 1} key tokens, "
+          f"fewer than data.num_kv_pairs={cfg.num_kv_pairs}")
     context = 2 * cfg.num_kv_pairs
     self._num_slots = (cfg.seq_len - context) // 2
     if self._num_slots < cfg.num_kv_pairs:
@@ -73,7 +73,8 @@ class MQAR(base.Task):
     base.check_index(split, index, self.num_examples(split))
     cfg = self.cfg
     rng = base.example_rng(cfg.seed, split, index)
-    num_pairs, half, seq_len = cfg.num_kv_pairs, cfg.vocab_size // 2, cfg.seq_len
+    num_pairs, seq_len = cfg.num_kv_pairs, cfg.seq_len
+    half = cfg.vocab_size // 2
     context = 2 * num_pairs
     keys = rng.choice(np.arange(1, half), num_pairs, replace=False)
     values = rng.choice(np.arange(half, cfg.vocab_size), num_pairs,
