@@ -38,7 +38,8 @@ def test_rope_scores_depend_on_relative_position():
   assert abs(score(7, 3) - score(7, 2)) > 1e-4
 
 
-@pytest.mark.parametrize("heads, kv_heads, t", [(4, 4, 6), (4, 2, 7), (4, 1, 1)])
+@pytest.mark.parametrize("heads, kv_heads, t",
+                         [(4, 4, 6), (4, 2, 7), (4, 1, 1)])
 def test_xla_attention_matches_einsum(heads, kv_heads, t):
   q = normal(t, (2, t, heads, 8))
   k = normal(t + 1, (2, t, kv_heads, 8))

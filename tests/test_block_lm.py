@@ -1,4 +1,4 @@
-"""MixerBlock and LanguageModel: causality, prefill/decode, generate, metadata."""
+"""MixerBlock and LanguageModel: causality, prefill/decode, generate, sizes."""
 
 import numpy as np
 import pytest
@@ -50,7 +50,8 @@ def test_gated_block_structure():
 
 def test_prenorm_mlp_block_uses_gate_inside_mamba2():
   gated = MixerBlock(_cfg("mamba2"), rngs=nnx.Rngs(0))
-  prenorm = MixerBlock(_cfg("mamba2", "prenorm_mlp", mlp_ratio=2), rngs=nnx.Rngs(0))
+  prenorm = MixerBlock(_cfg("mamba2", "prenorm_mlp", mlp_ratio=2),
+                       rngs=nnx.Rngs(0))
   assert prenorm.mixer.use_gate and not gated.mixer.use_gate
   assert prenorm.mlp.up.kernel.shape == (16, 32)
 
@@ -62,7 +63,8 @@ def test_prenorm_mlp_block_uses_gate_inside_mamba2():
 def test_lm_decode_matches_forward(mixer, tie, layers):
   model = build_model(_cfg(mixer, tie_embeddings=tie, n_layers=layers),
                       rngs=nnx.Rngs(0))
-  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 9)), jnp.int32)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 9)),
+                       jnp.int32)
   logits = forward(model, tokens)
   assert logits.shape == (2, 9, 32) and logits.dtype == jnp.float32
   pert = forward(model, tokens.at[:, 6].set((tokens[:, 6] + 1) % 32))
@@ -96,7 +98,8 @@ def test_bad_hybrid_pattern_names_the_key(mixer, message):
 def test_lm_parts_compose_and_tying():
   cfg = _cfg("sessa")
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
-  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 5)), jnp.int32)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 5)),
+                       jnp.int32)
 
   @nnx.jit
   def parts(model, tokens):
@@ -104,9 +107,11 @@ def test_lm_parts_compose_and_tying():
 
   full, composed = parts(model, tokens)
   np.testing.assert_array_equal(full, composed)
-  count = lambda m: sum(v.size for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  count = lambda m: sum(
+      v.size for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
   untied = nnx.eval_shape(
-      lambda: LanguageModel(cfg.replace(tie_embeddings=False), rngs=nnx.Rngs(0)))
+      lambda: LanguageModel(cfg.replace(tie_embeddings=False),
+                            rngs=nnx.Rngs(0)))
   assert count(untied) - count(model) == 16 * 32
 
 
@@ -114,14 +119,16 @@ def test_bfloat16_lm_keeps_float32_params_and_logits():
   model = LanguageModel(_cfg("sessa", dtype="bfloat16"), rngs=nnx.Rngs(0))
   assert all(v.dtype == jnp.float32
              for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 9)), jnp.int32)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 9)),
+                       jnp.int32)
   assert forward(model, tokens).dtype == jnp.float32
   assert model.embed(tokens).dtype == jnp.bfloat16
 
 
 def test_generate_greedy_and_sampled():
   model = LanguageModel(_cfg("sessa", n_layers=1), rngs=nnx.Rngs(0))
-  prompt = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 3)), jnp.int32)
+  prompt = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 3)),
+                       jnp.int32)
   out = model.generate(prompt, 5)
   assert out.shape == (2, 8)
   np.testing.assert_array_equal(out[:, :3], prompt)

@@ -1,4 +1,4 @@
-"""Decode reads only the filled cache rows, in blocks, and still equals prefill."""
+"""Decode reads only the filled cache rows, in blocks, and equals prefill."""
 
 import numpy as np
 import pytest
@@ -26,7 +26,8 @@ def _reference(q, k, v, length, scale):
 @pytest.mark.parametrize("length", [0, 1, 3, 4, 5, 12, 20, 21])
 def test_attend_matches_masked_softmax_across_blocks(length):
   # Capacity 21 is not a multiple of the 4-row block: the last block overhangs.
-  q, k, v = normal(0, (2, 2, 3, 8)), normal(1, (2, 21, 2, 8)), normal(2, (2, 21, 2, 5))
+  q, k, v = (normal(0, (2, 2, 3, 8)), normal(1, (2, 21, 2, 8)),
+             normal(2, (2, 21, 2, 5)))
   # Rows at and beyond `length` hold garbage that must not be read.
   out = jax.jit(cached_attention.attend, static_argnames=("scale", "block"))(
       q, k, v, jnp.int32(length), scale=0.3, block=4)

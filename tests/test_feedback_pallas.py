@@ -205,7 +205,9 @@ def test_bfloat16_pallas_is_as_accurate_as_chunked(backend, tile):
 def test_tpu_kernels_have_no_races_on_two_cores():
   # The TPU interpreter's happens-before race detector, with the parallel
   # grid axes split over two simulated cores and uninitialised memory NaN.
-  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src.pallas.mosaic.interpret import (
+      interpret_pallas_call as tpu_interpreter)
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
 
   def racy_kernel(x_ref, o_ref):  # Both cores write the same block.

@@ -1,8 +1,9 @@
 """The Sessa block against the official layer and an independent NumPy model.
 
-`_reference_layer` below is a float64 NumPy transcription of docs/design.md#the-sessa-layer written
-from the spec alone (it does not use package code): LayerNorm -> W_in ->
-GELU(a) -> [RoPE multi-head causal attention (+W_o when H > 1) -> f;
+`_reference_layer` below is a float64 NumPy transcription of
+docs/design.md#the-sessa-layer written from the spec alone (it does not use
+package code): LayerNorm -> W_in -> GELU(a) -> [RoPE multi-head causal
+attention (+W_o when H > 1) -> f;
 strictly causal single-head feedback softmax, gain, forward substitution ->
 s] -> (s * g) W_out + b_out + x.
 """
@@ -51,7 +52,8 @@ def test_golden_official_layer(assets_dir):
                for v in jax.tree.leaves(nnx.state(block, nnx.Param)))
     y = forward(block, jnp.asarray(arrays["x"]))
     assert rel(y, arrays["y"]) < 1e-5, case
-    assert rel(_decode_all(block, jnp.asarray(arrays["x"])), arrays["y_decode"]) < 1e-5, case
+    y_decode = _decode_all(block, jnp.asarray(arrays["x"]))
+    assert rel(y_decode, arrays["y_decode"]) < 1e-5, case
 
 
 # --- independent float64 reference -------------------------------------------
@@ -71,8 +73,9 @@ def _random_state(rng, d, heads, kv_heads):
   }
   if heads > 1:
     shapes["mixer.out_proj.weight"] = (d, d)
-  state = {k: (rng.standard_normal(s) * (2.0 / np.sqrt(s[-1]))).astype(np.float32)
-           for k, s in shapes.items()}
+  state = {
+      k: (rng.standard_normal(s) * (2.0 / np.sqrt(s[-1]))).astype(np.float32)
+      for k, s in shapes.items()}
   state["ln.weight"] += 1.0
   state["mixer.gamma_bias"] = np.float32(rng.uniform(-1.0, 1.5))
   return state
@@ -108,7 +111,8 @@ def _reference_layer(state, x, heads, kv_heads, gamma_max=0.999):
   for head in range(heads):
     kvh = head // (heads // kv_heads)
     for i in range(t):
-      logits = np.einsum("bd,bsd->bs", q[:, i, head], k[:, : i + 1, kvh]) / np.sqrt(hd)
+      logits = np.einsum("bd,bsd->bs", q[:, i, head],
+                         k[:, : i + 1, kvh]) / np.sqrt(hd)
       w = np.exp(logits - logits.max(-1, keepdims=True))
       w /= w.sum(-1, keepdims=True)
       f[:, i, head] = np.einsum("bs,bsd->bd", w, v[:, : i + 1, kvh])
@@ -118,7 +122,8 @@ def _reference_layer(state, x, heads, kv_heads, gamma_max=0.999):
 
   fb = lin(a, "mixer.proj_fb")
   qb, kb = fb[..., :d], fb[..., d:]
-  gamma = gamma_max * np.tanh(p["mixer.gamma_bias"] + a @ p["mixer.gamma_ctx.weight"][0])
+  gamma = gamma_max * np.tanh(p["mixer.gamma_bias"]
+                              + a @ p["mixer.gamma_ctx.weight"][0])
   s = np.zeros_like(f)
   for i in range(t):
     s[:, i] = f[:, i]
@@ -166,7 +171,7 @@ def test_gamma_max_is_used():
   assert rel(forward(block, jnp.asarray(x)), want) < 1e-5
 
 
-# --- errors --------------------------------------------------------------------
+# --- errors -------------------------------------------------------------
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""SessaMixer: causality, decode, options, the uniform-routing theory, gradients."""
+"""SessaMixer: causality, decode, options, uniform-routing theory, gradients."""
 
 import numpy as np
 import pytest
@@ -85,7 +85,7 @@ def test_block_parameter_count(d, heads):
   assert _block_params(d_model=d, n_heads=1) == 8 * d * d + 11 * d + 1
 
 
-# --- uniform-routing theory ----------------------------------------------------
+# --- uniform-routing theory ---------------------------------------------
 #
 # With A uniform over the strictly earlier positions (row t, 0-based, averages
 # the t entries j < t) and constant gain g, an impulse f = e * delta_{t,tau}
@@ -100,7 +100,8 @@ def test_block_parameter_count(d, heads):
 
 def _uniform_routing_response(gamma, tau, t):
   lag = np.arange(1, t - tau)
-  log = (np.log(gamma) + special.gammaln(tau + 1) - special.gammaln(tau + 1 + gamma)
+  log = (np.log(gamma) + special.gammaln(tau + 1)
+         - special.gammaln(tau + 1 + gamma)
          + special.gammaln(tau + lag + gamma) - special.gammaln(tau + lag + 1))
   return np.concatenate([np.zeros(tau), [1.0], np.exp(log)])
 
@@ -147,7 +148,7 @@ def test_uniform_routing_through_the_mixer(gamma, tau):
   np.testing.assert_allclose(s, want, rtol=1e-9, atol=1e-12)
 
 
-# --- gradients -----------------------------------------------------------------
+# --- gradients ----------------------------------------------------------
 
 
 def _check_grads_fd(module, x, seed=0, eps=1e-6):
