@@ -6,7 +6,7 @@ STAMP := $(VENV)/.install-stamp
 LOCK := requirements/lock.txt
 PYTEST_WORKERS ?= 2
 
-.PHONY: install lock test test-slow run bench dry-run test-targets clean
+.PHONY: install lock lint test test-slow run bench dry-run test-targets clean
 
 ## On CPU, glibc returns an XLA step's large buffers to the system and maps them
 ## again on the next step; keeping them cut a small model's step time by about
@@ -37,8 +37,12 @@ lock:
 	mv $(LOCK).new $(LOCK)
 	rm -rf .venv-lock
 
-## The suite CI runs (under 15 minutes on 2 cores).
-test: install
+## Lint (pyflakes and pycodestyle, settings in pyproject.toml).
+lint: install
+	$(PY) -m ruff check .
+
+## The suite CI runs (under 15 minutes on 2 cores), after the lint.
+test: install lint
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
 
 ## Only the tests marked `slow` (the two-process run, grain worker processes,

@@ -9,14 +9,13 @@ runs in; the default points at the Austen corpus beside this checkout.
 Reports loss, perplexity, bits per byte and accuracy.
 """
 
-from sessa_jax.train.config import MODEL_SIZES, base_config, parse_arg
+from sessa_jax.train.config import sized_config
 
 
 def get_config(arg: str | None = None):
   """arg: '<mixer>,<size>' in any order; defaults 'sessa,small'."""
-  mixer, size = parse_arg(arg, MODEL_SIZES, default_size="small")
-  return base_config(
-      model=dict(mixer=mixer, **MODEL_SIZES[size]),
+  return sized_config(
+      arg, default_size="small",
       data=dict(task="text", path="../shared/data/austen/*.txt", seq_len=256,
                 tokenizer="byte"),
       train=dict(steps=5000, batch_size=32, lr=1e-3, warmup_steps=200,

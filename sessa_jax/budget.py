@@ -130,7 +130,8 @@ def match(cfg: ModelConfig, target_params: int, tol: float = 0.02
     return cfg.replace(d_model=by_error[0] * step)
   for k in by_error:
     tuned = _solve_fine_knob(cfg.replace(d_model=k * step), target_params)
-    if tuned is not None and abs(count_params(tuned) / target_params - 1) <= tol:
+    if (tuned is not None
+        and abs(count_params(tuned) / target_params - 1) <= tol):
       return tuned
   near = ", ".join(f"d_model={k * step} -> {count(k):,} ({err[k]:+.1%})"
                    for k in candidates)

@@ -1,4 +1,4 @@
-"""Text continuations of a prompt from a loaded run (`launch.py --mode=sample`)."""
+"""Continuations of a text prompt by a loaded run (launch.py --mode=sample)."""
 
 from __future__ import annotations
 

@@ -2,13 +2,9 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-
-def _rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+from helpers import rel_err
 
 
 def _value_and_grad(module, x):
@@ -36,6 +32,6 @@ def assert_matches_float64(module, make_reference, x, *, rtol=1e-5):
         ref, x.astype(jnp.float64))
     assert abs(float(got_loss) - float(want_loss)) < rtol * abs(
         float(want_loss))
-    assert _rel_err(got_x, want_x) < rtol
+    assert rel_err(got_x, want_x) < rtol
     for g, w in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
-      assert _rel_err(g, w) < rtol
+      assert rel_err(g, w) < rtol

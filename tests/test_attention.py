@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from helpers import forward, normal, rel
 from sessa_jax.models import AttentionMixer, ModelConfig, attention, rope
 
 
@@ -16,23 +17,8 @@ def _cfg(**kw):
   return ModelConfig(**base)
 
 
-@nnx.jit
-def _forward(module, x):
-  return module(x)
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-def _normal(seed, shape, dtype=np.float32):
-  """Fresh standard-normal test data (NumPy: no per-shape compilation)."""
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
-
 def test_rope_rotates_interleaved_pairs():
-  x = _normal(0, (1, 5, 2, 8))
+  x = normal(0, (1, 5, 2, 8))
   ang = rope.angles(jnp.arange(5), 8)
   got = np.asarray(rope.apply(x, ang))
   z = np.asarray(x[..., 0::2]) + 1j * np.asarray(x[..., 1::2])
@@ -44,7 +30,7 @@ def test_rope_rotates_interleaved_pairs():
 
 
 def test_rope_scores_depend_on_relative_position():
-  q, k = _normal(1, (2, 1, 1, 1, 8))
+  q, k = normal(1, (2, 1, 1, 1, 8))
   score = lambda m, n: float(jnp.sum(
       rope.apply(q, rope.angles(jnp.array([m]), 8))
       * rope.apply(k, rope.angles(jnp.array([n]), 8))))
@@ -52,11 +38,12 @@ def test_rope_scores_depend_on_relative_position():
   assert abs(score(7, 3) - score(7, 2)) > 1e-4
 
 
-@pytest.mark.parametrize("heads, kv_heads, t", [(4, 4, 6), (4, 2, 7), (4, 1, 1)])
+@pytest.mark.parametrize("heads, kv_heads, t",
+                         [(4, 4, 6), (4, 2, 7), (4, 1, 1)])
 def test_xla_attention_matches_einsum(heads, kv_heads, t):
-  q = _normal(t, (2, t, heads, 8))
-  k = _normal(t + 1, (2, t, kv_heads, 8))
-  v = _normal(t + 2, (2, t, kv_heads, 8))
+  q = normal(t, (2, t, heads, 8))
+  k = normal(t + 1, (2, t, kv_heads, 8))
+  v = normal(t + 2, (2, t, kv_heads, 8))
 
   @jax.jit
   def run(q, k, v):
@@ -68,8 +55,8 @@ def test_xla_attention_matches_einsum(heads, kv_heads, t):
             attention.causal_attention(q, k_rep, v_rep, impl="einsum"))
 
   want, got, repeated = run(q, k, v)
-  assert _rel(got, want) < 1e-6
-  assert _rel(repeated, want) < 1e-6
+  assert rel(got, want) < 1e-6
+  assert rel(repeated, want) < 1e-6
 
 
 def test_resolve_impl():
@@ -85,9 +72,9 @@ def test_resolve_impl():
 def test_causal_and_decode_matches_forward(options):
   mixer = AttentionMixer(_cfg(**options), rngs=nnx.Rngs(0))
   assert mixer.out_proj is not None  # W_o even with one head
-  x = _normal(1, (2, 9, 16))
-  y = _forward(mixer, x)
-  y_pert = _forward(mixer, x.at[:, 5].add(1.0))
+  x = normal(1, (2, 9, 16))
+  y = forward(mixer, x)
+  y_pert = forward(mixer, x.at[:, 5].add(1.0))
   np.testing.assert_array_equal(y[:, :5], y_pert[:, :5])
   assert np.all(np.abs(np.asarray(y_pert - y)[:, 5]).max(-1) > 1e-3)
 
@@ -102,7 +89,7 @@ def test_causal_and_decode_matches_forward(options):
 
   y_dec, pos = prefill_decode(mixer, x)
   assert int(pos) == 9
-  assert _rel(y_dec, y) < 1e-5
+  assert rel(y_dec, y) < 1e-5
 
 
 def test_gradients_match_finite_differences():

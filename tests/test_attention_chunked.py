@@ -8,6 +8,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from float64_reference import assert_matches_float64
+from helpers import rel_err, value_and_grads
 from jaxpr_sizes import array_sizes
 from sessa_jax.kernels import attention_chunked
 from sessa_jax.models import (AttentionMixer, ModelConfig, SessaMixer,
@@ -28,21 +29,6 @@ def _reference(q, k, v):
                                        jnp.tril(jnp.ones((t, t), bool)))
 
 
-def _value_and_grads(fn, q, k, v, cot):
-  """out and the gradients of sum(out * cot) w.r.t. q, k, v (jitted)."""
-
-  def run(q, k, v, cot):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return [out, *vjp(cot)]
-
-  return jax.jit(run)(q, k, v, cot)
-
-
-def _rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-3)
-
-
 def _chunked(chunk):
   return lambda q, k, v: attention_chunked.causal_attention_chunked(
       q, k, v, chunk=chunk)
@@ -58,22 +44,22 @@ def _chunked(chunk):
 def test_matches_reference_float64(t, heads, kv_heads, chunk):
   with jax.enable_x64(True):
     args = _inputs(t, 2, t, heads, kv_heads, 4, jnp.float64)
-    got = _value_and_grads(_chunked(chunk), *args)
-    want = _value_and_grads(_reference, *args)
+    got = value_and_grads(_chunked(chunk), *args)
+    want = value_and_grads(_reference, *args)
     for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
       assert x.dtype == jnp.float64, name
       assert x.shape == y.shape, name
-      assert _rel_err(x, y) < 1e-10, name
+      assert rel_err(x, y, floor=1e-3) < 1e-10, name
 
 
 def test_float32_matches_float64_reference():
   args = _inputs(3, 2, 45, 4, 2, 8, jnp.float32)
-  got = _value_and_grads(_chunked(16), *args)
+  got = value_and_grads(_chunked(16), *args)
   with jax.enable_x64(True):
-    want = _value_and_grads(_reference, *[a.astype(jnp.float64) for a in args])
+    want = value_and_grads(_reference, *[a.astype(jnp.float64) for a in args])
   for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
     assert x.dtype == jnp.float32, name
-    assert _rel_err(x, y) < 1e-5, name
+    assert rel_err(x, y, floor=1e-3) < 1e-5, name
 
 
 def test_causal_and_bfloat16_in_bfloat16_out():
@@ -87,7 +73,7 @@ def test_causal_and_bfloat16_in_bfloat16_out():
   assert np.max(np.abs(base[:, 10:] - moved[:, 10:])) > 1e-2
   half = fn(*[a.astype(jnp.bfloat16) for a in (q, k, v)])
   assert half.dtype == jnp.bfloat16
-  assert _rel_err(half, base) < 2e-2
+  assert rel_err(half, base, floor=1e-3) < 2e-2
 
 
 def test_no_time_by_time_array():
@@ -105,10 +91,10 @@ def test_no_time_by_time_array():
 
 def test_sharded_batch_and_heads_equal_unsharded():
   args = _inputs(5, 8, 21, 4, 2, 4, jnp.float32)
-  want = _value_and_grads(_chunked(8), *args)
+  want = value_and_grads(_chunked(8), *args)
   mesh = jax.make_mesh((4, 2), ("data", "tensor"))
   spec = NamedSharding(mesh, P("data", None, "tensor"))
-  got = _value_and_grads(_chunked(8), *[jax.device_put(a, spec) for a in args])
+  got = value_and_grads(_chunked(8), *[jax.device_put(a, spec) for a in args])
   for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
     assert x.sharding.spec[:3] == ("data", None, "tensor"), name
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -1,4 +1,4 @@
-"""MixerBlock and LanguageModel: causality, prefill/decode, generate, metadata."""
+"""MixerBlock and LanguageModel: causality, prefill/decode, generate, sizes."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from helpers import forward, normal, prefill_then_decode, rel
 from sessa_jax.models import LanguageModel, MixerBlock, ModelConfig, build_model
 
 MIXERS = ("sessa", "attention", "mamba2")
@@ -22,55 +23,17 @@ def _cfg(mixer, block="gated", **kw):
   return ModelConfig(**base)
 
 
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-def _normal(seed, shape, dtype=np.float32):
-  """Fresh standard-normal test data (NumPy: no per-shape compilation)."""
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
-
-@nnx.jit
-def _forward(module, x):
-  return module(x)
-
-
-def _prefill_then_decode(module, x, prompt_len, *, step_shape=None,
-                         max_len=None):
-  """Prefills `prompt_len` steps of x (B, T, ...), decodes the rest.
-
-  The cache holds `max_len` positions (default T).
-  """
-
-  @nnx.jit
-  def run(module, x):
-    y, cache = module.prefill(x[:, :prompt_len], max_len or x.shape[1])
-
-    def step(cache, x_t):
-      if step_shape is not None:
-        x_t = x_t.reshape(step_shape)
-      y_t, cache = module.decode_step(x_t, cache)
-      return cache, y_t.reshape(y.shape[:1] + y.shape[2:])
-
-    _, y_rest = jax.lax.scan(step, cache, jnp.swapaxes(x[:, prompt_len:], 0, 1))
-    return jnp.concatenate([y, jnp.swapaxes(y_rest, 0, 1)], axis=1)
-
-  return run(module, x)
-
-
 @pytest.mark.parametrize("block", ["gated", "prenorm_mlp"])
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_block_causal_and_decode_matches_forward(mixer, block):
   module = MixerBlock(_cfg(mixer, block), rngs=nnx.Rngs(0))
-  x = _normal(1, (2, 9, 16))
-  y = _forward(module, x)
-  y_pert = _forward(module, x.at[:, 5].add(1.0))
+  x = normal(1, (2, 9, 16))
+  y = forward(module, x)
+  y_pert = forward(module, x.at[:, 5].add(1.0))
   np.testing.assert_array_equal(y[:, :5], y_pert[:, :5])
   assert np.all(np.abs(np.asarray(y_pert - y)[:, 5]).max(-1) > 1e-3)
   # decode_step takes (B, D) or (B, 1, D) and answers in the same shape.
-  assert _rel(_prefill_then_decode(module, x, 3, step_shape=(2, 1, 16)), y) < 1e-5
+  assert rel(prefill_then_decode(module, x, 3, step_shape=(2, 1, 16)), y) < 1e-5
 
 
 def test_gated_block_structure():
@@ -78,16 +41,17 @@ def test_gated_block_structure():
   assert block.in_proj.kernel.shape == (16, 32)
   assert block.out_proj.kernel.shape == (16, 16)
   assert not hasattr(block, "mlp")
-  x = _normal(1, (1, 4, 16))
+  x = normal(1, (1, 4, 16))
   # With W_out = 0 and b_out = 0 the block is the identity (pure residual).
   block.out_proj.kernel[...] = jnp.zeros((16, 16))
   block.out_proj.bias[...] = jnp.zeros(16)
-  np.testing.assert_array_equal(_forward(block, x), x)
+  np.testing.assert_array_equal(forward(block, x), x)
 
 
 def test_prenorm_mlp_block_uses_gate_inside_mamba2():
   gated = MixerBlock(_cfg("mamba2"), rngs=nnx.Rngs(0))
-  prenorm = MixerBlock(_cfg("mamba2", "prenorm_mlp", mlp_ratio=2), rngs=nnx.Rngs(0))
+  prenorm = MixerBlock(_cfg("mamba2", "prenorm_mlp", mlp_ratio=2),
+                       rngs=nnx.Rngs(0))
   assert prenorm.mixer.use_gate and not gated.mixer.use_gate
   assert prenorm.mlp.up.kernel.shape == (16, 32)
 
@@ -99,12 +63,13 @@ def test_prenorm_mlp_block_uses_gate_inside_mamba2():
 def test_lm_decode_matches_forward(mixer, tie, layers):
   model = build_model(_cfg(mixer, tie_embeddings=tie, n_layers=layers),
                       rngs=nnx.Rngs(0))
-  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 9)), jnp.int32)
-  logits = _forward(model, tokens)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 9)),
+                       jnp.int32)
+  logits = forward(model, tokens)
   assert logits.shape == (2, 9, 32) and logits.dtype == jnp.float32
-  pert = _forward(model, tokens.at[:, 6].set((tokens[:, 6] + 1) % 32))
+  pert = forward(model, tokens.at[:, 6].set((tokens[:, 6] + 1) % 32))
   np.testing.assert_array_equal(logits[:, :6], pert[:, :6])
-  assert _rel(_prefill_then_decode(model, tokens, 4), logits) < 1e-5
+  assert rel(prefill_then_decode(model, tokens, 4), logits) < 1e-5
 
 
 def test_hybrid_pattern_cycles_over_the_depth():
@@ -133,7 +98,8 @@ def test_bad_hybrid_pattern_names_the_key(mixer, message):
 def test_lm_parts_compose_and_tying():
   cfg = _cfg("sessa")
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
-  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 5)), jnp.int32)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 5)),
+                       jnp.int32)
 
   @nnx.jit
   def parts(model, tokens):
@@ -141,9 +107,11 @@ def test_lm_parts_compose_and_tying():
 
   full, composed = parts(model, tokens)
   np.testing.assert_array_equal(full, composed)
-  count = lambda m: sum(v.size for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  count = lambda m: sum(
+      v.size for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
   untied = nnx.eval_shape(
-      lambda: LanguageModel(cfg.replace(tie_embeddings=False), rngs=nnx.Rngs(0)))
+      lambda: LanguageModel(cfg.replace(tie_embeddings=False),
+                            rngs=nnx.Rngs(0)))
   assert count(untied) - count(model) == 16 * 32
 
 
@@ -151,19 +119,21 @@ def test_bfloat16_lm_keeps_float32_params_and_logits():
   model = LanguageModel(_cfg("sessa", dtype="bfloat16"), rngs=nnx.Rngs(0))
   assert all(v.dtype == jnp.float32
              for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 9)), jnp.int32)
-  assert _forward(model, tokens).dtype == jnp.float32
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 9)),
+                       jnp.int32)
+  assert forward(model, tokens).dtype == jnp.float32
   assert model.embed(tokens).dtype == jnp.bfloat16
 
 
 def test_generate_greedy_and_sampled():
   model = LanguageModel(_cfg("sessa", n_layers=1), rngs=nnx.Rngs(0))
-  prompt = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 3)), jnp.int32)
+  prompt = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 3)),
+                       jnp.int32)
   out = model.generate(prompt, 5)
   assert out.shape == (2, 8)
   np.testing.assert_array_equal(out[:, :3], prompt)
   # Greedy decoding agrees with argmax of the full forward on its own output.
-  logits = _forward(model, out)
+  logits = forward(model, out)
   np.testing.assert_array_equal(out[:, 3:], jnp.argmax(logits[:, 2:-1], -1))
   # top_k = 1 sampling is greedy; sampling is reproducible given the key and
   # differs between keys.

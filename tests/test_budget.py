@@ -38,7 +38,8 @@ def test_count_of_large_model_allocates_nothing():
   d, v = 4096, 50_000
   cfg = ModelConfig(mixer="sessa", d_model=d, n_heads=32, n_layers=2,
                     vocab_size=v)
-  assert budget.count_params(cfg) == v * d + 2 * (9 * d * d + 11 * d + 1) + 2 * d
+  assert (budget.count_params(cfg)
+          == v * d + 2 * (9 * d * d + 11 * d + 1) + 2 * d)
 
 
 def test_flops_follow_the_convention():

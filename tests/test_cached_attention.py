@@ -1,4 +1,4 @@
-"""Decode reads only the filled cache rows, in blocks, and still equals prefill."""
+"""Decode reads only the filled cache rows, in blocks, and equals prefill."""
 
 import numpy as np
 import pytest
@@ -7,14 +7,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sessa_jax.models import LanguageModel, MixerBlock, ModelConfig
+from helpers import normal, prefill_then_decode
 from sessa_jax.kernels import cached_attention
-from test_block_lm import _prefill_then_decode
-
-
-def _normal(seed, shape):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape),
-                     jnp.float32)
+from sessa_jax.models import LanguageModel, MixerBlock, ModelConfig
 
 
 def _reference(q, k, v, length, scale):
@@ -31,7 +26,8 @@ def _reference(q, k, v, length, scale):
 @pytest.mark.parametrize("length", [0, 1, 3, 4, 5, 12, 20, 21])
 def test_attend_matches_masked_softmax_across_blocks(length):
   # Capacity 21 is not a multiple of the 4-row block: the last block overhangs.
-  q, k, v = _normal(0, (2, 2, 3, 8)), _normal(1, (2, 21, 2, 8)), _normal(2, (2, 21, 2, 5))
+  q, k, v = (normal(0, (2, 2, 3, 8)), normal(1, (2, 21, 2, 8)),
+             normal(2, (2, 21, 2, 5)))
   # Rows at and beyond `length` hold garbage that must not be read.
   out = jax.jit(cached_attention.attend, static_argnames=("scale", "block"))(
       q, k, v, jnp.int32(length), scale=0.3, block=4)
@@ -45,11 +41,11 @@ def test_decode_equals_forward_across_cache_blocks(mixer, monkeypatch):
   cfg = ModelConfig(mixer=mixer, d_model=16, n_heads=4, n_kv_heads=2,
                     n_layers=1, vocab_size=32)
   block = MixerBlock(cfg, rngs=nnx.Rngs(0))
-  x = _normal(3, (2, 19, 16))
+  x = normal(3, (2, 19, 16))
   want = nnx.jit(lambda m, x: m(x))(block, x)
   # Prompts ending inside, at and right after a block; capacity 23 overhangs.
   for prompt_len in (1, 4, 6):
-    got = _prefill_then_decode(block, x, prompt_len, max_len=23)
+    got = prefill_then_decode(block, x, prompt_len, max_len=23)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5,
                                err_msg=f"prompt {prompt_len}")
 

@@ -39,7 +39,8 @@ def test_unknown_task_lists_choices():
 
 
 def test_unknown_key_names_key_and_known_keys():
-  with pytest.raises(ValueError, match=r"data.num_pears.*known keys:.*num_kv_pairs"):
+  with pytest.raises(ValueError,
+                     match=r"data.num_pears.*known keys:.*num_kv_pairs"):
     data.get_task({"task": "mqar", "num_pears": 3})
 
 

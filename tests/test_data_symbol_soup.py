@@ -60,7 +60,8 @@ def test_styles_follow_the_published_seeds():
   assert len(ss.MOTIFS) == 39
   motif_w = np.diff(np.array((0.0,) + style.motif_cdf[5]))
   for motif, w in zip(ss.MOTIFS, motif_w):
-    expected = 1 + 0.9 * len(set(motif) & set(p)) + 0.5 * len(set(motif) & set(s))
+    expected = (1 + 0.9 * len(set(motif) & set(p))
+                + 0.5 * len(set(motif) & set(s)))
     assert w == pytest.approx(expected)
 
 
@@ -127,7 +128,8 @@ def test_primaries_more_frequent_in_style_blocks_than_in_noise():
     freq = np.bincount(block, minlength=16) / len(block)
     order = list(style.order)
     assert freq[order[:4]].sum() > 0.32
-    assert freq[order[:4]].mean() > freq[order[4:8]].mean() > freq[order[8:]].mean()
+    assert (freq[order[:4]].mean() > freq[order[4:8]].mean()
+            > freq[order[8:]].mean())
 
 
 def test_same_example_in_a_new_process():
@@ -201,11 +203,13 @@ def test_tsv_errors_name_file_and_line(tmp_path):
   text, _ = ss.generate_text(0, "train", 0)
   good = f'"{text}"\tCLASS_3\r\n'
   path = _write(tmp_path / "a.tsv", "Text\tLabel\r\n" + good)
-  with pytest.raises(ValueError, match=r"a.tsv, line 1: missing column 'Answer'"):
+  with pytest.raises(ValueError,
+                     match=r"a.tsv, line 1: missing column 'Answer'"):
     ss.read_tsv(path)
   path = _write(tmp_path / "b.tsv", "Text\tAnswer\r\n" + good
                 + good.replace("CLASS_3", "CLASS_20"))
-  with pytest.raises(ValueError, match=r"b.tsv, line 13: unknown class 'CLASS_20'"):
+  with pytest.raises(ValueError,
+                     match=r"b.tsv, line 13: unknown class 'CLASS_20'"):
     ss.read_tsv(path)
   bad = good.replace("<sep2>\n", "<sep2>\nq ", 1)
   path = _write(tmp_path / "c.tsv", "Text\tAnswer\r\n" + good + bad)

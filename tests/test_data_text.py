@@ -1,4 +1,4 @@
-"""Tests of the text task: tokenisers, windows, splits, token files, Austen-6."""
+"""The text task: tokenisers, windows, splits, token files, Austen-6."""
 
 import hashlib
 import os
@@ -91,7 +91,8 @@ def test_windows_tile_the_stream(corpus_dir):
 
 def test_sentencepiece_task_and_separate_split_files(corpus_dir, tmp_path):
   cfg = {"task": "text", "path": str(corpus_dir / "doc0.txt") + ","
-         + str(corpus_dir / "doc1.txt"), "val_path": str(corpus_dir / "doc2.txt"),
+         + str(corpus_dir / "doc1.txt"),
+         "val_path": str(corpus_dir / "doc2.txt"),
          "test_path": str(corpus_dir / "tricky.txt"), "seq_len": 16,
          "tokenizer": "sentencepiece", "vocab_size": 400}
   task = data.get_task(cfg, workdir=str(tmp_path))
@@ -122,7 +123,8 @@ def test_token_files(tmp_path):
   np.testing.assert_array_equal(
       np.concatenate([task.streams["train"], task.streams["test"]]), full)
   assert task.num_examples("val") == 0
-  with pytest.raises(ValueError, match=r"a.bin: token 699.*data.vocab_size=600"):
+  with pytest.raises(ValueError,
+                     match=r"a.bin: token 699.*data.vocab_size=600"):
     data.get_task({"task": "text", "path": str(tmp_path / "a.bin"),
                    "format": "uint16", "vocab_size": 600})
 
@@ -137,7 +139,8 @@ def test_errors(tmp_path):
   with pytest.raises(ValueError, match="data.tokenizer='bpe' is not one of: "
                      "byte, sentencepiece"):
     data.get_task({"task": "text", "path": "x", "tokenizer": "bpe"})
-  with pytest.raises(ValueError, match=r"could not train 300 pieces \(data.vocab"):
+  with pytest.raises(ValueError,
+                     match=r"could not train 300 pieces \(data.vocab"):
     tokenizers.SentencePieceTokenizer.train(["abc" * 9, TRICKY * 3], 300)
   with pytest.raises(ValueError, match="known keys:.*val_fraction"):
     data.get_task({"task": "text", "path": "x", "val_frac": 0.1})
@@ -148,13 +151,15 @@ def test_austen_six(austen_dir):
               for line in (austen_dir / "SHA256SUMS").read_text().splitlines())
   assert len(sums) == 6
   for name, digest in sums.items():
-    assert hashlib.sha256((austen_dir / name).read_bytes()).hexdigest() == digest
+    got = hashlib.sha256((austen_dir / name).read_bytes()).hexdigest()
+    assert got == digest
   d = str(austen_dir)
   task = data.get_task({
       "task": "text", "seq_len": 256,
       "path": ",".join(f"{d}/{n}.txt" for n in (
           "emma", "mansfieldpark", "prideprejudice", "sensesensibility")),
-      "val_path": f"{d}/northangerabbey.txt", "test_path": f"{d}/persuasion.txt"})
+      "val_path": f"{d}/northangerabbey.txt",
+      "test_path": f"{d}/persuasion.txt"})
   persuasion = (austen_dir / "persuasion.txt").read_text()
   assert task.tokenizer.decode(task.streams["test"]) == persuasion
   assert len(task.streams["test"]) == len(persuasion.encode()) + 1

@@ -11,6 +11,7 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from helpers import rel_err, value_and_grads
 from jaxpr_sizes import equations
 from sessa_jax import targets
 from sessa_jax.kernels import feedback
@@ -31,20 +32,7 @@ def _inputs(seed, b, t, k, d, dtype):
   return [jnp.asarray(x, dtype) for x in arrays]
 
 
-def _value_and_grads(solve, q, k, gamma, f, cot):
-  def run(q, k, gamma, f, cot):
-    s, vjp = jax.vjp(solve, q, k, gamma, f)
-    return [s, *vjp(cot)]
-
-  return jax.jit(run)(q, k, gamma, f, cot)
-
-
 NAMES = ("s", "dq", "dk", "dgamma", "df")
-
-
-def _rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30)
 
 
 # The TPU interpreter's host callbacks do not see `jax.enable_x64`, and TPUs
@@ -63,8 +51,8 @@ def test_pallas_matches_dense_float64(backend, t, chunk, tile):
     args = _inputs(t, 3, t, 8, 4, jnp.float64)
     solve = lambda *a: feedback_pallas.feedback_solve_pallas(
         *a, chunk=chunk, tile=tile, backend=backend)
-    got = _value_and_grads(solve, *args)
-    want = _value_and_grads(feedback_ref.feedback_solve_dense, *args)
+    got = value_and_grads(solve, *args)
+    want = value_and_grads(feedback_ref.feedback_solve_dense, *args)
   for name, x, y in zip(NAMES, got, want):
     assert x.dtype == jnp.float64, name
     np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-10, err_msg=name)
@@ -73,10 +61,10 @@ def test_pallas_matches_dense_float64(backend, t, chunk, tile):
 def test_tpu_kernels_float32_through_the_public_op():
   assert feedback_pallas._default_backend() == "tpu"  # On CPU: TPU interpret.
   args = _inputs(5, 3, 37, 16, 8, jnp.float32)
-  got = _value_and_grads(
+  got = value_and_grads(
       lambda *a: feedback.feedback_solve(*a, impl="pallas", chunk=16), *args)
   with jax.enable_x64(True):
-    want = _value_and_grads(feedback_ref.feedback_solve_dense,
+    want = value_and_grads(feedback_ref.feedback_solve_dense,
                             *[a.astype(jnp.float64) for a in args])
   for name, x, y in zip(NAMES, got, want):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -92,14 +80,14 @@ def test_tpu_kernels_float32_through_the_public_op():
 ])
 def test_pallas_matches_dense_float32(backend, t, chunk, tile):
   args = _inputs(t, 3, t, 16, 8, jnp.float32)
-  got = _value_and_grads(lambda *a: feedback_pallas.feedback_solve_pallas(
+  got = value_and_grads(lambda *a: feedback_pallas.feedback_solve_pallas(
       *a, chunk=chunk, tile=tile, backend=backend), *args)
   with jax.enable_x64(True):
-    want = _value_and_grads(feedback_ref.feedback_solve_dense,
+    want = value_and_grads(feedback_ref.feedback_solve_dense,
                             *[a.astype(jnp.float64) for a in args])
   for name, x, y in zip(NAMES, got, want):
     assert x.dtype == jnp.float32, name
-    assert _rel_err(x, y) <= 1e-5, name
+    assert rel_err(x, y) <= 1e-5, name
 
 
 def test_pallas_rejects_illegal_tiles():
@@ -203,21 +191,23 @@ def test_bfloat16_pallas_is_as_accurate_as_chunked(backend, tile):
             0.999 * np.tanh(rng.normal(size=(1, t))),
             rng.normal(size=(1, t, width)), rng.normal(size=(1, t, width)))
   args = [jnp.asarray(x, jnp.bfloat16) for x in arrays]
-  want = _value_and_grads(feedback_ref.feedback_solve_dense,
+  want = value_and_grads(feedback_ref.feedback_solve_dense,
                           *[a.astype(jnp.float32) for a in args])
-  chunked = _value_and_grads(lambda *a: feedback.feedback_solve(
+  chunked = value_and_grads(lambda *a: feedback.feedback_solve(
       *a, impl="chunked", chunk=64), *args)
-  pallas = _value_and_grads(lambda *a: feedback_pallas.feedback_solve_pallas(
+  pallas = value_and_grads(lambda *a: feedback_pallas.feedback_solve_pallas(
       *a, chunk=64, tile=tile, backend=backend), *args)
   for name, x, c, y in zip(NAMES, pallas, chunked, want):
     assert x.dtype == jnp.bfloat16, name
-    assert _rel_err(x, y) <= 2 * _rel_err(c, y), name
+    assert rel_err(x, y) <= 2 * rel_err(c, y), name
 
 
 def test_tpu_kernels_have_no_races_on_two_cores():
   # The TPU interpreter's happens-before race detector, with the parallel
   # grid axes split over two simulated cores and uninitialised memory NaN.
-  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src.pallas.mosaic.interpret import (
+      interpret_pallas_call as tpu_interpreter)
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
 
   def racy_kernel(x_ref, o_ref):  # Both cores write the same block.
@@ -234,7 +224,7 @@ def test_tpu_kernels_have_no_races_on_two_cores():
   assert tpu_interpreter.races.races_found  # The detector can fail.
 
   tpu_interpreter.reset_tpu_interpret_mode_state()
-  got = _value_and_grads(lambda *a: feedback_pallas.feedback_solve_pallas(
+  got = value_and_grads(lambda *a: feedback_pallas.feedback_solve_pallas(
       *a, chunk=8, tile=8, backend="tpu", interpret=params),
                          *_inputs(2, 2, 16, 8, 8, jnp.float32))
   jax.block_until_ready(got)

@@ -1,8 +1,9 @@
 """The Sessa block against the official layer and an independent NumPy model.
 
-`_reference_layer` below is a float64 NumPy transcription of docs/design.md#the-sessa-layer written
-from the spec alone (it does not use package code): LayerNorm -> W_in ->
-GELU(a) -> [RoPE multi-head causal attention (+W_o when H > 1) -> f;
+`_reference_layer` below is a float64 NumPy transcription of
+docs/design.md#the-sessa-layer written from the spec alone (it does not use
+package code): LayerNorm -> W_in -> GELU(a) -> [RoPE multi-head causal
+attention (+W_o when H > 1) -> f;
 strictly causal single-head feedback softmax, gain, forward substitution ->
 s] -> (s * g) W_out + b_out + x.
 """
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from helpers import forward, rel
 from sessa_jax.models import interop
 
 
@@ -27,16 +29,6 @@ def _golden_cases(assets_dir):
     d, heads, kv_heads, t, b = (int(v) for v in data[prefix + "config"])
     yield case, state, heads, kv_heads, {
         name: data[prefix + name] for name in ("x", "y", "y_decode")}
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-@nnx.jit
-def _forward(block, x_btd):
-  return block(x_btd)
 
 
 @nnx.jit
@@ -58,9 +50,10 @@ def test_golden_official_layer(assets_dir):
                                            n_kv_heads=kv_heads)
     assert all(isinstance(v, jax.Array)
                for v in jax.tree.leaves(nnx.state(block, nnx.Param)))
-    y = _forward(block, jnp.asarray(arrays["x"]))
-    assert _rel(y, arrays["y"]) < 1e-5, case
-    assert _rel(_decode_all(block, jnp.asarray(arrays["x"])), arrays["y_decode"]) < 1e-5, case
+    y = forward(block, jnp.asarray(arrays["x"]))
+    assert rel(y, arrays["y"]) < 1e-5, case
+    y_decode = _decode_all(block, jnp.asarray(arrays["x"]))
+    assert rel(y_decode, arrays["y_decode"]) < 1e-5, case
 
 
 # --- independent float64 reference -------------------------------------------
@@ -80,8 +73,9 @@ def _random_state(rng, d, heads, kv_heads):
   }
   if heads > 1:
     shapes["mixer.out_proj.weight"] = (d, d)
-  state = {k: (rng.standard_normal(s) * (2.0 / np.sqrt(s[-1]))).astype(np.float32)
-           for k, s in shapes.items()}
+  state = {
+      k: (rng.standard_normal(s) * (2.0 / np.sqrt(s[-1]))).astype(np.float32)
+      for k, s in shapes.items()}
   state["ln.weight"] += 1.0
   state["mixer.gamma_bias"] = np.float32(rng.uniform(-1.0, 1.5))
   return state
@@ -117,7 +111,8 @@ def _reference_layer(state, x, heads, kv_heads, gamma_max=0.999):
   for head in range(heads):
     kvh = head // (heads // kv_heads)
     for i in range(t):
-      logits = np.einsum("bd,bsd->bs", q[:, i, head], k[:, : i + 1, kvh]) / np.sqrt(hd)
+      logits = np.einsum("bd,bsd->bs", q[:, i, head],
+                         k[:, : i + 1, kvh]) / np.sqrt(hd)
       w = np.exp(logits - logits.max(-1, keepdims=True))
       w /= w.sum(-1, keepdims=True)
       f[:, i, head] = np.einsum("bs,bsd->bd", w, v[:, : i + 1, kvh])
@@ -127,7 +122,8 @@ def _reference_layer(state, x, heads, kv_heads, gamma_max=0.999):
 
   fb = lin(a, "mixer.proj_fb")
   qb, kb = fb[..., :d], fb[..., d:]
-  gamma = gamma_max * np.tanh(p["mixer.gamma_bias"] + a @ p["mixer.gamma_ctx.weight"][0])
+  gamma = gamma_max * np.tanh(p["mixer.gamma_bias"]
+                              + a @ p["mixer.gamma_ctx.weight"][0])
   s = np.zeros_like(f)
   for i in range(t):
     s[:, i] = f[:, i]
@@ -150,8 +146,8 @@ def test_matches_independent_numpy_reference(d, heads, kv_heads, t):
   want = _reference_layer(state, x, heads, kv_heads)
   block = interop.sessa_block_from_torch(state, n_heads=heads,
                                          n_kv_heads=kv_heads)
-  assert _rel(_forward(block, jnp.asarray(x)), want) < 1e-5
-  assert _rel(_decode_all(block, jnp.asarray(x)), want) < 1e-5
+  assert rel(forward(block, jnp.asarray(x)), want) < 1e-5
+  assert rel(_decode_all(block, jnp.asarray(x)), want) < 1e-5
 
 
 def test_reference_comparison_detects_layout_errors():
@@ -163,7 +159,7 @@ def test_reference_comparison_detects_layout_errors():
   for name in ("W_in.weight", "W_in.bias"):
     state[name] = np.concatenate([state[name][16:], state[name][:16]])
   block = interop.sessa_block_from_torch(state, n_heads=2)
-  assert _rel(_forward(block, jnp.asarray(x)), want) > 1e-2
+  assert rel(forward(block, jnp.asarray(x)), want) > 1e-2
 
 
 def test_gamma_max_is_used():
@@ -172,47 +168,49 @@ def test_gamma_max_is_used():
   x = rng.standard_normal((1, 6, 16)).astype(np.float32)
   want = _reference_layer(state, x, 2, 2, gamma_max=0.5)
   block = interop.sessa_block_from_torch(state, n_heads=2, gamma_max=0.5)
-  assert _rel(_forward(block, jnp.asarray(x)), want) < 1e-5
+  assert rel(forward(block, jnp.asarray(x)), want) < 1e-5
 
 
-# --- errors --------------------------------------------------------------------
+# --- errors -------------------------------------------------------------
 
 
-def test_missing_key_is_named():
-  state = _random_state(np.random.default_rng(0), 16, 2, 2)
+@pytest.fixture
+def state():
+  """A random two-head state dict of width 16 with two KV heads."""
+  return _random_state(np.random.default_rng(0), 16, 2, 2)
+
+
+def _assert_load_names(state, error, match, **kwargs):
+  """Loading `state` with `kwargs` raises `error` whose message has `match`."""
+  with pytest.raises(error, match=match):
+    interop.sessa_block_from_torch(state, **kwargs)
+
+
+def test_missing_key_is_named(state):
   del state["mixer.proj_fb.bias"]
-  with pytest.raises(KeyError, match="mixer.proj_fb.bias"):
-    interop.sessa_block_from_torch(state, n_heads=2)
+  _assert_load_names(state, KeyError, "mixer.proj_fb.bias", n_heads=2)
 
 
-def test_shape_mismatch_is_named():
-  state = _random_state(np.random.default_rng(0), 16, 2, 2)
+def test_shape_mismatch_is_named(state):
   # Built for two KV heads but loaded as one: k_proj has the wrong width.
-  with pytest.raises(ValueError, match="mixer.k_proj.weight"):
-    interop.sessa_block_from_torch(state, n_heads=2, n_kv_heads=1)
+  _assert_load_names(state, ValueError, "mixer.k_proj.weight", n_heads=2,
+                     n_kv_heads=1)
   state["W_in.weight"] = state["W_in.weight"].T
-  with pytest.raises(ValueError, match="W_in.weight"):
-    interop.sessa_block_from_torch(state, n_heads=2)
+  _assert_load_names(state, ValueError, "W_in.weight", n_heads=2)
 
 
-def test_unexpected_key_is_named():
+def test_unexpected_key_is_named(state):
   # A multi-head state dict (it has out_proj) loaded as single-head.
-  state = _random_state(np.random.default_rng(0), 16, 2, 2)
-  with pytest.raises(ValueError, match="mixer.out_proj.weight"):
-    interop.sessa_block_from_torch(state, n_heads=1)
+  _assert_load_names(state, ValueError, "mixer.out_proj.weight", n_heads=1)
 
 
-def test_buffers_are_ignored_but_rope_frequencies_checked():
-  state = _random_state(np.random.default_rng(0), 16, 2, 2)
+def test_buffers_are_ignored_but_rope_frequencies_checked(state):
   state["mixer.causal_mask_f_full"] = np.triu(np.ones((4, 4), bool), 1)
   state["mixer.rope_inv_freq"] = 10000.0 ** (-2 * np.arange(4) / 8.0)
   interop.sessa_block_from_torch(state, n_heads=2)
   state["mixer.rope_inv_freq"] = 500.0 ** (-2 * np.arange(4) / 8.0)
-  with pytest.raises(ValueError, match="rope_inv_freq"):
-    interop.sessa_block_from_torch(state, n_heads=2)
+  _assert_load_names(state, ValueError, "rope_inv_freq", n_heads=2)
 
 
-def test_bad_heads_named():
-  state = _random_state(np.random.default_rng(0), 16, 2, 2)
-  with pytest.raises(ValueError, match="model.n_heads"):
-    interop.sessa_block_from_torch(state, n_heads=3)
+def test_bad_heads_named(state):
+  _assert_load_names(state, ValueError, "model.n_heads", n_heads=3)

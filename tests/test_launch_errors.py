@@ -39,7 +39,8 @@ def test_full_disk_during_a_save_is_one_line(tmp_path):
   # entry it cannot write, and leave truncated ones that later runs warn
   # about reading.
   result = run_launch(*TINY, f"--workdir={tmp_path / 'run'}",
-                      "--config.train.steps=4", "--config.train.checkpoint_every=2",
+                      "--config.train.steps=4",
+                      "--config.train.checkpoint_every=2",
                       preexec_fn=file_size_limit(3000),
                       extra_env={"JAX_ENABLE_COMPILATION_CACHE": "false"})
   assert result.returncode == 1

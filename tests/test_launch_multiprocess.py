@@ -14,13 +14,15 @@ from test_train_loop import tiny_config, train_losses
 def test_two_processes_train_together_and_write_one_checkpoint(tmp_path):
   port = free_port()
   args = [*TINY, "--config.train.steps=4", "--config.train.checkpoint_every=2",
-          f"--workdir={tmp_path / 'two'}", f"--coordinator_address=localhost:{port}",
+          f"--workdir={tmp_path / 'two'}",
+          f"--coordinator_address=localhost:{port}",
           "--num_processes=2"]
   procs = [launch(*args, f"--process_id={i}", devices=2) for i in range(2)]
   for proc in procs:
     finish(proc)
   step_dir = tmp_path / "two" / "checkpoints" / "4"
-  assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["2", "4"]
+  assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()
+                ) == ["2", "4"]
   assert sorted(p.name for p in (step_dir / "data").glob("*.json")) == [
       "process_0-of-2.json", "process_1-of-2.json"]
   summary = json.loads((tmp_path / "two" / "summary.json").read_text())

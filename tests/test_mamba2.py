@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from jax import test_util as jtu
 
+from helpers import forward
 from sessa_jax.models import build_model
 from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.mamba2 import Mamba2Mixer
@@ -24,11 +25,6 @@ def _mixer(use_gate, seed=0, **overrides):
 
 def _x(shape, seed=0, dtype=jnp.float32):
   return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
-
-
-@nnx.jit
-def _forward(m, x):
-  return m(x)
 
 
 @functools.partial(nnx.jit, static_argnums=2)
@@ -80,7 +76,7 @@ def test_matches_float64_numpy_reference(use_gate):
   with jax.enable_x64(True):
     for t in (3, 10):  # T < chunk and T not a multiple of the chunk
       x = np.random.default_rng(t).normal(size=(2, t, 8))
-      y = _forward(m, jnp.asarray(x))
+      y = forward(m, jnp.asarray(x))
       assert y.dtype == jnp.float64
       np.testing.assert_allclose(y, _numpy_mixer(m, x), rtol=1e-10,
                                  atol=1e-10)
@@ -90,7 +86,7 @@ def test_chunk_size_does_not_change_outputs():
   m4 = _mixer(True, ssm_chunk=4)
   m64 = _mixer(True, ssm_chunk=64)
   x = _x((2, 13, 8))
-  np.testing.assert_allclose(_forward(m4, x), _forward(m64, x), rtol=1e-5,
+  np.testing.assert_allclose(forward(m4, x), forward(m64, x), rtol=1e-5,
                              atol=1e-5)
 
 
@@ -98,9 +94,9 @@ def test_chunk_size_does_not_change_outputs():
 def test_causal(use_gate):
   m = _mixer(use_gate)
   x = _x((2, 11, 8))
-  y = _forward(m, x)
+  y = forward(m, x)
   for t0 in (0, 5, 10):
-    y2 = _forward(m, x.at[:, t0].add(1.0))
+    y2 = forward(m, x.at[:, t0].add(1.0))
     np.testing.assert_allclose(y2[:, :t0], y[:, :t0], rtol=0, atol=1e-6)
     assert np.max(np.abs(y2[:, t0:] - y[:, t0:])) > 1e-3
 
@@ -110,7 +106,7 @@ def test_prefill_then_decode_matches_forward(use_gate):
   m = _mixer(use_gate)
   t = 11
   x = _x((2, t, 8), seed=1)
-  y = _forward(m, x)
+  y = forward(m, x)
   for prompt in (1, 6):
     y_p, cache = _prefill(m, x[:, :prompt], t)
     outs = [y_p]
@@ -130,7 +126,7 @@ def test_decode_from_empty_cache_matches_forward():
   for i in range(5):
     y_i, cache = _decode(m, x[:, i], cache)
     outs.append(y_i)
-  np.testing.assert_allclose(jnp.stack(outs, 1), _forward(m, x), rtol=1e-5,
+  np.testing.assert_allclose(jnp.stack(outs, 1), forward(m, x), rtol=1e-5,
                              atol=1e-5)
 
 

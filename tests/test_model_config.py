@@ -1,4 +1,4 @@
-"""ModelConfig validation: bad configurations fail at construction, naming the key."""
+"""ModelConfig validation: a bad config fails when built, naming the key."""
 
 import pytest
 

@@ -13,6 +13,7 @@ from sessa_jax.train import config as config_lib
 from sessa_jax.train import evaluate
 from sessa_jax.train import sharding as sharding_lib
 from sessa_jax.train import trainer
+from sessa_jax.train import workdir_files
 from test_train_loop import tiny_config
 
 MIXERS = ("sessa", "attention", "mamba2", "sessa,attention")
@@ -123,7 +124,7 @@ def test_a_run_resumes_with_another_remat(tmp_path):
       '{"model": {"mixer": "sessa"}, "data": {"task": "mqar"}}')
   raw = {"model": {"mixer": "sessa", "remat": "block"},
          "data": {"task": "mqar"}}
-  assert trainer._check_resume(tmp_path, raw, force=False) == []
+  assert workdir_files.check_resume(tmp_path, raw, force=False) == []
   raw["model"]["mixer"] = "attention"
   with pytest.raises(ValueError, match="model.mixer"):
-    trainer._check_resume(tmp_path, raw, force=False)
+    workdir_files.check_resume(tmp_path, raw, force=False)

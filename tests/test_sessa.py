@@ -1,4 +1,4 @@
-"""SessaMixer: causality, decode, options, the uniform-routing theory, gradients."""
+"""SessaMixer: causality, decode, options, uniform-routing theory, gradients."""
 
 import numpy as np
 import pytest
@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from helpers import forward, normal, prefill_then_decode, rel
 from sessa_jax import kernels
 from sessa_jax.models import MixerBlock, ModelConfig, SessaMixer
 
@@ -16,38 +17,6 @@ def _cfg(**kw):
   base = dict(mixer="sessa", d_model=16, n_heads=2, n_kv_heads=1)
   base.update(kw)
   return ModelConfig(**base)
-
-
-@nnx.jit
-def _forward(module, x):
-  return module(x)
-
-
-def _prefill_then_decode(module, x_btd, prompt_len):
-  """Prefills `prompt_len` tokens, then decodes the rest one at a time."""
-
-  @nnx.jit
-  def run(module, x):
-    y, cache = module.prefill(x[:, :prompt_len], x.shape[1])
-
-    def step(cache, x_bd):
-      y_bd, cache = module.decode_step(x_bd, cache)
-      return cache, y_bd
-
-    _, y_tbd = jax.lax.scan(step, cache, jnp.swapaxes(x[:, prompt_len:], 0, 1))
-    return jnp.concatenate([y, jnp.swapaxes(y_tbd, 0, 1)], axis=1)
-
-  return run(module, x_btd)
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-def _normal(seed, shape, dtype=np.float32):
-  """Fresh standard-normal test data (NumPy: no per-shape compilation)."""
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
 
 
 OPTIONS = [
@@ -62,31 +31,31 @@ OPTIONS = [
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: str(o) or "default")
 def test_causal_and_decode_matches_forward(options):
   mixer = SessaMixer(_cfg(**options), rngs=nnx.Rngs(0))
-  x = _normal(1, (2, 9, 16))
-  y = _forward(mixer, x)
+  x = normal(1, (2, 9, 16))
+  y = forward(mixer, x)
   assert y.shape == x.shape and y.dtype == x.dtype
   tau = 5
-  y_pert = _forward(mixer, x.at[:, tau].add(1.0))
+  y_pert = forward(mixer, x.at[:, tau].add(1.0))
   np.testing.assert_array_equal(y[:, :tau], y_pert[:, :tau])
   assert np.all(np.abs(np.asarray(y_pert - y)[:, tau]).max(-1) > 1e-3)
-  assert _rel(_prefill_then_decode(mixer, x, 3), y) < 1e-5
+  assert rel(prefill_then_decode(mixer, x, 3), y) < 1e-5
 
 
 def test_options_change_the_function():
-  x = _normal(1, (2, 9, 16))
+  x = normal(1, (2, 9, 16))
   y = {}
   for name, options in [("default", {}), ("no_fb", {"feedback": False}),
                         ("tanh", {"gamma_form": "tanh"})]:
-    y[name] = _forward(SessaMixer(_cfg(**options), rngs=nnx.Rngs(0)), x)
+    y[name] = forward(SessaMixer(_cfg(**options), rngs=nnx.Rngs(0)), x)
   # Same seed: the forward branch is identical; only the feedback differs.
-  assert _rel(y["default"], y["no_fb"]) > 1e-3
-  assert _rel(y["default"], y["tanh"]) > 1e-3
+  assert rel(y["default"], y["no_fb"]) > 1e-3
+  assert rel(y["default"], y["tanh"]) > 1e-3
   np.testing.assert_allclose(y["default"][:, 0], y["no_fb"][:, 0], atol=1e-6)
 
 
 def test_gain_forms_and_initial_gain():
   mixer = SessaMixer(_cfg(), rngs=nnx.Rngs(0))
-  a = _normal(2, (2, 5, 16))
+  a = normal(2, (2, 5, 16))
   mixer.gamma_ctx[...] = jnp.zeros(16)
   np.testing.assert_allclose(mixer.gain(a), 0.999 * np.tanh(1.0), rtol=1e-6)
   plain = SessaMixer(_cfg(gamma_form="tanh"), rngs=nnx.Rngs(0))
@@ -116,7 +85,7 @@ def test_block_parameter_count(d, heads):
   assert _block_params(d_model=d, n_heads=1) == 8 * d * d + 11 * d + 1
 
 
-# --- uniform-routing theory ----------------------------------------------------
+# --- uniform-routing theory ---------------------------------------------
 #
 # With A uniform over the strictly earlier positions (row t, 0-based, averages
 # the t entries j < t) and constant gain g, an impulse f = e * delta_{t,tau}
@@ -131,7 +100,8 @@ def test_block_parameter_count(d, heads):
 
 def _uniform_routing_response(gamma, tau, t):
   lag = np.arange(1, t - tau)
-  log = (np.log(gamma) + special.gammaln(tau + 1) - special.gammaln(tau + 1 + gamma)
+  log = (np.log(gamma) + special.gammaln(tau + 1)
+         - special.gammaln(tau + 1 + gamma)
          + special.gammaln(tau + lag + gamma) - special.gammaln(tau + lag + 1))
   return np.concatenate([np.zeros(tau), [1.0], np.exp(log)])
 
@@ -170,15 +140,15 @@ def test_uniform_routing_through_the_mixer(gamma, tau):
     attn.v_proj.bias[...] = jnp.zeros(d)
     mixer.gamma_ctx[...] = jnp.zeros(d)
     mixer.gamma_bias[...] = jnp.arctanh(gamma / cfg.gamma_max)
-    e = _normal(0, (d,), np.float64)
+    e = normal(0, (d,), np.float64)
     a = jnp.zeros((1, t, d), jnp.float64)
     a = a.at[0, tau].set((tau + 1) * e).at[0, tau + 1].set(-(tau + 1) * e)
-    s = np.asarray(_forward(mixer, a))[0]
+    s = np.asarray(forward(mixer, a))[0]
   want = _uniform_routing_response(gamma, tau, t)[:, None] * np.asarray(e)
   np.testing.assert_allclose(s, want, rtol=1e-9, atol=1e-12)
 
 
-# --- gradients -----------------------------------------------------------------
+# --- gradients ----------------------------------------------------------
 
 
 def _check_grads_fd(module, x, seed=0, eps=1e-6):
@@ -214,7 +184,7 @@ def test_gradients_match_finite_differences(options):
     cfg = _cfg(d_model=8, n_heads=2, dtype="float64", param_dtype="float64",
                **options)
     mixer = SessaMixer(cfg, rngs=nnx.Rngs(0))
-    x = _normal(3, (2, 5, 8), np.float64)
+    x = normal(3, (2, 5, 8), np.float64)
     _check_grads_fd(mixer, x)
 
 
@@ -222,8 +192,8 @@ def test_bfloat16_compute():
   cfg = _cfg(dtype="bfloat16")
   mixer = SessaMixer(cfg, rngs=nnx.Rngs(0))
   ref = SessaMixer(_cfg(), rngs=nnx.Rngs(0))
-  x = _normal(1, (2, 9, 16))
-  y = _forward(mixer, x.astype(jnp.bfloat16))
+  x = normal(1, (2, 9, 16))
+  y = forward(mixer, x.astype(jnp.bfloat16))
   assert y.dtype == jnp.bfloat16
   assert mixer.attn.q_proj.kernel[...].dtype == jnp.float32
-  assert _rel(y, _forward(ref, x)) < 3e-2
+  assert rel(y, forward(ref, x)) < 3e-2

@@ -1,4 +1,4 @@
-"""Config validation, config files, optimizer pieces and mesh rules (no training)."""
+"""Config validation and files, optimizer pieces, mesh rules (no training)."""
 
 import pathlib
 
@@ -39,7 +39,8 @@ def test_config_argument_picks_mixer_and_size():
   config = config_lib.load_config(str(ROOT / "configs/mqar.py:mamba2,small"))
   assert config.model.mixer == "mamba2"
   assert config.model.d_model == config_lib.MODEL_SIZES["small"]["d_model"]
-  with pytest.raises(ValueError, match="neither a mixer .*sessa.*nor a size .*tiny"):
+  with pytest.raises(ValueError,
+                     match="neither a mixer .*sessa.*nor a size .*tiny"):
     config_lib.load_config(str(ROOT / "configs/mqar.py:transformer"))
 
 
@@ -47,7 +48,8 @@ def test_config_argument_picks_mixer_and_size():
     ("train", "learning_rate",
      r"unknown config key 'train\.learning_rate'; known keys of train: .*lr"),
     ("mesh", "model",
-     r"unknown config key 'mesh\.model'; known keys of mesh: data, fsdp, tensor"),
+     r"unknown config key 'mesh\.model'; known keys of mesh: data, fsdp, "
+     r"tensor"),
     ("model", "width",
      r"unknown config key 'model\.width'; known keys of model: .*d_model"),
 ])
@@ -60,23 +62,28 @@ def test_unknown_key_names_choices(section, key, message):
 
 def test_unknown_section_mixer_and_task_name_choices():
   raw = _config().to_dict()
-  with pytest.raises(ValueError, match="known sections: model, data, train, mesh"):
+  with pytest.raises(ValueError,
+                     match="known sections: model, data, train, mesh"):
     config_lib.validate({**raw, "optim": {}})
   raw["model"]["mixer"] = "rwkv"
-  with pytest.raises(ValueError, match="model.mixer='rwkv' is not one of: sessa, attention, mamba2"):
+  with pytest.raises(ValueError, match="model.mixer='rwkv' is not one of: "
+                     "sessa, attention, mamba2"):
     config_lib.validate(raw)
-  with pytest.raises(ValueError, match=r"unknown data.task 'wikitext'; choices: .*mqar"):
+  with pytest.raises(ValueError,
+                     match=r"unknown data.task 'wikitext'; choices: .*mqar"):
     config_lib.base_config(model={}, data=dict(task="wikitext"), train={})
 
 
 def test_bad_values_name_the_key():
   with pytest.raises(ValueError, match="train.dtype='float16' is not one of"):
     config_lib.validate(_config(dtype="float16").to_dict())
-  with pytest.raises(ValueError, match="train.batch_size=10 is not divisible by train.grad_accum=4"):
+  with pytest.raises(ValueError, match="train.batch_size=10 is not divisible "
+                     "by train.grad_accum=4"):
     config_lib.validate(_config(batch_size=10, grad_accum=4).to_dict())
   raw = _config().to_dict()
   raw["model"]["n_heads"] = 3
-  with pytest.raises(ValueError, match="model.d_model=16 is not divisible by model.n_heads=3"):
+  with pytest.raises(ValueError, match="model.d_model=16 is not divisible by "
+                     "model.n_heads=3"):
     config_lib.validate(raw)
 
 
@@ -84,7 +91,8 @@ def test_overrides_set_dotted_keys_and_reject_unknown_ones():
   config = config_lib.apply_overrides(_config(), {"train.lr": 0.5,
                                                   "model.n_kv_heads": 1})
   assert config.train.lr == 0.5 and config.model.n_kv_heads == 1
-  with pytest.raises(ValueError, match="unknown config key 'train.lrr'; known keys of train: .*lr"
+  with pytest.raises(ValueError, match="unknown config key 'train.lrr'; "
+                     "known keys of train: .*lr"
                      r".* \(did you mean 'train.lr'\?\)"):
     config_lib.apply_overrides(_config(), {"train.lrr": 0.5})
 
@@ -92,11 +100,13 @@ def test_overrides_set_dotted_keys_and_reject_unknown_ones():
 def test_model_config_takes_task_vocab_and_train_dtype():
   exp = config_lib.validate(_config(dtype="bfloat16").to_dict())
   cfg = exp.model_config(vocab_size=16)
-  assert (cfg.vocab_size, cfg.dtype, cfg.param_dtype) == (16, "bfloat16", "float32")
+  assert (cfg.vocab_size, cfg.dtype, cfg.param_dtype) == (16, "bfloat16",
+                                                          "float32")
 
 
 def test_schedule_warms_up_then_decays_to_min():
-  tc = config_lib.TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+  tc = config_lib.TrainConfig(steps=100, lr=1.0, warmup_steps=10,
+                              min_lr_ratio=0.1)
   schedule = optimizer_lib.learning_rate_schedule(tc)
   np.testing.assert_allclose(
       [schedule(0), schedule(5), schedule(10), schedule(100)],
@@ -106,7 +116,8 @@ def test_schedule_warms_up_then_decays_to_min():
 
 def test_weight_decay_skips_vectors_and_scalars():
   params = {"w": jnp.ones((4, 4)), "b": jnp.ones((4,)), "g": jnp.ones(())}
-  tc = config_lib.TrainConfig(lr=0.0, weight_decay=0.5, warmup_steps=0, grad_clip=0)
+  tc = config_lib.TrainConfig(lr=0.0, weight_decay=0.5, warmup_steps=0,
+                              grad_clip=0)
   # Zero gradients: only weight decay moves a parameter.
   tx = optax.adamw(0.1, weight_decay=0.5, mask=optimizer_lib.decay_mask)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params),
@@ -121,8 +132,10 @@ def test_weight_decay_skips_vectors_and_scalars():
 
 
 def test_mesh_fills_minus_one_and_checks_sizes():
-  assert sharding_lib.mesh_shape(config_lib.MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
-  assert sharding_lib.mesh_shape(config_lib.MeshConfig(data=2, fsdp=-1, tensor=1), 8) == (2, 4, 1)
+  mesh_shape = lambda **axes: sharding_lib.mesh_shape(
+      config_lib.MeshConfig(**axes), 8)
+  assert mesh_shape(data=-1, fsdp=2, tensor=2) == (2, 2, 2)
+  assert mesh_shape(data=2, fsdp=-1, tensor=1) == (2, 4, 1)
   with pytest.raises(ValueError, match="needs 4 devices, but 8 are available"):
     sharding_lib.mesh_shape(config_lib.MeshConfig(data=4, fsdp=1, tensor=1), 8)
   with pytest.raises(ValueError, match="at most one of mesh"):

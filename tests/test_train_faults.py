@@ -38,7 +38,8 @@ def assert_all_checkpoints_finite(workdir):
 
 
 def file_hashes(workdir):
-  return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
+  return {str(p.relative_to(workdir)):
+              hashlib.sha256(p.read_bytes()).hexdigest()
           for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
@@ -183,7 +184,8 @@ def test_failed_start_names_the_empty_file_and_blocks_nothing(tmp_path):
   corpus = tmp_path / "corpus.txt"
   corpus.write_text("")
   with pytest.raises(ValueError, match=f"split 'train' of task 'text' "
-                                       f"\\(data.path='{corpus}'.* has 0 examples"):
+                                       f"\\(data.path='{corpus}'.* has 0 "
+                                       "examples"):
     trainer.train(text_config(corpus), tmp_path / "run")
   assert not (tmp_path / "run" / "config.json").exists()
   corpus.write_text("It is a truth universally acknowledged. " * 200)
@@ -266,7 +268,7 @@ def test_full_disk_writing_config_json_names_it_and_leaves_no_temp_file(
   monkeypatch.setattr(pathlib.Path, "write_text", write_half)
   with pytest.raises(OSError, match=f"cannot write {tmp_path}/config.json: "
                                     "No space left on device"):
-    trainer.write_json(tmp_path / "config.json", {"a": 1})
+    workdir_files.write_json(tmp_path / "config.json", {"a": 1})
   assert not list(tmp_path.iterdir())
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from sessa_jax.train import checkpoint as checkpoint_lib
 from sessa_jax.train import trainer
-from test_train_loop import assert_trees_equal, saved_params, tiny_config, train_losses
+from test_train_loop import (assert_trees_equal, saved_params, tiny_config,
+                             train_losses)
 
 
 def checkpoint_steps(workdir):

@@ -1,4 +1,4 @@
-"""The train loop in-process: outputs, tensorboard, eval mode, resume equality."""
+"""The train loop in process: outputs, tensorboard, eval mode, equal resumes."""
 
 import json
 import pathlib
@@ -14,8 +14,9 @@ from sessa_jax.train import config as config_lib
 from sessa_jax.train import trainer
 
 # Runs in one session share compiled programs (each compile is seconds on CPU).
-jax.config.update("jax_compilation_cache_dir",
-                  str(pathlib.Path(tempfile.gettempdir()) / "sessa_jax_test_xla"))
+jax.config.update(
+    "jax_compilation_cache_dir",
+    str(pathlib.Path(tempfile.gettempdir()) / "sessa_jax_test_xla"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
@@ -68,8 +69,10 @@ def test_short_run_learns_and_writes_every_output(tmp_path):
               "wall_time_s"):
     assert key in summary, key
   assert summary["steps"] == 30 and summary["model"] == "sessa"
-  assert json.loads((tmp_path / "config.json").read_text())["model"]["d_model"] == 16
-  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [10, 20, 30]
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["model"]["d_model"] == 16
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                ) == [10, 20, 30]
   events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
   events.Reload()
   tags = events.Tags()["scalars"]
@@ -92,7 +95,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
   assert stopped == {"preempted": True, "step": 3}
   assert not (tmp_path / "split" / "summary.json").exists()
   trainer.train(config, tmp_path / "split")
-  whole, split = train_losses(tmp_path / "whole"), train_losses(tmp_path / "split")
+  whole = train_losses(tmp_path / "whole")
+  split = train_losses(tmp_path / "split")
   assert [s for s, _ in split] == list(range(1, 7))
   np.testing.assert_array_equal([l for _, l in split], [l for _, l in whole])
   assert_trees_equal(saved_params(tmp_path / "split", 6),

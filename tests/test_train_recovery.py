@@ -1,4 +1,4 @@
-"""Nothing lost: NaN stops, refusals to resume a different run, corrupt checkpoints."""
+"""Nothing lost: NaN stops, refused resumes of other runs, bad checkpoints."""
 
 import json
 import logging
@@ -8,7 +8,8 @@ import pytest
 
 from sessa_jax.train import evaluate as evaluate_lib
 from sessa_jax.train import trainer
-from test_train_loop import assert_trees_equal, saved_params, tiny_config, train_losses
+from test_train_loop import (assert_trees_equal, saved_params, tiny_config,
+                             train_losses)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -25,7 +26,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
                      match="non-finite training loss .* at step 5.* last good "
                            "checkpoint is step 4"):
     trainer.train(tiny_config(steps=8), tmp_path)
-  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
+  assert sorted(int(p.name)
+                for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
   assert_trees_equal(saved_params(tmp_path, 4), good)
 
 
@@ -58,7 +60,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   assert "checkpoints/4 cannot be restored" in caplog.text
   assert summary["steps"] == 6
   assert [s for s, _ in train_losses(tmp_path)] == list(range(1, 7))
-  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4, 6]
+  assert sorted(int(p.name)
+                for p in (tmp_path / "checkpoints").iterdir()) == [2, 4, 6]
   assert len(list((tmp_path / "checkpoints.unreadable").iterdir())) == 1
 
 

@@ -1,4 +1,4 @@
-"""The jitted train step on a (data=2, fsdp=2, tensor=2) mesh of 8 CPU devices."""
+"""The jitted train step on a (data=2, fsdp=2, tensor=2) mesh of 8 CPUs."""
 
 import jax
 import numpy as np
@@ -13,11 +13,12 @@ from test_train_loop import tiny_config
 
 
 def _steps(mesh_cfg, devices, **train):
-  """Metrics and final state of three steps of the tiny Sessa model on a mesh."""
+  """Metrics and final state of three tiny Sessa model steps on a mesh."""
   exp = config_lib.validate(tiny_config(**train))
   task = data_lib.get_task(exp.data)
   mesh = sharding_lib.make_mesh(mesh_cfg, devices)
-  state_spec = trainer.make_state_spec(exp.model_config(task.vocab_size), exp.train, mesh)
+  state_spec = trainer.make_state_spec(exp.model_config(task.vocab_size),
+                                       exp.train, mesh)
   step = trainer.make_train_step(state_spec, exp.train, mesh)
   batches = data_lib.make_iterator(task, "train", batch_size=8, seed=0)
   state, history = state_spec.init(), []
@@ -55,8 +56,10 @@ def test_sharded_step_matches_one_device_and_shards_by_the_rules():
   block = params["blocks"][0]
   expected = {
       "embedding (vocab, embed)": (params["embedding"], P("tensor", "fsdp")),
-      "in_proj (embed, hidden)": (block["in_proj"]["kernel"], P("fsdp", "tensor")),
-      "out_proj (hidden, embed)": (block["out_proj"]["kernel"], P("tensor", "fsdp")),
+      "in_proj (embed, hidden)": (block["in_proj"]["kernel"],
+                                  P("fsdp", "tensor")),
+      "out_proj (hidden, embed)": (block["out_proj"]["kernel"],
+                                   P("tensor", "fsdp")),
       "in_proj bias (hidden,)": (block["in_proj"]["bias"], P("tensor")),
       "norm scale (embed,)": (block["norm"]["scale"], P("fsdp")),
       "gamma_bias ()": (block["mixer"]["gamma_bias"], P()),
@@ -64,7 +67,8 @@ def test_sharded_step_matches_one_device_and_shards_by_the_rules():
   for name, (array, spec) in expected.items():
     assert array.sharding.spec == spec, name
   # A (16, 16) embedding split 2 x 2 holds an (8, 8) block on each device.
-  assert {s.data.shape for s in params["embedding"].addressable_shards} == {(8, 8)}
+  assert {s.data.shape
+          for s in params["embedding"].addressable_shards} == {(8, 8)}
   # Adam moments follow their parameters; the step counter is replicated.
   mu = state_8["opt_state"][1][0].mu
   assert mu["embedding"].sharding.spec == P("tensor", "fsdp")
@@ -83,7 +87,8 @@ def test_bfloat16_compute_keeps_float32_parameters():
   _, history_f32 = _steps(config_lib.MeshConfig(1, 1, 1), devices)
   state, history_bf16 = _steps(config_lib.MeshConfig(1, 1, 1), devices,
                                dtype="bfloat16")
-  assert {x.dtype for x in jax.tree.leaves(state["params"])} == {np.dtype("float32")}
+  assert {x.dtype for x in jax.tree.leaves(state["params"])} == {
+      np.dtype("float32")}
   assert {x.dtype for x in jax.tree.leaves(state["opt_state"])
           if x.ndim} == {np.dtype("float32")}
   np.testing.assert_allclose(history_bf16[:, 0], history_f32[:, 0], rtol=3e-2)

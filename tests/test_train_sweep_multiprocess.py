@@ -183,13 +183,24 @@ def test_sigterm_to_both_processes_stops_their_points_and_starts_no_other(
                                         started[0] + started[1])
 
 
-def test_points_larger_than_a_host_train_on_their_group_of_hosts(tmp_path):
-  spec = _write_sweep(tmp_path, """{
-          f"seed{s}": {**POINT, "train.seed": s, "train.steps": 3}
-          for s in range(3)}""")
+def _train_seeds_in_host_pairs(tmp_path, seeds, steps, processes):
+  """Trains points `seed0`.. of `steps` steps, each on two one-device hosts.
+
+  Returns:
+    The sweep file, the sweep's workdir and the points each process started.
+  """
+  spec = _write_sweep(tmp_path, f"""{{
+          f"seed{{s}}": {{**POINT, "train.seed": s, "train.steps": {steps}}}
+          for s in range({seeds})}}""")
   runs = tmp_path / "runs"
-  started = _started(_launch_processes(spec, runs, processes=4, devices=1,
-                                       devices_per_point=2))
+  started = _started(_launch_processes(spec, runs, processes=processes,
+                                       devices=1, devices_per_point=2))
+  return spec, runs, started
+
+
+def test_points_larger_than_a_host_train_on_their_group_of_hosts(tmp_path):
+  spec, runs, started = _train_seeds_in_host_pairs(tmp_path, seeds=3, steps=3,
+                                                   processes=4)
   # Processes 0, 1 and 2, 3 each train their points together.
   assert started[0] == started[1] and started[2] == started[3]
   assert sorted(started[0] + started[2]) == ["seed0", "seed1", "seed2"]
@@ -226,12 +237,8 @@ def test_sigterm_to_one_process_of_a_group_stops_the_whole_group(tmp_path):
 
 @pytest.mark.slow
 def test_a_host_left_out_of_every_group_idles_until_the_sweep_ends(tmp_path):
-  spec = _write_sweep(tmp_path, """{
-          f"seed{s}": {**POINT, "train.seed": s, "train.steps": 2}
-          for s in range(2)}""")
-  runs = tmp_path / "runs"
-  started = _started(_launch_processes(spec, runs, processes=3, devices=1,
-                                       devices_per_point=2))
+  _, runs, started = _train_seeds_in_host_pairs(tmp_path, seeds=2, steps=2,
+                                                processes=3)
   assert started[0] == started[1] == ["seed0", "seed1"] and not started[2]
   summary = json.loads((runs / "sweep_summary.json").read_text())
   assert [r["processes"] for r in summary.values()] == [[0, 1], [0, 1]]

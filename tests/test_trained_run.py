@@ -1,4 +1,4 @@
-"""Using a run: its start-of-run report, dry run, profile, load, eval, sample."""
+"""Using a run: its start report, dry run, profile, load, eval, sample."""
 
 import json
 

@@ -1,1 +1,1 @@
-"""Memory-influence measurements (Jacobian norms and impulse responses vs lag)."""
+"""Memory influence: Jacobian norms and impulse responses against lag."""

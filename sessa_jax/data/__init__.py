@@ -25,7 +25,8 @@ TASKS: Mapping[str, type[Task]] = {
 }
 
 
-def get_task(data_cfg: Mapping[str, Any], *, workdir: str | None = None) -> Task:
+def get_task(data_cfg: Mapping[str, Any], *,
+             workdir: str | None = None) -> Task:
   """Builds the task named by `data.task` from the `data` config section.
 
   Args:

@@ -66,6 +66,21 @@ class TaskConfig:
     return cls(**kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class GeneratedTaskConfig(TaskConfig):
+  """Fields of a task that generates its examples: the size of each split.
+
+  Attributes:
+    num_train: examples in the train split.
+    num_val: examples in the val split.
+    num_test: examples in the test split.
+  """
+
+  num_train: int = 100_000
+  num_val: int = 1_000
+  num_test: int = 1_000
+
+
 def _check_type(name: str, value: Any, default: Any) -> Any:
   """Checks `value` against the type of the field's default value."""
   if isinstance(default, bool):

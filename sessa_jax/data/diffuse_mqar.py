@@ -1,8 +1,8 @@
-"""Diffuse MQAR: associative recall across a long block of near-miss distractors.
+"""Diffuse MQAR: associative recall across a long block of near-miss keys.
 
 Token layout of one example (w = key_len + 1 tokens per pair):
 
-  <bos> | P real pairs k_1..k_L v | <sep> | noise of n tokens | <sep> | Q queries
+  <bos> | P pairs k_1..k_L v | <sep> | noise of n tokens | <sep> | Q queries
 
 The memory holds P pairs with distinct multi-token keys. The noise mixes
 filler tokens with distractor pairs whose key repeats the first L-1 tokens of a
@@ -30,7 +30,7 @@ FIRST_KEY_ID = 3
 
 
 @dataclasses.dataclass(frozen=True)
-class DiffuseMQARConfig(base.TaskConfig):
+class DiffuseMQARConfig(base.GeneratedTaskConfig):
   """Knobs of diffuse MQAR (defaults: small enough to learn on a CPU).
 
   Attributes:
@@ -44,9 +44,6 @@ class DiffuseMQARConfig(base.TaskConfig):
     min_lag: smallest lag of a query.
     max_lag: largest lag of a query in train and val.
     test_lag_multiplier: test lags reach test_lag_multiplier * max_lag.
-    num_train: examples in the train split.
-    num_val: examples in the val split.
-    num_test: examples in the test split.
   """
 
   seq_len: int = 256
@@ -60,9 +57,6 @@ class DiffuseMQARConfig(base.TaskConfig):
   min_lag: int = 8
   max_lag: int = 48
   test_lag_multiplier: int = 4
-  num_train: int = 100_000
-  num_val: int = 1_000
-  num_test: int = 1_000
 
 
 class DiffuseMQAR(base.Task):

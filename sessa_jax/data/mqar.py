@@ -18,7 +18,7 @@ from sessa_jax.data import base
 
 
 @dataclasses.dataclass(frozen=True)
-class MQARConfig(base.TaskConfig):
+class MQARConfig(base.GeneratedTaskConfig):
   """Knobs of MQAR (defaults: a small task that trains in minutes on CPU).
 
   Attributes:
@@ -26,9 +26,6 @@ class MQARConfig(base.TaskConfig):
     num_kv_pairs: P pairs per example, each queried once.
     power_a: exponent a of the power law p(gap) ~ gap^(a-1) of query gaps.
     random_non_queries: fill non-query positions with random tokens, else 0.
-    num_train: examples in the train split.
-    num_val: examples in the val split.
-    num_test: examples in the test split.
   """
 
   seq_len: int = 128
@@ -36,9 +33,6 @@ class MQARConfig(base.TaskConfig):
   num_kv_pairs: int = 8
   power_a: float = 0.01
   random_non_queries: bool = True
-  num_train: int = 100_000
-  num_val: int = 1_000
-  num_test: int = 1_000
 
 
 class MQAR(base.Task):
@@ -55,8 +49,8 @@ class MQAR(base.Task):
     half = cfg.vocab_size // 2
     if half - 1 < cfg.num_kv_pairs:
       raise ValueError(
-          f"data.vocab_size={cfg.vocab_size} gives {half - 1} key tokens, fewer "
-          f"than data.num_kv_pairs={cfg.num_kv_pairs}")
+          f"data.vocab_size={cfg.vocab_size} gives {half - 1} key tokens, "
+          f"fewer than data.num_kv_pairs={cfg.num_kv_pairs}")
     context = 2 * cfg.num_kv_pairs
     self._num_slots = (cfg.seq_len - context) // 2
     if self._num_slots < cfg.num_kv_pairs:
@@ -79,7 +73,8 @@ class MQAR(base.Task):
     base.check_index(split, index, self.num_examples(split))
     cfg = self.cfg
     rng = base.example_rng(cfg.seed, split, index)
-    num_pairs, half, seq_len = cfg.num_kv_pairs, cfg.vocab_size // 2, cfg.seq_len
+    num_pairs, seq_len = cfg.num_kv_pairs, cfg.seq_len
+    half = cfg.vocab_size // 2
     context = 2 * num_pairs
     keys = rng.choice(np.arange(1, half), num_pairs, replace=False)
     values = rng.choice(np.arange(half, cfg.vocab_size), num_pairs,

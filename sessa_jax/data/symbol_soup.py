@@ -449,7 +449,8 @@ def split_files(path: str) -> dict[str, str]:
   if os.path.isfile(path):
     return {split: path for split in base.SPLITS}
   if not os.path.isdir(path):
-    raise ValueError(f"data.path {path!r} is neither a TSV file nor a directory")
+    raise ValueError(
+        f"data.path {path!r} is neither a TSV file nor a directory")
   files = {}
   for split in base.SPLITS:
     pattern = os.path.join(path, f"*_{split}.tsv")
@@ -498,7 +499,8 @@ class SymbolSoup(base.Task):
       for split, path in split_files(cfg.path).items():
         self._files[split] = read_tsv(path)
         longest = max((len(x) for x in self._files[split][0]), default=0)
-        base.pad(np.zeros(longest), cfg.seq_len, f"the longest example of {path}")
+        base.pad(np.zeros(longest), cfg.seq_len,
+                 f"the longest example of {path}")
     else:
       checks.at_least("data", cfg, [f"num_{split}" for split in base.SPLITS])
       _, hi = letter_range(cfg.min_tokens, cfg.max_tokens)

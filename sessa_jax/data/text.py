@@ -122,7 +122,8 @@ class Text(base.Task):
       docs = {split: [read_text(f) for f in fs] for split, fs in files.items()}
       self.tokenizer = self._make_tokenizer(docs["train"])
       streams = {split: self._encode(d) for split, d in docs.items()}
-      num_bytes = sum(len(d.encode("utf-8")) for ds in docs.values() for d in ds)
+      num_bytes = sum(len(d.encode("utf-8"))
+                      for ds in docs.values() for d in ds)
       self.bytes_per_token = num_bytes / sum(len(s) for s in streams.values())
     else:
       if cfg.vocab_size < 1:

@@ -77,7 +77,7 @@ class MixerBlock(nnx.Module):
     return constrain(self._finish(x_btd, s, g), "batch", "sequence", "embed")
 
   def prefill(self, x_btd: jax.Array, max_len: int):
-    """Forward over a prompt; returns (y_btd, mixer cache of capacity max_len)."""
+    """Forward over a prompt; returns y_btd and a cache of max_len positions."""
     x_btd = x_btd.astype(jnp.dtype(self.cfg.dtype))
     u, g = self.mixer_input(x_btd)
     s, cache = self.mixer.prefill(u, max_len)
@@ -88,9 +88,10 @@ class MixerBlock(nnx.Module):
     return self.mixer.init_cache(batch_size, max_len)
 
   def decode_step(self, x: jax.Array, cache: dict):
-    """One token: x of shape (B, D) or (B, 1, D); returns (y, cache), y shaped like x."""
+    """One token: x (B, D) or (B, 1, D); returns (y, cache), y shaped as x."""
     if x.ndim == 3 and x.shape[1] != 1:
-      raise ValueError(f"decode_step expects (B, D) or (B, 1, D), got {x.shape}")
+      raise ValueError(
+          f"decode_step expects (B, D) or (B, 1, D), got {x.shape}")
     x_bd = x.reshape(x.shape[0], -1).astype(jnp.dtype(self.cfg.dtype))
     u, g = self.mixer_input(x_bd)
     s, cache = self.mixer.decode_step(u, cache)

@@ -1,4 +1,4 @@
-"""ModelConfig: the one description of a model that every module is built from."""
+"""ModelConfig: the one description of a model that every module builds from."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class ModelConfig:
     n_layers: number of blocks.
     n_heads: query heads H of the attention branch.
     n_kv_heads: key/value heads (GQA); None means `n_heads`.
-    mlp_ratio: hidden width of the MLP sublayer as a multiple of D (prenorm_mlp).
+    mlp_ratio: hidden width of the MLP sublayer as a multiple of D
+      (prenorm_mlp).
     tie_embeddings: share the token embedding with the output head.
     rope_base: RoPE base frequency.
     gamma_max: upper bound of Sessa's feedback gain, in (0, 1).

@@ -24,7 +24,7 @@ Axes = tuple[str | None, ...]
 
 
 def torch_uniform(fan_in: int) -> Initializer:
-  """PyTorch's default Linear init: uniform in [-1/sqrt(fan_in), 1/sqrt(fan_in)]."""
+  """PyTorch's default Linear init: uniform in +-1/sqrt(fan_in)."""
   bound = fan_in ** -0.5
 
   def init(key, shape, dtype=jnp.float32):
@@ -57,7 +57,8 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
   """
   if len(axes) != len(shape):
     raise ValueError(f"axes {axes} do not match shape {tuple(shape)}")
-  eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+  eager = (nnx.using_eager_sharding()
+           and not jax.sharding.get_abstract_mesh().empty)
   return nnx.Param(init(rngs.params(), tuple(shape), dtype),
                    out_sharding=tuple(axes), eager_sharding=eager)
 

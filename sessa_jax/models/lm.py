@@ -45,8 +45,9 @@ class LanguageModel(nnx.Module):
                             for i in range(cfg.n_layers)])
     self.final_norm = LayerNorm(d, rngs=rngs, param_dtype=param_dtype)
     self.head = (None if cfg.tie_embeddings else
-                 Linear(d, v, rngs=rngs, use_bias=False, axes=("embed", "vocab"),
-                        dtype=jnp.dtype(cfg.dtype), param_dtype=param_dtype))
+                 Linear(d, v, rngs=rngs, use_bias=False,
+                        axes=("embed", "vocab"), dtype=jnp.dtype(cfg.dtype),
+                        param_dtype=param_dtype))
 
   @property
   def _dtype(self) -> jnp.dtype:
@@ -85,7 +86,7 @@ class LanguageModel(nnx.Module):
                      "batch", "sequence", "vocab")
 
   def prefill(self, tokens_bt: jax.Array, max_len: int):
-    """Runs a prompt; returns (logits_btv, cache) with room for max_len tokens."""
+    """Runs a prompt; returns logits_btv and a cache with room for max_len."""
     x = self.embed(tokens_bt)
     caches = []
     for block in self.blocks:
@@ -122,7 +123,8 @@ class LanguageModel(nnx.Module):
     if temperature > 0 and rng is None:
       raise ValueError("sampling (temperature > 0) needs an rng key")
     if top_k is not None and not 1 <= top_k <= self.cfg.vocab_size:
-      raise ValueError(f"top_k must lie in [1, {self.cfg.vocab_size}], got {top_k}")
+      raise ValueError(
+          f"top_k must lie in [1, {self.cfg.vocab_size}], got {top_k}")
     if num_steps < 1:
       return jnp.asarray(prompt_bt)
     rng = jax.random.key(0) if rng is None else rng

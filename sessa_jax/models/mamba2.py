@@ -39,7 +39,8 @@ NORM_EPS = 1e-5
 
 def _a_log_init(key, shape, dtype=jnp.float32):
   lo, hi = A_INIT_RANGE
-  return jnp.log(jax.random.uniform(key, shape, jnp.float32, lo, hi)).astype(dtype)
+  u = jax.random.uniform(key, shape, jnp.float32, lo, hi)
+  return jnp.log(u).astype(dtype)
 
 
 def _dt_bias_init(key, shape, dtype=jnp.float32):

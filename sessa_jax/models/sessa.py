@@ -78,7 +78,8 @@ class SessaMixer(nnx.Module):
     """Returns (s in float32 or wider, feedback keys)."""
     q_fb, k_fb, gamma = self.feedback_inputs(a_btd)
     f = f_btd.astype(jnp.promote_types(f_btd.dtype, jnp.float32))
-    s = kernels.feedback_solve(q_fb, k_fb, gamma, f, impl=self.cfg.feedback_impl,
+    s = kernels.feedback_solve(q_fb, k_fb, gamma, f,
+                               impl=self.cfg.feedback_impl,
                                chunk=self.cfg.feedback_chunk,
                                scale=self.fb_scale)
     return s, k_fb

@@ -1,4 +1,4 @@
-"""Runs the points of a sweep file, each in its own workdir, and summarises them.
+"""Runs a sweep file's points, each in its own workdir, and summarises them.
 
 A sweep file (`experiments/<name>.py`) defines
 

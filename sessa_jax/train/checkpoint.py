@@ -149,7 +149,7 @@ class CheckpointRestoreError(RuntimeError):
 
 
 class ChecksumError(ValueError):
-  """A checkpoint's file differs from the checksum recorded when it was saved."""
+  """A checkpoint's file differs from the checksum recorded at its save."""
 
 
 def _sha256(path: pathlib.Path) -> str:

@@ -312,6 +312,25 @@ def parse_arg(arg: str | None, sizes: Mapping[str, Mapping[str, Any]],
   return mixer, size
 
 
+def sized_config(arg: str | None, *, default_size: str,
+                 data: Mapping[str, Any],
+                 train: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """base_config of a config file whose argument picks a mixer and a size.
+
+  Args:
+    arg: the config file's argument, read by `parse_arg` with MODEL_SIZES.
+    default_size: the MODEL_SIZES preset when `arg` names none.
+    data: as in `base_config`.
+    train: as in `base_config`.
+
+  Returns:
+    The config of the chosen mixer at the chosen size.
+  """
+  mixer, size = parse_arg(arg, MODEL_SIZES, default_size=default_size)
+  return base_config(model=dict(mixer=mixer, **MODEL_SIZES[size]), data=data,
+                     train=train)
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads 'path/to/config.py[:arg]' by calling its `get_config(arg)`.
 

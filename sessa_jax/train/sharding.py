@@ -44,7 +44,8 @@ def initialize_distributed(coordinator_address: str | None = None,
     auto: call `jax.distributed.initialize()` with cluster auto-detection.
   """
   env = os.environ
-  coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+  coordinator_address = (coordinator_address
+                         or env.get("JAX_COORDINATOR_ADDRESS"))
   if num_processes is None and "JAX_NUM_PROCESSES" in env:
     num_processes = int(env["JAX_NUM_PROCESSES"])
   if process_id is None and "JAX_PROCESS_ID" in env:
@@ -55,7 +56,8 @@ def initialize_distributed(coordinator_address: str | None = None,
     jax.distributed.initialize()
   else:
     return
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+  logging.info("jax.distributed: process %d of %d, %d local / %d global "
+               "devices",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
 

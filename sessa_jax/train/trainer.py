@@ -44,10 +44,8 @@ from sessa_jax.train.step import make_train_step
 from sessa_jax.train.workdir_files import finished_summary
 # Reached through this module by callers.
 # pylint: disable=unused-import,g-bad-import-order
-from sessa_jax.train.preemption import EXIT_INTERRUPTED
-from sessa_jax.train.preemption import EXIT_PREEMPTED
-from sessa_jax.train.workdir_files import check_resume as _check_resume
-from sessa_jax.train.workdir_files import write_json
+from sessa_jax.train.preemption import EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from sessa_jax.train.preemption import EXIT_PREEMPTED as EXIT_PREEMPTED
 # pylint: enable=unused-import,g-bad-import-order
 
 
@@ -206,7 +204,7 @@ def train(config, workdir: str | pathlib.Path, *, force: bool = False,
 def evaluate_checkpoint(config, workdir: str | pathlib.Path, *,
                         force: bool = False, step: int | None = None
                        ) -> dict[str, Any]:
-  """Evaluates a checkpoint in `workdir` (the newest, or `step`) on val and test.
+  """Evaluates a checkpoint of `workdir` (the newest, or `step`) on val, test.
 
   Read-only: checkpoints, config.json, summary.json and metrics are left as
   they are; the results go to `eval_summary.json`, whose `steps` names the

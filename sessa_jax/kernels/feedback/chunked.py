@@ -2,12 +2,14 @@
 
 Solves s = (I - diag(gamma) A)^{-1} f, A the strictly causal softmax of
 scale * q k^T (docs/design.md#feedback-solve), chunk by chunk in time
-order (`lax.fori_loop`, so the program size does not grow with T). Chunk i (C rows) walks the
-earlier key chunks with an online softmax (flash-attention style: running
-max, sum and A s), which yields the row log-sum-exp and the earlier chunks'
-contribution in a single pass over the logits:
+order (`lax.fori_loop`, so the program size does not grow with T). Chunk i
+(C rows) walks the earlier key chunks with an online softmax
+(flash-attention style: running max, sum and A s), which yields the row
+log-sum-exp and the earlier chunks' contribution in a single pass over the
+logits:
 
-  rhs_i = f_i + gamma_i * (A_{i,<i} s_{<i}),   s_i = (I - gamma_i A_ii)^{-1} rhs_i
+  rhs_i = f_i + gamma_i * (A_{i,<i} s_{<i}),
+  s_i = (I - gamma_i A_ii)^{-1} rhs_i
 
 The C x C unit lower-triangular inverse is built by blocked recursion
 (matmuls only; XLA's triangular solve is slow on CPU). T is padded up to a

@@ -105,11 +105,13 @@ def feedback_solve(q_fb: jax.Array, k_fb: jax.Array, gamma: jax.Array,
     s (B, T, D) in the dtype of `f`.
   """
   impl = resolve_impl(impl)
-  if q_fb.ndim != 3 or k_fb.shape != q_fb.shape or gamma.shape != q_fb.shape[:2] \
-      or f.shape[:2] != q_fb.shape[:2] or f.ndim != 3:
+  if (q_fb.ndim != 3 or k_fb.shape != q_fb.shape
+      or gamma.shape != q_fb.shape[:2] or f.shape[:2] != q_fb.shape[:2]
+      or f.ndim != 3):
     raise ValueError(
-        "feedback_solve expects q_fb, k_fb (B, T, K), gamma (B, T), f (B, T, D);"
-        f" got {q_fb.shape}, {k_fb.shape}, {gamma.shape}, {f.shape}")
+        "feedback_solve expects q_fb, k_fb (B, T, K), gamma (B, T), "
+        f"f (B, T, D); got {q_fb.shape}, {k_fb.shape}, {gamma.shape}, "
+        f"{f.shape}")
 
   def local(q_fb, k_fb, gamma, f):
     return _solve_local(q_fb, k_fb, gamma, f, impl=impl, chunk=chunk,

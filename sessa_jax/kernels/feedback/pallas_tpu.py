@@ -2,7 +2,8 @@
 
 Flash-attention style passes over (row tile, key tile) pairs, each a
 `pallas_call` whose grid runs each outer tile's reduction steps in order
-("arbitrary"), with the running state in VMEM scratch. Blocks are (C, K) and (C, D) tiles, C a multiple of 8
+("arbitrary"), with the running state in VMEM scratch. Blocks are (C, K) and
+(C, D) tiles, C a multiple of 8
 (hundreds of rows in practice) and K, D the full feature widths; per-row
 scalars travel as (B, T, 1) arrays so their (C, 1) tiles are legal too.
 

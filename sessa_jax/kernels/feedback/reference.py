@@ -40,9 +40,9 @@ def feedback_matrix(q_btk: jax.Array, k_btk: jax.Array,
   return masked_softmax(logits, strict_lower(q_btk.shape[1]))
 
 
-def feedback_solve_dense(q_btk: jax.Array, k_btk: jax.Array, gamma_bt: jax.Array,
-                         f_btd: jax.Array, *, scale: float | None = None
-                         ) -> jax.Array:
+def feedback_solve_dense(q_btk: jax.Array, k_btk: jax.Array,
+                         gamma_bt: jax.Array, f_btd: jax.Array, *,
+                         scale: float | None = None) -> jax.Array:
   """Solves (I - diag(gamma) A) s = f with A materialised.
 
   Computation runs in float32 (float64 when the inputs are float64); the
