@@ -8,6 +8,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from float64_reference import assert_matches_float64
+from helpers import rel_err
+from helpers import value_and_grads
 from jaxpr_sizes import array_sizes
 from sessa_jax import kernels
 from sessa_jax.kernels.feedback import chunked as feedback_chunked
@@ -28,23 +30,8 @@ def _inputs(seed, b, t, k, d, dtype):
   return [jnp.asarray(x, dtype) for x in (q, kk, gamma, f, cot)]
 
 
-def _value_and_grads(solve, q, k, gamma, f, cot):
-  """s and the gradients of sum(s * cot) w.r.t. q, k, gamma, f (jitted)."""
-
-  def run(q, k, gamma, f, cot):
-    s, vjp = jax.vjp(solve, q, k, gamma, f)
-    return [s, *vjp(cot)]
-
-  return jax.jit(run)(q, k, gamma, f, cot)
-
-
 def _dense(*args):
   return feedback_ref.feedback_solve_dense(*args)
-
-
-def _rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30)
 
 
 def _numpy_solve(q, k, gamma, f):
@@ -91,8 +78,8 @@ def test_chunked_matches_dense_float64(t, chunk):
   with jax.enable_x64(True):
     args = _inputs(t, 3, t, 6, 5, jnp.float64)
     solve = lambda *a: feedback_chunked.feedback_solve_chunked(*a, chunk=chunk)
-    got = _value_and_grads(solve, *args)
-    want = _value_and_grads(_dense, *args)
+    got = value_and_grads(solve, *args)
+    want = value_and_grads(_dense, *args)
     for name, x, y in zip(("s", "dq", "dk", "dgamma", "df"), got, want):
       assert x.dtype == jnp.float64, name
       np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-10, err_msg=name)
@@ -102,22 +89,22 @@ def test_chunked_matches_dense_float32():
   t, chunk = 37, 16
   args = _inputs(100, 3, t, 16, 8, jnp.float32)
   solve = lambda *a: feedback_chunked.feedback_solve_chunked(*a, chunk=chunk)
-  got = _value_and_grads(solve, *args)
+  got = value_and_grads(solve, *args)
   with jax.enable_x64(True):
-    want = _value_and_grads(_dense, *[a.astype(jnp.float64) for a in args])
+    want = value_and_grads(_dense, *[a.astype(jnp.float64) for a in args])
   for name, x, y in zip(("s", "dq", "dk", "dgamma", "df"), got, want):
     assert x.dtype == jnp.float32, name
-    assert _rel_err(x, y) < 1e-5, name
+    assert rel_err(x, y) < 1e-5, name
 
 
 def test_bfloat16_accumulates_in_float32():
   args = _inputs(7, 3, 33, 16, 8, jnp.bfloat16)
   solve = lambda *a: feedback.feedback_solve(*a, impl="chunked", chunk=8)
-  got = _value_and_grads(solve, *args)
-  want = _value_and_grads(_dense, *[a.astype(jnp.float32) for a in args])
+  got = value_and_grads(solve, *args)
+  want = value_and_grads(_dense, *[a.astype(jnp.float32) for a in args])
   for name, x, y in zip(("s", "dq", "dk", "dgamma", "df"), got, want):
     assert x.dtype == jnp.bfloat16, name
-    assert _rel_err(x, y) < 2e-2, name
+    assert rel_err(x, y) < 2e-2, name
 
 
 def test_chunked_matches_dense_with_custom_scale():
@@ -157,14 +144,14 @@ def test_sharded_over_eight_devices_equals_unsharded():
                        axis_types=(AxisType.Auto,) * 3)
   assert feedback._batch_axes(mesh, 8, ("data", "fsdp")) == ("data", "fsdp")
   args = _inputs(11, 8, 19, 8, 4, jnp.float32)
-  want = _value_and_grads(
+  want = value_and_grads(
       lambda *a: feedback_chunked.feedback_solve_chunked(*a, chunk=8), *args)
   batch = NamedSharding(mesh, P(("data", "fsdp")))
   placed = [jax.device_put(a, batch) for a in args]
   with jax.set_mesh(mesh):
     solve = lambda *b: feedback.feedback_solve(*b, impl="chunked", chunk=8)
     hlo = jax.jit(solve).lower(*placed[:4]).as_text()
-    got = _value_and_grads(solve, *placed)
+    got = value_and_grads(solve, *placed)
   assert "manual_computation" in hlo  # The per-shard region of shard_map.
   for name, x, y in zip(("s", "dq", "dk", "dgamma", "df"), got, want):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -1,4 +1,5 @@
-"""The feedback benchmark scripts run end to end (GPU check as a CPU dry run)."""
+"""The feedback benchmark scripts run end to end (the GPU check as a CPU dry
+run)."""
 
 import json
 import subprocess

@@ -53,7 +53,8 @@ def launch_env(devices: int) -> dict[str, str]:
 
 def launch(*args, devices=1, extra_env=None, **kwargs) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args],
-                          cwd=ROOT, env={**launch_env(devices), **(extra_env or {})},
+                          cwd=ROOT,
+                          env={**launch_env(devices), **(extra_env or {})},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, **kwargs)
 
@@ -75,7 +76,8 @@ def wait_for_lines(path: pathlib.Path, lines: int, proc: subprocess.Popen):
 
 
 def test_sigterm_saves_a_checkpoint_that_training_resumes_from(tmp_path):
-  args = [*TINY, "--config.train.checkpoint_every=1000", f"--workdir={tmp_path}"]
+  args = [*TINY, "--config.train.checkpoint_every=1000",
+          f"--workdir={tmp_path}"]
   proc = launch(*args, "--config.train.steps=100000")
   wait_for_lines(tmp_path / "metrics.jsonl", 3, proc)
   proc.send_signal(signal.SIGTERM)
@@ -85,7 +87,8 @@ def test_sigterm_saves_a_checkpoint_that_training_resumes_from(tmp_path):
   assert len(saved) == 1 and saved[0] >= 3
   stopped_at = saved[0]
   finish(launch(*args, f"--config.train.steps={stopped_at + 2}"))
-  assert [s for s, _ in train_losses(tmp_path)] == list(range(1, stopped_at + 3))
+  assert [s for s, _ in train_losses(tmp_path)] == list(
+      range(1, stopped_at + 3))
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["steps"] == stopped_at + 2
 
@@ -124,10 +127,12 @@ def test_bad_config_fails_at_start_naming_the_choices(tmp_path, args, message):
 
 
 def test_second_launch_into_a_running_workdir_is_refused(tmp_path):
-  args = [*TINY, "--config.train.checkpoint_every=1000", f"--workdir={tmp_path}"]
+  args = [*TINY, "--config.train.checkpoint_every=1000",
+          f"--workdir={tmp_path}"]
   first = launch(*args, "--config.train.steps=100000")
   wait_for_lines(tmp_path / "metrics.jsonl", 2, first)
-  second = launch(*args, "--config.train.steps=100000", "--config.train.lr=0.003")
+  second = launch(*args, "--config.train.steps=100000",
+                  "--config.train.lr=0.003")
   out = finish(second, returncode=1)
   assert f"is in use by pid {first.pid} on host" in out, out[-3000:]
   assert "Traceback" not in out

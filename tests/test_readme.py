@@ -66,7 +66,8 @@ def _defined_flags(path: pathlib.Path) -> set[str]:
       r"(?:DEFINE_\w+|add_argument)\(\s*[\"'](?:--)?(\w+)[\"']", source))
   names.add("help")
   if "absl" in source:
-    from absl import app, logging  # pylint: disable=g-import-not-at-top,unused-import
+    # Imported for their side effect: they define absl's own flags.
+    from absl import app, logging  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
     from absl import flags  # pylint: disable=g-import-not-at-top
     names |= set(flags.FLAGS)  # absl's own: --verbosity, --helpfull, ...
   return names

@@ -61,8 +61,9 @@ def test_presets_are_matched(monkeypatch, preset, variants, seeds, settings):
     target = next(c for n, c in counts.items() if ".sessa." in n)
     assert all(abs(c / target - 1) <= 0.02 for c in counts.values()), counts
     # Every variant of a grid setting trains with the same data and schedule.
-    shared = lambda p: {k: v for k, v in p.items()  # pylint: disable=g-long-lambda
-                        if k.startswith(("train.", "data.")) and k != "train.seed"}
+    shared = lambda p: {  # pylint: disable=g-long-lambda
+        k: v for k, v in p.items()
+        if k.startswith(("train.", "data.")) and k != "train.seed"}
     for setting in settings:
       same = [p for n, p in group.items()
               if setting is None or f".{setting}." in n]
@@ -150,7 +151,8 @@ def test_horizon_is_cpu_long_symbol_soup_with_more_steps():
 
 
 def test_text_task_follows_the_corpus(monkeypatch, tmp_path):
-  (tmp_path / "a.txt").write_text("It is a truth universally acknowledged. " * 400)
+  (tmp_path / "a.txt").write_text(
+      "It is a truth universally acknowledged. " * 400)
   monkeypatch.setattr(matched_budget, "AUSTEN", pathlib.Path("/nonexistent"))
   points = matched_budget.sweep(f"cpu,seeds=3,text={tmp_path / '*.txt'}")
   text = _groups(points)["text"]
@@ -209,8 +211,10 @@ def test_report_tables_and_plots(tmp_path, capsys):
                            commands=["python launch.py --sweep=x"])
   text = md.read_text()
   std = np.std([0.5, 0.7], ddof=1)
-  assert f"| sessa | 78.21k | 3.10M | 0.3000 ± {std / 2:.4f} | 0.6000 ± {std:.4f} | 0.1541 | 2/3 | 20 | 100 ± 1 |" in text
-  assert "| attention | 78.21k | 3.10M | 0.1500 ± 0.0000 | 0.3000 ± 0.0000 | 0.1222 |" in text
+  assert (f"| sessa | 78.21k | 3.10M | 0.3000 ± {std / 2:.4f} | "
+          f"0.6000 ± {std:.4f} | 0.1541 | 2/3 | 20 | 100 ± 1 |") in text
+  assert ("| attention | 78.21k | 3.10M | 0.1500 ± 0.0000 | "
+          "0.3000 ± 0.0000 | 0.1222 |") in text
   assert "| sessa (no feedback) |" in text and "| mamba2 | — |" in text
   # A tuning sweep's grid setting is a row of its own.
   assert "| attention @ lr1e-2 | 78.21k | 3.10M | 0.4500 | 0.9000 |" in text

@@ -1,4 +1,5 @@
-"""Sweeps: every point in its own workdir, failures reported, the rest still run."""
+"""Sweeps: every point in its own workdir, failures reported, the rest still
+run."""
 
 import json
 import os
@@ -13,8 +14,9 @@ import jax
 
 from sessa_jax.sweeps import sweep
 
-jax.config.update("jax_compilation_cache_dir",
-                  str(pathlib.Path(tempfile.gettempdir()) / "sessa_jax_test_xla"))
+jax.config.update(
+    "jax_compilation_cache_dir",
+    str(pathlib.Path(tempfile.gettempdir()) / "sessa_jax_test_xla"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -36,10 +38,13 @@ def _sweep_file(tmp_path):
 
       def sweep(preset):
         lrs = {{"quick": [1e-2], None: [1e-2, 3e-3]}}[preset]
-        points = {{"bad_heads": {{"config": CONFIG, **TINY, "model.n_heads": 3}}}}
-        points.update({{f"lr{{lr:g}}": {{"config": CONFIG, **TINY, "train.lr": lr}}
+        points = {{"bad_heads": {{"config": CONFIG, **TINY,
+                                  "model.n_heads": 3}}}}
+        points.update({{f"lr{{lr:g}}": {{"config": CONFIG, **TINY,
+                                         "train.lr": lr}}
                        for lr in lrs}})
-        points["bad_key"] = {{"config": CONFIG, **TINY, "train.learning_rate": 1}}
+        points["bad_key"] = {{"config": CONFIG, **TINY,
+                             "train.learning_rate": 1}}
         return points
       """))
   return path
@@ -49,17 +54,22 @@ def test_failing_points_are_reported_and_the_others_run(tmp_path, capsys):
   spec = str(_sweep_file(tmp_path))
   results = sweep.run_sweep(spec, tmp_path / "runs")
   assert {n: r["status"] for n, r in results.items()} == {
-      "lr0.01": "ok", "lr0.003": "ok", "bad_heads": "failed", "bad_key": "failed"}
-  assert "model.d_model=16 is not divisible by model.n_heads=3" in results["bad_heads"]["error"]
-  assert "unknown config key 'train.learning_rate'" in results["bad_key"]["error"]
+      "lr0.01": "ok", "lr0.003": "ok", "bad_heads": "failed",
+      "bad_key": "failed"}
+  assert ("model.d_model=16 is not divisible by model.n_heads=3"
+          in results["bad_heads"]["error"])
+  assert ("unknown config key 'train.learning_rate'"
+          in results["bad_key"]["error"])
   on_disk = json.loads((tmp_path / "runs" / "sweep_summary.json").read_text())
   assert on_disk.keys() == results.keys()
   assert on_disk["lr0.003"]["steps"] == 2
   assert (tmp_path / "runs" / "lr0.003" / "summary.json").exists()
   table = capsys.readouterr().out
-  assert "lr0.003" in table and "eval/accuracy" in table and "failed points:" in table
+  assert "lr0.003" in table and "eval/accuracy" in table
+  assert "failed points:" in table
 
-  # A rerun (e.g. after a crash) reuses finished points instead of retraining.
+  # A rerun (e.g. after a crash) reuses finished points instead of
+  # retraining.
   again = sweep.run_sweep(spec, tmp_path / "runs")
   assert again["lr0.01"]["wall_time_s"] == results["lr0.01"]["wall_time_s"]
 
@@ -95,8 +105,9 @@ def test_sigterm_saves_the_running_point_and_starts_no_other(tmp_path):
   assert results["first"]["status"] == "preempted"
   assert results["second"] == {"status": "pending", "signal": "SIGTERM"}
   assert not (tmp_path / "runs" / "second").exists()
-  assert [int(p.name) for p in (tmp_path / "runs" / "first" / "checkpoints").iterdir()
-         ] == [results["first"]["step"]]
+  checkpoints = tmp_path / "runs" / "first" / "checkpoints"
+  assert [int(p.name) for p in checkpoints.iterdir()] == [
+      results["first"]["step"]]
 
 
 def test_ctrl_c_between_points_leaves_the_rest_pending_by_sigint(

@@ -324,7 +324,8 @@ def rect_apply(sched, q_btk, k_btk, s_btd, lse_bt, ctx_btd, *, block,
   return _call(
       functools.partial(_rect_apply_kernel, block=block, programs=programs,
                         scale=scale),
-      (q_btk.shape[0], programs), [_SCHEDULE] + [_whole(x) for x in operands[1:]],
+      (q_btk.shape[0], programs),
+      [_SCHEDULE] + [_whole(x) for x in operands[1:]],
       _whole(ctx_btd), jax.ShapeDtypeStruct(ctx_btd.shape, ctx_btd.dtype),
       interpret, stages, aliases=_RECT_APPLY_ALIASES)(*operands)
 
