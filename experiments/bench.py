@@ -30,7 +30,6 @@ Usage: python experiments/bench.py [--quick] [--parts solve,layer,decode]
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -39,6 +38,11 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Sequence
+
+from absl import flags
+
+from sessa_jax import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = ROOT / "workdirs" / "bench"
@@ -418,17 +422,23 @@ def _machine() -> dict:
           "load_avg_at_start": os.getloadavg()}
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--child", help=argparse.SUPPRESS)
-  parser.add_argument("--out_dir", type=pathlib.Path, default=DEFAULT_OUT_DIR,
-                      help="where the JSON files go (default workdirs/bench; "
-                      "results updates the committed ones)")
-  parser.add_argument("--parts", default=",".join(PARTS),
-                      help=f"comma-separated subset of {', '.join(PARTS)}")
-  parser.add_argument("--quick", action="store_true",
-                      help="T up to 2048, decode contexts up to 1k (a smoke run)")
-  args = parser.parse_args(argv)
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("child", None, "a case's JSON spec (a child process)",
+                      flag_values=fv)
+  flags.DEFINE_string("out_dir", str(DEFAULT_OUT_DIR),
+                      "where the JSON files go (default workdirs/bench; "
+                      "results updates the committed ones)", flag_values=fv)
+  flags.DEFINE_string("parts", ",".join(PARTS),
+                      f"comma-separated subset of {', '.join(PARTS)}",
+                      flag_values=fv)
+  flags.DEFINE_bool("quick", False,
+                    "T up to 2048, decode contexts up to 1k (a smoke run)",
+                    flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args, _ = cli.parse(argv, _define_flags, __doc__.splitlines()[0],
+                      hidden=("child",))
   if args.child:
     spec = json.loads(args.child)
     print("RESULT " + json.dumps(CHILDREN[spec["kind"]](spec)), flush=True)
@@ -436,19 +446,19 @@ def main(argv=None):
   parts = [p for p in args.parts.split(",") if p]
   unknown = sorted(set(parts) - set(PARTS))
   if unknown:
-    parser.error(f"--parts: unknown {', '.join(unknown)}; choose from "
+    cli.error(f"--parts: unknown {', '.join(unknown)}; choose from "
                  f"{', '.join(PARTS)}")
   if "solve" in parts or "layer" in parts:
     started = time.time()
     result = run_solve_and_layer(args.quick, "solve" in parts,
                                  "layer" in parts)
     result["wall_s"] = time.time() - started
-    _write(args.out_dir, "bench_cpu.json", result)
+    _write(pathlib.Path(args.out_dir), "bench_cpu.json", result)
   if "decode" in parts:
     started = time.time()
     result = {"machine": _machine(), **run_decode(args.quick)}
     result["wall_s"] = time.time() - started
-    _write(args.out_dir, "bench_decode_cpu.json", result)
+    _write(pathlib.Path(args.out_dir), "bench_decode_cpu.json", result)
 
 
 def run_solve_and_layer(quick: bool, do_solve: bool, do_layer: bool) -> dict:
