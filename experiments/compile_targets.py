@@ -207,10 +207,12 @@ def run_target(name):
       lambda: _train_case(one_chip, False))
   results[f"train 6-layer bf16 T=4096, {multi} fsdp=2 tensor=2"] = _run(
       lambda: _train_case(multi, True))
-  if target.platform == "gpu":
-    control = lambda: solve_step(1024, WIDTH, "float32", device, tile=128)
-  else:
-    control = lambda: vmem_control(device)
+
+  def control():
+    if target.platform == "gpu":
+      return solve_step(1024, WIDTH, "float32", device, tile=128)
+    return vmem_control(device)
+
   row = _run(lambda: _compile_case(target, control, device))
   row["expected"] = "failure"
   row["ok"] = "error" in row and ("shared memory" in row["error"]

@@ -1,7 +1,8 @@
 r"""Runs a sweep's points concurrently on one accelerator, a process each.
 
   python experiments/device_study.py --workdir=workdirs/device
-  python experiments/device_study.py --sweep=experiments/matched_budget.py:device_tiny \
+  python experiments/device_study.py \
+      --sweep=experiments/matched_budget.py:device_tiny \
       --workdir=workdirs/device_tiny --concurrent=3
   python experiments/report.py workdirs/device --study=device \
       --sweep=experiments/matched_budget.py:device --out=workdirs/device

@@ -3,9 +3,10 @@ r"""Memory per device of one train step as the mesh changes.
 Compiles (never runs) the trainer's step for a d_model=512, 4-layer model of
 each mixer on several meshes of fake CPU devices and prints XLA's compiled
 memory analysis per device (`sessa_jax.train.compiled.analyze`, as
-`launch.py --dry_run` prints it): `state` (the parameters, AdamW moments, step and
-RNG the step takes as arguments, batch excluded) and `temporaries` (XLA's
-scratch: activations kept for the backward pass, gradients, workspace).
+`launch.py --dry_run` prints it): `state` (the parameters, AdamW moments,
+step and RNG the step takes as arguments, batch excluded) and `temporaries`
+(XLA's scratch: activations kept for the backward pass, gradients,
+workspace).
 
   python experiments/memory_per_device.py
   python experiments/memory_per_device.py --mixers=sessa --seq_len=512

@@ -8,7 +8,8 @@ Trained runs (a workdir each, e.g. from the matched-budget sweep):
 
 Fresh initialisation (same width for every mixer, random tokens):
 
-  python experiments/memory_tail.py --out=results/memory_tail_init --seq_len=1024
+  python experiments/memory_tail.py --out=results/memory_tail_init \
+      --seq_len=1024
 
 For each model the influence ||d h_{tau+l} / d x_tau||_F of the embedding at
 an early source tau on the final hidden state at tau + l is averaged over
@@ -190,8 +191,9 @@ def _write(results, prefix: pathlib.Path, title: str) -> None:
     line = f"{label:>10}: influence slope {result['influence']['slope']:+.3f}"
     if "bound" in result:
       b = result["bound"]
-      line += (f"; layer-0 feedback impulse exponent {b['fitted_exponent']:.3f}"
-               f" vs 1-γmax·c₂ = {b['paper_exponent']:.3f} (c₂ = {b['c2']:.3g})")
+      line += (f"; layer-0 feedback impulse exponent "
+               f"{b['fitted_exponent']:.3f} vs 1-γmax·c₂ = "
+               f"{b['paper_exponent']:.3f} (c₂ = {b['c2']:.3g})")
     print(line)
 
 

@@ -532,7 +532,8 @@ def reference_lines(entry: Mapping[str, Any]) -> list[str]:
   ref = entry.get("reference")
   if not ref:
     return []
-  cells = ", ".join(f"{name} {acc:.3f}" for name, acc in ref["accuracy"].items())
+  cells = ", ".join(f"{name} {acc:.3f}"
+                    for name, acc in ref["accuracy"].items())
   return [f"Reference classifiers at {ref['tokens'][0]}..{ref['tokens'][1]} "
           f"tokens (`experiments/symbol_soup_ceiling.py`, "
           f"{ref['num_examples']} test examples; what each needs is in its "
@@ -552,7 +553,8 @@ def memory_tail_section(runs: Sequence[Run], task_choice: str,
     task = task_choice
   else:
     raise ValueError(f"--memory_tail_task={task_choice!r}: no finished run of "
-                     f"that task; choices: auto, none, {', '.join(sorted(tasks))}")
+                     "that task; choices: auto, none, "
+                     + ", ".join(sorted(tasks)))
   chosen = {f"{run.label} s{run.seed}": run
             for run in sorted(done, key=lambda r: (_label_key(r.label), r.seed))
             if run.task == task

@@ -66,7 +66,10 @@ def _pair_scores(left: np.ndarray, right: np.ndarray, a: np.ndarray,
                  b: np.ndarray) -> np.ndarray:
   """(4, 5) log-likelihoods of blocks (a, b) under each (left, right) pair,
   in whichever block order scores higher."""
-  score = lambda lp, c: (lp * c).reshape(len(lp), -1).sum(1)  # pylint: disable=g-long-lambda
+
+  def score(lp, c):
+    return (lp * c).reshape(len(lp), -1).sum(1)
+
   return np.maximum(score(left, a)[:, None] + score(right, b)[None],
                     score(left, b)[:, None] + score(right, a)[None])
 
