@@ -9,4 +9,11 @@ experiments/NAME.py` from the repo root or as `python -m experiments.NAME`;
 the package is installed beside `sessa_jax` (setup.cfg), so a script imports
 its siblings as `from experiments import NAME`. Their committed outputs are
 under `results/` at the repo root.
+
+One command-line style, absl flags (as `launch.py`'s), each script's on a
+`flags.FlagValues` of its own (`sessa_jax.cli`): a script's
+`_define_flags(fv)` defines them and `main(argv)` parses them, so importing
+a script defines no flags, scripts that import one another never clash, and
+a test calls `main(["--flag=value", ...])`. `--help` lists a script's flags;
+a boolean flag `--NAME` also reads `--noNAME`.
 """

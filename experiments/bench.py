@@ -30,7 +30,6 @@ Usage: python experiments/bench.py [--quick] [--parts solve,layer,decode]
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -39,6 +38,11 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Sequence
+
+from absl import flags
+
+from sessa_jax import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = ROOT / "workdirs" / "bench"
@@ -147,7 +151,10 @@ def _child_solve(spec):
   f = jax.random.normal(keys[3], (B, t, D), jnp.float32)
   jax.block_until_ready((q, k, gamma, f))
   baseline = _peak_rss_bytes()
-  solve = lambda *a: feedback_solve(*a, impl=impl, chunk=spec.get("chunk"))
+
+  def solve(*a):
+    return feedback_solve(*a, impl=impl, chunk=spec.get("chunk"))
+
   if spec["mode"] == "fwd":
     fn = jax.jit(solve)
   else:
@@ -175,7 +182,10 @@ def layer_step(cfg, batch, t, abstract=False):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sessa_jax.models import MixerBlock  # pylint: disable=g-import-not-at-top
-  make = lambda: MixerBlock(cfg, rngs=nnx.Rngs(0))
+
+  def make():
+    return MixerBlock(cfg, rngs=nnx.Rngs(0))
+
   graphdef, params = nnx.split(nnx.eval_shape(make) if abstract else make())
   x = jax.ShapeDtypeStruct((batch, t, cfg.d_model), jnp.dtype(cfg.dtype))
   if not abstract:
@@ -379,11 +389,12 @@ def run_decode(quick: bool) -> dict:
   by = {(r["mixer"], r["context"], r["batch"]): r for r in rows}
   header = " ".join(f"{f'{c // 1024}k B={b}':>10}" for c in contexts
                     for b in DECODE_BATCHES)
-  print(f"{'mixer':>9} {header} | {'fwd tok/s ' + str(contexts[-1] // 1024) + 'k':>12} "
-        f"{'cache B/tok':>11}")
+  fwd_header = f"fwd tok/s {contexts[-1] // 1024}k"
+  print(f"{'mixer':>9} {header} | {fwd_header:>12} {'cache B/tok':>11}")
   for mixer in _mixers():
-    cells = " ".join(f"{_fmt(by[(mixer, c, b)].get('ms_per_token'), '{:.2f}'):>10}"
-                     for c in contexts for b in DECODE_BATCHES)
+    cells = " ".join(
+        f"{_fmt(by[(mixer, c, b)].get('ms_per_token'), '{:.2f}'):>10}"
+        for c in contexts for b in DECODE_BATCHES)
     fwd = by[(mixer, contexts[-1], 1)].get("forward_tokens_per_s")
     print(f"{mixer:>9} {cells} | {_fmt(fwd, '{:.0f}'):>12} "
           f"{bytes_per_token[mixer]['per_token']:>11.0f}")
@@ -391,8 +402,9 @@ def run_decode(quick: bool) -> dict:
   print(f"\nSame position ({CAPACITY_CHECK['position']}), B=1: ms per step "
         f"with cache capacity {small_n} vs {large_n}")
   for row in capacity:
-    print(f"{row['mixer']:>9} {_fmt(row[f'ms_at_max_len_{small_n}'], '{:.2f}'):>7}"
-          f" {_fmt(row[f'ms_at_max_len_{large_n}'], '{:.2f}'):>7}  ratio "
+    small, large = (_fmt(row[f"ms_at_max_len_{n}"], "{:.2f}")
+                    for n in (small_n, large_n))
+    print(f"{row['mixer']:>9} {small:>7} {large:>7}  ratio "
           f"{_fmt(row['ratio'], '{:.2f}')}")
   return {"config": {"layers": DECODE_LAYERS, "d_model": D, "heads": HEADS,
                      "dtype": "float32", "steps_timed": DECODE_STEPS,
@@ -418,17 +430,23 @@ def _machine() -> dict:
           "load_avg_at_start": os.getloadavg()}
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--child", help=argparse.SUPPRESS)
-  parser.add_argument("--out_dir", type=pathlib.Path, default=DEFAULT_OUT_DIR,
-                      help="where the JSON files go (default workdirs/bench; "
-                      "results updates the committed ones)")
-  parser.add_argument("--parts", default=",".join(PARTS),
-                      help=f"comma-separated subset of {', '.join(PARTS)}")
-  parser.add_argument("--quick", action="store_true",
-                      help="T up to 2048, decode contexts up to 1k (a smoke run)")
-  args = parser.parse_args(argv)
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("child", None, "a case's JSON spec (a child process)",
+                      flag_values=fv)
+  flags.DEFINE_string("out_dir", str(DEFAULT_OUT_DIR),
+                      "where the JSON files go (default workdirs/bench; "
+                      "results updates the committed ones)", flag_values=fv)
+  flags.DEFINE_string("parts", ",".join(PARTS),
+                      f"comma-separated subset of {', '.join(PARTS)}",
+                      flag_values=fv)
+  flags.DEFINE_bool("quick", False,
+                    "T up to 2048, decode contexts up to 1k (a smoke run)",
+                    flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args, _ = cli.parse(argv, _define_flags, __doc__.splitlines()[0],
+                      hidden=("child",))
   if args.child:
     spec = json.loads(args.child)
     print("RESULT " + json.dumps(CHILDREN[spec["kind"]](spec)), flush=True)
@@ -436,19 +454,19 @@ def main(argv=None):
   parts = [p for p in args.parts.split(",") if p]
   unknown = sorted(set(parts) - set(PARTS))
   if unknown:
-    parser.error(f"--parts: unknown {', '.join(unknown)}; choose from "
+    cli.error(f"--parts: unknown {', '.join(unknown)}; choose from "
                  f"{', '.join(PARTS)}")
   if "solve" in parts or "layer" in parts:
     started = time.time()
     result = run_solve_and_layer(args.quick, "solve" in parts,
                                  "layer" in parts)
     result["wall_s"] = time.time() - started
-    _write(args.out_dir, "bench_cpu.json", result)
+    _write(pathlib.Path(args.out_dir), "bench_cpu.json", result)
   if "decode" in parts:
     started = time.time()
     result = {"machine": _machine(), **run_decode(args.quick)}
     result["wall_s"] = time.time() - started
-    _write(args.out_dir, "bench_decode_cpu.json", result)
+    _write(pathlib.Path(args.out_dir), "bench_decode_cpu.json", result)
 
 
 def run_solve_and_layer(quick: bool, do_solve: bool, do_layer: bool) -> dict:
@@ -474,9 +492,9 @@ def run_solve_and_layer(quick: bool, do_solve: bool, do_layer: bool) -> dict:
           flops = _solve_flops(t) * (1 if mode == "fwd" else 3)
           row["gflops"] = flops / row["seconds"] / 1e9
         solves.append(row)
+        mib = row.get("peak_bytes") and row["peak_bytes"] / 2**20
         print(f"  solve T={t:5d} {impl:7s} {mode:7s} "
-              f"{_fmt(row.get('seconds'))} s  "
-              f"{_fmt(row.get('peak_bytes') and row['peak_bytes'] / 2**20, '{:.0f}')} MiB "
+              f"{_fmt(row.get('seconds'))} s  {_fmt(mib, '{:.0f}')} MiB "
               f"{row.get('skipped', row.get('error', ''))}", flush=True)
 
   layers = []
@@ -502,8 +520,9 @@ def run_solve_and_layer(quick: bool, do_solve: bool, do_layer: bool) -> dict:
           row["fraction_of_matmul_rate_for_3x_torch"] = (
               3 * ref / row["matmul_bound_tokens_per_s"])
       layers.append(row)
-      print(f"  layer T={t:5d} {mixer:9s} {_fmt(row.get('tokens_per_s'), '{:.0f}')}"
-            f" tok/s {row.get('error', '')}", flush=True)
+      print(f"  layer T={t:5d} {mixer:9s} "
+            f"{_fmt(row.get('tokens_per_s'), '{:.0f}')} tok/s "
+            f"{row.get('error', '')}", flush=True)
 
   if solves:
     by = {(r["t"], r["impl"], r["mode"]): r for r in solves}
@@ -523,9 +542,12 @@ def run_solve_and_layer(quick: bool, do_solve: bool, do_layer: bool) -> dict:
                                             "{:.2f}")]
       c, d = by[(t, "chunked", "fwd_bwd")], by[(t, "dense", "fwd_bwd")]
       cm, dm = c.get("peak_bytes"), d.get("peak_bytes")
-      mib = lambda r: (f"{r['peak_bytes'] / 2**20:.0f}"
-                       f"({r['xla_temp_bytes'] / 2**20:.0f})"
-                       if r.get("peak_bytes") else "-")
+
+      def mib(r):
+        return (f"{r['peak_bytes'] / 2**20:.0f}"
+                f"({r['xla_temp_bytes'] / 2**20:.0f})"
+                if r.get("peak_bytes") else "-")
+
       cells += [mib(c), mib(d), _fmt(cm / dm if cm and dm else None, "{:.2f}"),
                 _fmt(c.get("gflops"), "{:.1f}")]
       print(f"{t:>6} | {cells[0]:>11} {cells[1]:>8} {cells[2]:>6} | "
@@ -544,14 +566,16 @@ def run_solve_and_layer(quick: bool, do_solve: bool, do_layer: bool) -> dict:
     for r in layers:
       ref = TORCH_REFERENCE_TOK_S.get(r["t"]) if r["mixer"] == "sessa" else None
       tok, bound = r.get("tokens_per_s"), r.get("matmul_bound_tokens_per_s")
+      peak_mib = r.get("peak_bytes") and r["peak_bytes"] / 2**20
+      third = r.get("fraction_of_matmul_rate_for_3x_torch")
       print(f"{r['t']:>6} {r['mixer']:>9} {_fmt(tok, '{:.0f}'):>8} "
             f"{_fmt(r.get('gflops'), '{:.1f}'):>8} "
             f"{_fmt(r.get('matmul_gflops'), '{:.0f}'):>7} "
             f"{_fmt(r.get('fraction_of_matmul_rate'), '{:.0%}'):>6} "
             f"{_fmt(bound, '{:.0f}'):>7} "
-            f"{_fmt(r.get('peak_bytes') and r['peak_bytes'] / 2**20, '{:.0f}'):>6} "
+            f"{_fmt(peak_mib, '{:.0f}'):>6} "
             f"{_fmt(tok / ref if tok and ref else None, '{:.2f}x'):>18} "
-            f"{_fmt(r.get('fraction_of_matmul_rate_for_3x_torch'), '{:.0%}'):>9}"
+            f"{_fmt(third, '{:.0%}'):>9}"
             f"  {r.get('error', '')}")
 
   return {

@@ -30,7 +30,6 @@ device, shared memory) and `targets.md`; exits 1 on any failure.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -39,7 +38,11 @@ import re
 import sys
 import time
 import traceback
+from typing import Sequence
 
+from absl import flags
+
+from sessa_jax import cli
 from sessa_jax import targets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -204,10 +207,12 @@ def run_target(name):
       lambda: _train_case(one_chip, False))
   results[f"train 6-layer bf16 T=4096, {multi} fsdp=2 tensor=2"] = _run(
       lambda: _train_case(multi, True))
-  if target.platform == "gpu":
-    control = lambda: solve_step(1024, WIDTH, "float32", device, tile=128)
-  else:
-    control = lambda: vmem_control(device)
+
+  def control():
+    if target.platform == "gpu":
+      return solve_step(1024, WIDTH, "float32", device, tile=128)
+    return vmem_control(device)
+
   row = _run(lambda: _compile_case(target, control, device))
   row["expected"] = "failure"
   row["ok"] = "error" in row and ("shared memory" in row["error"]
@@ -270,26 +275,34 @@ def markdown(result) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--targets", default="",
-                      help="comma-separated targets to compile for")
-  parser.add_argument("--out", default=None,
-                      help="JSON file of this environment's targets")
-  parser.add_argument("--merge", nargs="*", default=None,
-                      help="JSON files to merge into --out_dir's tables")
-  parser.add_argument("--out_dir", default=str(ROOT / "workdirs" / "targets"))
-  args = parser.parse_args(argv)
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("targets", "", "comma-separated targets to compile for",
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "JSON file of this environment's targets",
+                      flag_values=fv)
+  flags.DEFINE_bool("merge", False,
+                    "merge the JSON files FILE ... into --out_dir's tables",
+                    flag_values=fv)
+  flags.DEFINE_string("out_dir", str(ROOT / "workdirs" / "targets"),
+                      "where --merge writes targets.json and targets.md",
+                      flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args, files = cli.parse(argv, _define_flags, __doc__.splitlines()[0],
+                          positional="[FILE ...]")
+  if files and not args.merge:
+    cli.error(f"{' '.join(files)}: files are read only with --merge")
   started = time.time()
-  if args.merge is not None:
+  if args.merge:
     entries = []
-    for path in args.merge:
+    for path in files:
       part = json.loads(pathlib.Path(path).read_text())
       entries += part["targets"]
     import jax  # pylint: disable=g-import-not-at-top
     result = {"machine": f"{platform.machine()} CPU", "jax": jax.__version__,
               "wall_s": sum(json.loads(pathlib.Path(p).read_text())["wall_s"]
-                            for p in args.merge),
+                            for p in files),
               "targets": entries}
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 r"""Runs a sweep's points concurrently on one accelerator, a process each.
 
   python experiments/device_study.py --workdir=workdirs/device
-  python experiments/device_study.py --sweep=experiments/matched_budget.py:device_tiny \
+  python experiments/device_study.py \
+      --sweep=experiments/matched_budget.py:device_tiny \
       --workdir=workdirs/device_tiny --concurrent=3
   python experiments/report.py workdirs/device --study=device \
       --sweep=experiments/matched_budget.py:device --out=workdirs/device
@@ -29,13 +30,16 @@ every point is ok).
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import subprocess
 import sys
 import time
+from typing import Sequence
 
+from absl import flags
+
+from sessa_jax import cli
 from sessa_jax.sweeps import sweep as sweep_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -76,16 +80,17 @@ def run_points(points, workdir: pathlib.Path, concurrent: int,
   return codes
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sweep", default=DEFAULT_SWEEP,
-                      help="sweep file and preset (default: %(default)s)")
-  parser.add_argument("--workdir", required=True, help="the sweep directory")
-  parser.add_argument("--concurrent", type=int, default=9,
-                      help="points training at once (default: %(default)s)")
-  args = parser.parse_args(argv)
-  if args.concurrent < 1:
-    parser.error(f"--concurrent={args.concurrent} must be at least 1")
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("sweep", DEFAULT_SWEEP, "sweep file and preset",
+                      flag_values=fv)
+  flags.DEFINE_string("workdir", None, "the sweep directory", flag_values=fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+  flags.DEFINE_integer("concurrent", 9, "points training at once",
+                       lower_bound=1, flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args, _ = cli.parse(argv, _define_flags, __doc__.splitlines()[0])
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   points = sweep_lib.load_sweep(args.sweep)

@@ -42,18 +42,20 @@ interpret mode and cuDNN skipped; the test suite uses it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 import time
 import traceback
+from typing import Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench
+from sessa_jax import cli
 from sessa_jax import targets
 from sessa_jax.kernels.feedback import chunked as feedback_chunked
 from sessa_jax.kernels.feedback import defaults
@@ -327,38 +329,44 @@ def markdown(result) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR),
-                      help="where gpu_check.json and gpu_check.md go "
-                           "(results to update the committed "
-                           "ones)")
-  parser.add_argument("--dry_run", action="store_true",
-                      help="tiny shapes on CPU, kernels in interpret mode")
-  parser.add_argument("--lengths", default=None,
-                      help="comma-separated T values to time the solve at")
-  parser.add_argument("--layer_lengths", default=None,
-                      help="comma-separated T values to time layers at")
-  parser.add_argument("--budget_s", type=float, default=240.0,
-                      help="stop starting new timings after this many seconds")
-  parser.add_argument("--target", default=None,
-                      help="only compile the check's kernels for this GPU "
-                           "(h200, h100, a100) on this CPU, then exit")
-  args = parser.parse_args(argv)
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("out_dir", str(DEFAULT_OUT_DIR),
+                      "where gpu_check.json and gpu_check.md go (results to "
+                      "update the committed ones)", flag_values=fv)
+  flags.DEFINE_bool("dry_run", False,
+                    "tiny shapes on CPU, kernels in interpret mode",
+                    flag_values=fv)
+  flags.DEFINE_string("lengths", None,
+                      "comma-separated T values to time the solve at",
+                      flag_values=fv)
+  flags.DEFINE_string("layer_lengths", None,
+                      "comma-separated T values to time layers at",
+                      flag_values=fv)
+  flags.DEFINE_float("budget_s", 240.0,
+                     "stop starting new timings after this many seconds",
+                     flag_values=fv)
+  flags.DEFINE_string("target", None,
+                      "only compile the check's kernels for this GPU (h200, "
+                      "h100, a100) on this CPU, then exit", flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args, _ = cli.parse(argv, _define_flags, __doc__.splitlines()[0])
 
   if args.target:
     from sessa_jax.train import target_compile  # pylint: disable=g-import-not-at-top
     try:
       rows = preflight(2, 1024, 256, 4, None, target=args.target)
     except (target_compile.CompilerMissing, ValueError) as e:
-      parser.exit(1, f"gpu_check.py: error: {e}\n")
+      print(f"gpu_check.py: error: {e}", file=sys.stderr)
+      return 1
     print("every case compiles" if all(r["ok"] for r in rows)
           else "a case does not compile")
     return 0 if all(r["ok"] for r in rows) else 1
   on_gpu = jax.default_backend() == "gpu"
   if not on_gpu and not args.dry_run:
-    parser.error("no GPU found; use --dry_run to exercise the script on CPU, "
-                 "or --target=h200 to compile for one")
+    cli.error("no GPU found; use --dry_run to exercise the script on CPU, "
+              "or --target=h200 to compile for one")
   if args.dry_run:
     b, width, heads, chunk = 1, 32, 4, 16
     checks = [(40, "float32"), (37, "float32"), (64, "bfloat16")]

@@ -5,19 +5,21 @@ r"""Matched-budget study: Sessa, attention and Mamba-2 at equal parameter count.
   python experiments/report.py workdirs/matched_budget_cpu
 
 The Sessa paper's protocol: every mixer sits in the same gated macro-block
-(docs/design.md#baselines-in-the-same-block); within a task all models have the same parameter count (within
-2%; `budget.match` picks each width against the Sessa model at the preset's
-reference width) and the same optimizer, schedule, steps, batch and sequence
-length; two or more seeds (initialisation and data order; the datasets are
-fixed). Tasks: symbol_soup, diffuse_mqar (whose test split carries lags up to
-4x the longest training lag: the length-generalisation split) and byte-level
-text on Austen-6 when `../shared/data/austen` exists beside the checkout or a
-corpus is given. The paper's ablation, Sessa without its feedback branch, runs
-on the long-context tasks (on diffuse_mqar alone in the `cpu` preset, the one
-task that a CPU budget learns).
+(docs/design.md#baselines-in-the-same-block); within a task all models have
+the same parameter count (within 2%; `budget.match` picks each width against
+the Sessa model at the preset's reference width) and the same optimizer,
+schedule, steps, batch and sequence length; two or more seeds (initialisation
+and data order; the datasets are fixed). Tasks: symbol_soup, diffuse_mqar
+(whose test split carries lags up to 4x the longest training lag: the
+length-generalisation split) and byte-level text on Austen-6 when
+`../shared/data/austen` exists beside the checkout or a corpus is given. The
+paper's ablation, Sessa without its feedback branch, runs on the long-context
+tasks (on diffuse_mqar alone in the `cpu` preset, the one task that a CPU
+budget learns).
 
-A mixer may be a hybrid stack, a per-layer pattern such as `sessa,attention`
-(`model.mixer`); its points are named with `+` (`symbol_soup.sessa+attention.s0`).
+A mixer may be a hybrid stack, a per-layer pattern such as
+`sessa,attention` (`model.mixer`); its points are named with `+`
+(`symbol_soup.sessa+attention.s0`).
 
 Presets (the argument after ':'):
   tiny      a few steps; sessa, attention and their hybrid; one seed;
@@ -57,10 +59,12 @@ CONFIG_FILES = {"symbol_soup": "configs/symbol_soup.py",
                 "diffuse_mqar": "configs/diffuse_mqar.py",
                 "text": "configs/text_lm.py"}
 LONG_CONTEXT = ("symbol_soup", "diffuse_mqar")
-AUSTEN = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
+AUSTEN = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+          / "austen")
 # Austen-6's suggested split: whole novels held out.
 AUSTEN_SPLIT = {
-    "path": "emma.txt,mansfieldpark.txt,prideprejudice.txt,sensesensibility.txt",
+    "path": ("emma.txt,mansfieldpark.txt,prideprejudice.txt,"
+             "sensesensibility.txt"),
     "val_path": "northangerabbey.txt", "test_path": "persuasion.txt"}
 
 

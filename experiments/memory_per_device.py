@@ -3,9 +3,10 @@ r"""Memory per device of one train step as the mesh changes.
 Compiles (never runs) the trainer's step for a d_model=512, 4-layer model of
 each mixer on several meshes of fake CPU devices and prints XLA's compiled
 memory analysis per device (`sessa_jax.train.compiled.analyze`, as
-`launch.py --dry_run` prints it): `state` (the parameters, AdamW moments, step and
-RNG the step takes as arguments, batch excluded) and `temporaries` (XLA's
-scratch: activations kept for the backward pass, gradients, workspace).
+`launch.py --dry_run` prints it): `state` (the parameters, AdamW moments,
+step and RNG the step takes as arguments, batch excluded) and `temporaries`
+(XLA's scratch: activations kept for the backward pass, gradients,
+workspace).
 
   python experiments/memory_per_device.py
   python experiments/memory_per_device.py --mixers=sessa --seq_len=512
@@ -17,17 +18,19 @@ the few vectors that stay whole); with tensor=2 the temporaries should drop
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from typing import Sequence
 
 # Eight fake CPU devices unless the caller chose a platform or device count.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from absl import flags  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from sessa_jax import cli  # pylint: disable=g-import-not-at-top
 from sessa_jax.models import mixers  # pylint: disable=g-import-not-at-top
 from sessa_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
 from sessa_jax.train import compiled  # pylint: disable=g-import-not-at-top
@@ -78,12 +81,15 @@ def measure(mixer: str, mesh_shape: tuple[int, int, int], *,
           "temp_bytes": memory["temp_bytes"]}
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--mixers", default=",".join(mixers.names()))
-  parser.add_argument("--seq_len", type=int, default=256)
-  parser.add_argument("--batch_size", type=int, default=8)
-  args = parser.parse_args(argv)
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("mixers", ",".join(mixers.names()),
+                      "comma-separated mixers to measure", flag_values=fv)
+  flags.DEFINE_integer("seq_len", 256, "tokens per sequence", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 8, "sequences per step", flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args, _ = cli.parse(argv, _define_flags, __doc__.split("\n")[0])
   if jax.device_count() < 8:
     sys.exit(f"needs 8 devices, found {jax.device_count()}")
   print(f"MiB per device, one train step, d_model=512, 4 layers, batch "

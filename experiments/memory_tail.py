@@ -8,7 +8,8 @@ Trained runs (a workdir each, e.g. from the matched-budget sweep):
 
 Fresh initialisation (same width for every mixer, random tokens):
 
-  python experiments/memory_tail.py --out=results/memory_tail_init --seq_len=1024
+  python experiments/memory_tail.py --out=results/memory_tail_init \
+      --seq_len=1024
 
 For each model the influence ||d h_{tau+l} / d x_tau||_F of the embedding at
 an early source tau on the final hidden state at tau + l is averaged over
@@ -25,14 +26,14 @@ import json
 import pathlib
 from typing import Any, Mapping, Sequence
 
-import argparse
-
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import sessa_jax
+from sessa_jax import cli
 from sessa_jax import data as data_lib
 from sessa_jax import models
 from sessa_jax.analysis import influence
@@ -190,40 +191,44 @@ def _write(results, prefix: pathlib.Path, title: str) -> None:
     line = f"{label:>10}: influence slope {result['influence']['slope']:+.3f}"
     if "bound" in result:
       b = result["bound"]
-      line += (f"; layer-0 feedback impulse exponent {b['fitted_exponent']:.3f}"
-               f" vs 1-γmax·c₂ = {b['paper_exponent']:.3f} (c₂ = {b['c2']:.3g})")
+      line += (f"; layer-0 feedback impulse exponent "
+               f"{b['fitted_exponent']:.3f} vs 1-γmax·c₂ = "
+               f"{b['paper_exponent']:.3f} (c₂ = {b['c2']:.3g})")
     print(line)
 
 
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_multi_string("workdir", [],
+                            "LABEL=DIR of a trained run (repeatable); none: "
+                            "fresh models", flag_values=fv)
+  flags.DEFINE_string("out", "workdirs/memory_tail/memory_tail",
+                      "output prefix (.png, .json); the committed results/ "
+                      "is written only when named here", flag_values=fv)
+  for name, default in [("seq_len", 1024), ("d_model", 64), ("n_layers", 2),
+                        ("vocab_size", 64)]:
+    flags.DEFINE_integer(name, default, "the fresh models' " + name,
+                         flag_values=fv)
+  flags.DEFINE_integer("batch_size", 2, "sequences averaged over",
+                       flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "the fresh models' initialisation seed",
+                       flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", action="append", default=[],
-                      help="LABEL=DIR of a trained run (repeatable); none: "
-                      "fresh models")
-  parser.add_argument("--out", type=pathlib.Path,
-                      default="workdirs/memory_tail/memory_tail",
-                      help="output prefix (.png, .json); the committed "
-                      "results/ is written only when named here")
-  parser.add_argument("--seq_len", type=int, default=1024)
-  parser.add_argument("--d_model", type=int, default=64)
-  parser.add_argument("--n_layers", type=int, default=2)
-  parser.add_argument("--vocab_size", type=int, default=64)
-  parser.add_argument("--batch_size", type=int, default=2,
-                      help="sequences averaged over")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
+  args, _ = cli.parse(argv, _define_flags, __doc__.split("\n\n")[0])
+  out = pathlib.Path(args.out)
   if args.workdir:
     bad = [w for w in args.workdir if "=" not in w]
     if bad:
-      parser.error(f"--workdir expects LABEL=DIR, got {bad[0]!r}")
+      cli.error(f"--workdir expects LABEL=DIR, got {bad[0]!r}")
     measure_workdirs(dict(w.split("=", 1) for w in args.workdir),
-                     prefix=args.out, batch_size=args.batch_size,
+                     prefix=out, batch_size=args.batch_size,
                      title="memory tail of trained models")
   else:
     measure_fresh(models.mixers.names(), seq_len=args.seq_len,
                   d_model=args.d_model, n_layers=args.n_layers,
                   vocab_size=args.vocab_size, batch_size=args.batch_size,
-                  seed=args.seed, prefix=args.out)
+                  seed=args.seed, prefix=out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ JAX's backend and traces library code anew). Writes the figures to
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -25,16 +24,23 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Sequence
+
+from absl import flags
+
+from sessa_jax import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_SWEEP = "experiments/matched_budget.py:device_tiny"
 
 
-def measure(sweep: str, workdir: pathlib.Path, *flags: str) -> dict[str, float]:
-  """Runs the sweep in `workdir` (fresh) with `flags`; its timings (s)."""
+def measure(sweep: str, workdir: pathlib.Path,
+            *extra: str) -> dict[str, float]:
+  """Runs the sweep in `workdir` (fresh) with launch.py flags `extra`; its
+  timings (s)."""
   start = time.time()
   subprocess.run([sys.executable, str(ROOT / "launch.py"), f"--sweep={sweep}",
-                  f"--workdir={workdir}", *flags], cwd=ROOT, check=True)
+                  f"--workdir={workdir}", *extra], cwd=ROOT, check=True)
   wall = time.time() - start
   rows = sorted(json.loads((workdir / "sweep_summary.json").read_text())
                 .values(), key=lambda r: r["start_time"])
@@ -46,13 +52,17 @@ def measure(sweep: str, workdir: pathlib.Path, *flags: str) -> dict[str, float]:
                                      for r in rows)}
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sweep", default=DEFAULT_SWEEP,
-                      help="sweep file and preset (default: %(default)s)")
-  parser.add_argument("--workdir", required=True,
-                      help="a directory for the two sweeps (emptied first)")
-  args = parser.parse_args(argv)
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("sweep", DEFAULT_SWEEP, "sweep file and preset",
+                      flag_values=fv)
+  flags.DEFINE_string("workdir", None,
+                      "a directory for the two sweeps (emptied first)",
+                      flag_values=fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args, _ = cli.parse(argv, _define_flags, __doc__.splitlines()[0])
   workdir = pathlib.Path(args.workdir).resolve()
   for executor in ("in_process", "ray"):
     shutil.rmtree(workdir / executor, ignore_errors=True)

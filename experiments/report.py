@@ -33,11 +33,11 @@ import os
 import pathlib
 from typing import Any, Mapping, Sequence
 
-import argparse
-
+from absl import flags
 import numpy as np
 from scipy import stats
 
+from sessa_jax import cli
 from sessa_jax.analysis import plot_style
 from sessa_jax.analysis import plots
 from sessa_jax.models import mixers
@@ -532,7 +532,8 @@ def reference_lines(entry: Mapping[str, Any]) -> list[str]:
   ref = entry.get("reference")
   if not ref:
     return []
-  cells = ", ".join(f"{name} {acc:.3f}" for name, acc in ref["accuracy"].items())
+  cells = ", ".join(f"{name} {acc:.3f}"
+                    for name, acc in ref["accuracy"].items())
   return [f"Reference classifiers at {ref['tokens'][0]}..{ref['tokens'][1]} "
           f"tokens (`experiments/symbol_soup_ceiling.py`, "
           f"{ref['num_examples']} test examples; what each needs is in its "
@@ -552,7 +553,8 @@ def memory_tail_section(runs: Sequence[Run], task_choice: str,
     task = task_choice
   else:
     raise ValueError(f"--memory_tail_task={task_choice!r}: no finished run of "
-                     f"that task; choices: auto, none, {', '.join(sorted(tasks))}")
+                     "that task; choices: auto, none, "
+                     + ", ".join(sorted(tasks)))
   chosen = {f"{run.label} s{run.seed}": run
             for run in sorted(done, key=lambda r: (_label_key(r.label), r.seed))
             if run.task == task
@@ -672,39 +674,45 @@ def write_report(root: pathlib.Path, out_dir: pathlib.Path, study: str,
   return md
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("dir", type=pathlib.Path, help="the study's sweep dir")
-  parser.add_argument("--study", help="study name; defaults to DIR's name")
-  parser.add_argument(
-      "--out", type=pathlib.Path,
-      help="where the .json, .md and PNGs are written (default "
-      "workdirs/reports/<study>); name results to update the "
-      "committed results")
-  parser.add_argument(
-      "--sweep", help="the sweep spec that made DIR (e.g. "
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("study", None, "study name; defaults to DIR's name",
+                      flag_values=fv)
+  flags.DEFINE_string(
+      "out", None, "where the .json, .md and PNGs are written (default "
+      "workdirs/reports/<study>); name results to update the committed "
+      "results", flag_values=fv)
+  flags.DEFINE_string(
+      "sweep", None, "the sweep spec that made DIR (e.g. "
       "experiments/matched_budget.py:cpu_long): its unfinished points are "
-      "listed and the report is marked partial")
-  parser.add_argument(
-      "--memory_tail_task", default="auto",
-      help="task whose runs (every seed) get the memory-tail plot; 'auto' picks "
-      "the longest-context task present, 'none' skips it")
-  parser.add_argument(
-      "--reference_examples", type=int, default=1000,
-      help="test examples the SymbolSoup reference classifiers are scored "
-      "on (0 skips them)")
-  parser.add_argument(
-      "--command", action="append", default=[],
-      help="a command that produced DIR, recorded in the report (repeatable)")
-  args = parser.parse_args(argv)
-  study = args.study or args.dir.name
+      "listed and the report is marked partial", flag_values=fv)
+  flags.DEFINE_string(
+      "memory_tail_task", "auto",
+      "task whose runs (every seed) get the memory-tail plot; 'auto' picks "
+      "the longest-context task present, 'none' skips it", flag_values=fv)
+  flags.DEFINE_integer(
+      "reference_examples", 1000,
+      "test examples the SymbolSoup reference classifiers are scored on (0 "
+      "skips them)", flag_values=fv)
+  flags.DEFINE_multi_string(
+      "command", [],
+      "a command that produced DIR, recorded in the report (repeatable)",
+      flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args, positional = cli.parse(argv, _define_flags,
+                               __doc__.split("\n\n")[0], positional="DIR")
+  if len(positional) != 1:
+    cli.error("one DIR, the study's sweep dir, is expected")
+  workdir = pathlib.Path(positional[0])
+  study = args.study or workdir.name
   planned = ()
   if args.sweep:
     from sessa_jax.sweeps import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
     planned = tuple(sweep_lib.load_sweep(args.sweep))
-  write_report(args.dir, args.out or pathlib.Path("workdirs/reports") / study,
-               study, args.memory_tail_task, args.command, planned,
-               args.reference_examples)
+  out = pathlib.Path(args.out or f"workdirs/reports/{study}")
+  write_report(workdir, out, study, args.memory_tail_task, args.command,
+               planned, args.reference_examples)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ and prints a table.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -46,11 +45,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sessa_jax import cli
 from sessa_jax.sweeps import sweep as sweep_lib
 from sessa_jax.train import config as config_lib
 from sessa_jax.train import run as run_lib
@@ -294,31 +296,28 @@ def _table_order(item) -> tuple[str, int]:
   return cores, VARIANTS.index(variant)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sweep", default=DEFAULT_SWEEP,
-                      help="sweep file and preset (default: %(default)s)")
-  parser.add_argument("--point", default=DEFAULT_POINT,
-                      help="the sweep point (default: %(default)s)")
-  parser.add_argument("--batch_size", type=int, default=4,
-                      help="examples per seed and step (default: %(default)s)")
-  parser.add_argument("--seeds", type=int, default=3,
-                      help="N, seeds per point (default: %(default)s)")
-  parser.add_argument("--seconds", type=float, default=3.0,
-                      help="timed training per run (default: %(default)s)")
-  parser.add_argument("--repeats", type=int, default=3,
-                      help="rounds over every case (default: %(default)s)")
-  parser.add_argument("--cores", default="all;0",
-                      help="';'-separated core sets for taskset -c, 'all' "
-                      "for no pinning (default: %(default)s)")
-  parser.add_argument("--out", default=str(DEFAULT_OUT),
-                      help="the JSON written (default: %(default)s)")
-  parser.add_argument("--child", help=argparse.SUPPRESS)
-  return parser.parse_args(argv)
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("sweep", DEFAULT_SWEEP, "sweep file and preset",
+                      flag_values=fv)
+  flags.DEFINE_string("point", DEFAULT_POINT, "the sweep point",
+                      flag_values=fv)
+  flags.DEFINE_integer("batch_size", 4, "examples per seed and step",
+                       flag_values=fv)
+  flags.DEFINE_integer("seeds", 3, "N, seeds per point", flag_values=fv)
+  flags.DEFINE_float("seconds", 3.0, "timed training per run", flag_values=fv)
+  flags.DEFINE_integer("repeats", 3, "rounds over every case", flag_values=fv)
+  flags.DEFINE_string("cores", "all;0",
+                      "';'-separated core sets for taskset -c, 'all' for no "
+                      "pinning", flag_values=fv)
+  flags.DEFINE_string("out", str(DEFAULT_OUT), "the JSON written",
+                      flag_values=fv)
+  flags.DEFINE_string("child", None, "a run's JSON spec (a child process)",
+                      flag_values=fv)
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+  args, _ = cli.parse(argv, _define_flags, __doc__.splitlines()[0],
+                      hidden=("child",))
   if args.child is not None:
     child(json.loads(args.child))
     return 0

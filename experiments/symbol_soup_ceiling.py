@@ -27,11 +27,12 @@ structure it has learned at least in part.
 
 from __future__ import annotations
 
-import argparse
 from typing import Sequence
 
+from absl import flags
 import numpy as np
 
+from sessa_jax import cli
 from sessa_jax.data import symbol_soup
 
 NUM_LETTERS = len(symbol_soup.ALPHABET)
@@ -65,7 +66,10 @@ def _pair_scores(left: np.ndarray, right: np.ndarray, a: np.ndarray,
                  b: np.ndarray) -> np.ndarray:
   """(4, 5) log-likelihoods of blocks (a, b) under each (left, right) pair,
   in whichever block order scores higher."""
-  score = lambda lp, c: (lp * c).reshape(len(lp), -1).sum(1)  # pylint: disable=g-long-lambda
+
+  def score(lp, c):
+    return (lp * c).reshape(len(lp), -1).sum(1)
+
   return np.maximum(score(left, a)[:, None] + score(right, b)[None],
                     score(left, b)[:, None] + score(right, a)[None])
 
@@ -107,12 +111,15 @@ def accuracies(min_tokens: int, max_tokens: int, num_examples: int = 1000,
   return {name: c / num_examples for name, c in correct.items()}
 
 
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("lengths", "110:160,250:350,400:600",
+                      "comma-separated MIN:MAX token ranges", flag_values=fv)
+  flags.DEFINE_integer("num_examples", 1000, "test examples per length range",
+                       flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--lengths", default="110:160,250:350,400:600",
-                      help="comma-separated MIN:MAX token ranges")
-  parser.add_argument("--num_examples", type=int, default=1000)
-  args = parser.parse_args(argv)
+  args, _ = cli.parse(argv, _define_flags, __doc__.split("\n\n")[0])
   print("| tokens | " + " | ".join(CLASSIFIERS) + " |")
   print("|---" * (len(CLASSIFIERS) + 1) + "|")
   for spec in args.lengths.split(","):

@@ -31,7 +31,6 @@ class at the final `<label>` token, over 20 class tokens `CLASS_0..CLASS_19`.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import csv
 import dataclasses
@@ -44,9 +43,11 @@ import random
 import types
 from typing import Mapping, Sequence
 
+from absl import flags
 import numpy as np
 
 from sessa_jax import checks
+from sessa_jax import cli
 from sessa_jax.data import base
 
 ALPHABET = "abcdefghijklmnop"
@@ -542,17 +543,25 @@ class SymbolSoup(base.Task):
     return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      description="Write SymbolSoup TSV files in the published layout.")
-  parser.add_argument("--output_dir", required=True)
-  parser.add_argument("--prefix", default="symbol_soup")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--min_tokens", type=int, default=400)
-  parser.add_argument("--max_tokens", type=int, default=600)
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("output_dir", None, "where the TSV files are written",
+                      flag_values=fv)
+  flags.mark_flag_as_required("output_dir", flag_values=fv)
+  flags.DEFINE_string("prefix", "symbol_soup", "file name prefix",
+                      flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "generator seed", flag_values=fv)
+  flags.DEFINE_integer("min_tokens", 400, "fewest tokens in an example",
+                       flag_values=fv)
+  flags.DEFINE_integer("max_tokens", 600, "most tokens in an example",
+                       flag_values=fv)
   for split, size in SPLIT_SIZES.items():
-    parser.add_argument(f"--num_{split}", type=int, default=size)
-  args = parser.parse_args(argv)
+    flags.DEFINE_integer(f"num_{split}", size, f"{split} examples",
+                         flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args, _ = cli.parse(argv, _define_flags,
+                      "Write SymbolSoup TSV files in the published layout.")
   letter_range(args.min_tokens, args.max_tokens)
   os.makedirs(args.output_dir, exist_ok=True)
   for split in base.SPLITS:
