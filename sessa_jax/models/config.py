@@ -48,9 +48,10 @@ class ModelConfig:
     feedback_impl: implementation of the feedback solve (see
       `sessa_jax.kernels.feedback_solve`).
     feedback_chunk: rows per chunk of the blocked feedback solves
-      (`chunked` and `pallas`; `dense` has no chunks); None takes the
-      solve's default, 256 rows, for both. The Pallas kernels then tile each
-      chunk by what the target chip fits (per backend, width and dtype).
+      (`chunked` and `pallas`; `dense` keeps its own 64-row blocks); None
+      takes the solve's default, 256 rows, for both. The Pallas kernels then
+      tile each chunk by what the target chip fits (per backend, width and
+      dtype).
     attention_impl: `xla` or `cudnn` for `jax.nn.dot_product_attention`,
       `chunked` for the blocked kernel (`sessa_jax.kernels.attention_chunked`)
       or `auto`: cuDNN on GPU for bfloat16, `chunked` on CPU for sequences
