@@ -70,10 +70,11 @@ def feedback_solve_dense(q_btk: jax.Array, k_btk: jax.Array,
 def unit_lower_solve(n_btt: jax.Array, f_btd: jax.Array) -> jax.Array:
   """Solves (I - N) s = f for strictly lower-triangular N, by row blocks.
 
-  Blocks of `ROW_BLOCK` rows in order: a block takes what the rows before it
-  contribute in one matmul, then multiplies by the inverse of its own
-  diagonal block (`unit_lower_inverse`). Matmuls only, so it differentiates
-  in forward and reverse mode and calls no LAPACK routine.
+  Blocks of `ROW_BLOCK` rows in order: a block's solution is the inverse of
+  its diagonal block (`unit_lower_inverse`) times its right-hand side, which
+  then takes the block's contribution to every later row in one matmul.
+  Matmuls only, so it differentiates in forward and reverse mode and calls
+  no LAPACK routine.
 
   Args:
     n_btt: strictly lower-triangular matrices (B, T, T).
@@ -83,10 +84,10 @@ def unit_lower_solve(n_btt: jax.Array, f_btd: jax.Array) -> jax.Array:
     s (B, T, D).
   """
   t = n_btt.shape[-1]
-  solved = f_btd[:, :0]
+  rhs, blocks = f_btd, []
   for start in range(0, t, ROW_BLOCK):
     stop = min(start + ROW_BLOCK, t)
-    rhs = f_btd[:, start:stop] + n_btt[:, start:stop, :start] @ solved
-    block = unit_lower_inverse(n_btt[:, start:stop, start:stop]) @ rhs
-    solved = jnp.concatenate([solved, block], axis=1)
-  return solved
+    inverse = unit_lower_inverse(n_btt[:, start:stop, start:stop])
+    blocks.append(inverse @ rhs[:, :stop - start])
+    rhs = rhs[:, stop - start:] + n_btt[:, stop:, start:stop] @ blocks[-1]
+  return jnp.concatenate(blocks, axis=1)
