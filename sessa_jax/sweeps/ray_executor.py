@@ -264,7 +264,7 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *,
           retries[name] += 1
           submit(name)
           continue
-        results[name] = {**sweep.point_fields(points[name]), **row,
-                         "retries": retries[name]}
+        results[name] = {**row, "retries": retries[name]}
+    sweep.add_point_fields(results, points)
     sweep.write_summary(workdir, results)
   return results

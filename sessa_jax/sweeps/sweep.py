@@ -80,9 +80,12 @@ def point_overrides(point: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in point.items() if k not in ("config", "fields")}
 
 
-def point_fields(point: Mapping[str, Any]) -> dict[str, Any]:
-  """The part of a point's row naming its fields: {"fields": ...} or {}."""
-  return {"fields": point["fields"]} if "fields" in point else {}
+def add_point_fields(results: dict[str, dict[str, Any]],
+                     points: Mapping[str, Mapping[str, Any]]) -> None:
+  """Copies each point's "fields", where it has them, into its result row."""
+  for name, row in results.items():
+    if "fields" in points[name]:
+      row["fields"] = points[name]["fields"]
 
 
 def _changed_keys(point: Mapping[str, Any]) -> dict[str, Any]:
@@ -234,6 +237,7 @@ def run_sweep(spec: str, workdir: str | pathlib.Path, *, force: bool = False,
       for t in threads:
         t.join()
     results.update(queue.gather(ran))
+    add_point_fields(results, points)
     if preemption.signal_name:  # Also when it came between two points.
       for row in results.values():
         if row["status"] == "pending":
@@ -297,8 +301,8 @@ def unstarted_row(point: Mapping[str, Any], workdir: pathlib.Path
     done = workdir_files.finished_summary(
         workdir, _point_config(point).train.steps)
     if done is not None:
-      return {**point_fields(point), **done, "status": "ok"}
-  return {**point_fields(point), "status": "pending"}
+      return {**done, "status": "ok"}
+  return {"status": "pending"}
 
 
 def run_point(point: Mapping[str, Any], workdir: pathlib.Path, force: bool,
@@ -306,8 +310,7 @@ def run_point(point: Mapping[str, Any], workdir: pathlib.Path, force: bool,
               devices: Sequence[Any] | None) -> dict[str, Any]:
   """Trains one point; returns its result row (failures caught)."""
   used = devices if devices is not None else jax.devices()
-  row: dict[str, Any] = {**point_fields(point),
-                         "devices": [d.id for d in used],
+  row: dict[str, Any] = {"devices": [d.id for d in used],
                          "processes": list(RunProcesses.of(used).indices),
                          "start_time": time.time()}
   try:
